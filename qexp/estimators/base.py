@@ -1,0 +1,121 @@
+"""The estimator interface: how a quantized network is trained.
+
+A quantizer says where values land; an estimator says how the training forward and backward
+pass through it. Every quantized body layer calls its run's estimator for its weight and its
+input activation during training; evaluation bypasses the estimator and uses the hard grid.
+
+Seams for new methods (each a file here plus a YAML in conf/estimator/):
+
+- ``weight`` / ``activation``: the training forward of one layer's weight / input;
+- ``step``: called once per optimizer step with training progress p in [0, 1], reads schedule
+  curves, returns values to log under ``estimator/``;
+- ``loss``: the training loss of a batch (add terms, distil from ``partner``, build mixed nets);
+- ``param_groups``: the estimator's own learnable parameters with their own optimizer settings;
+- ``after_optimizer_step``: constrain latent weights or own parameters;
+- ``attach``: sees the whole model (its layers and blocks) and, if ``needs_partner``, a frozen
+  full-precision partner of the same architecture.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from qexp.quant.layers import QuantLayer
+
+Criterion = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass
+class EstimatorContext:
+    """What an estimator may read when it is attached to a model."""
+
+    total_steps: int
+    device: torch.device
+    run_dir: Path | None = None
+    #: frozen full-precision model of the same architecture (set when ``needs_partner``)
+    partner: nn.Module | None = None
+    #: the composed run config (read-only), for estimators that need more than their own options
+    config: Any = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+class Estimator(nn.Module):
+    """Base estimator: straight-through (STE) for weights and activations.
+
+    Subclasses override only what they change. The estimator is an nn.Module owned by the
+    QuantModel, so its parameters and buffers are checkpointed with the model.
+    """
+
+    #: short name used in run dirs and reports
+    name: str = "ste"
+    #: set to True to receive a frozen full-precision partner in ``attach``
+    needs_partner: bool = False
+    #: True where the training forward differs from the hard network (soft stand-ins): the
+    #: trainer then also evaluates the training-time forward and logs the gap.
+    has_soft_forward: bool = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.__dict__["model"] = None
+        self.__dict__["partner"] = None
+
+    # -- wiring ------------------------------------------------------------------------------
+    def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
+        """Called once after the model is wrapped; keep references, build per-layer state."""
+        self.__dict__["model"] = model
+        self.__dict__["partner"] = ctx.partner
+
+    # -- per-layer training forward --------------------------------------------------------------
+    def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
+        """Training-time weight of ``layer``; default: the quantizer's straight-through forward."""
+        return layer.w_quant(w)
+
+    def activation(self, layer: QuantLayer, x: Tensor) -> Tensor:
+        """Training-time input activation of ``layer``; default: straight-through."""
+        return layer.a_quant(x)
+
+    # -- per-step hooks -------------------------------------------------------------------------
+    def step(self, progress: float) -> dict[str, float]:
+        """Advance schedules to training progress ``progress``; return values to log."""
+        return {}
+
+    def loss(
+        self, model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion
+    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+        """Training loss of one batch: (loss, logits of the trained network, values to log)."""
+        logits = model(x)
+        return criterion(logits, y), logits, {}
+
+    def param_groups(self, lr: float) -> list[dict[str, Any]]:
+        """Optimizer groups for the estimator's own parameters (``lr`` is the run's base LR)."""
+        params = [p for p in self.parameters() if p.requires_grad]
+        return [{"params": params, "lr": lr, "weight_decay": 0.0}] if params else []
+
+    def after_optimizer_step(self) -> None:
+        """Called after every optimizer step (e.g. to clip latent weights)."""
+
+    def is_final_form(self) -> bool:
+        """Whether the network now is the method's final one (e.g. alpha-blending at alpha=1).
+
+        Only epochs where this holds can be picked as the best-validation model.
+        """
+        return True
+
+    def state_summary(self) -> dict[str, float]:
+        """Current schedule values, for logs and metrics.json."""
+        return {}
+
+
+def straight_through(x: Tensor, hard: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Forward ``hard``; backward the incoming gradient times ``mask`` (1 where omitted)."""
+    if mask is None:
+        return x + (hard - x).detach()
+    passed = x * mask
+    return passed + (hard - passed).detach()

@@ -1,0 +1,103 @@
+"""The quantizer interface: a forward map of a tensor onto a grid of levels.
+
+A quantizer only says *where* values land. How gradients pass through it during training is
+the estimator's business (qexp.estimators); the quantizer offers the pieces estimators need:
+
+- ``hard(x)``: the values on the grid (what the deployed network computes);
+- ``forward(x)``: the straight-through training forward, ``x + sg(hard(x) - x)`` for fixed grids,
+  or the quantizer's own gradient definition where its parameters are learned (LSQ, PACT, ...);
+- ``grid(x)``: the uniform grid as (lowest level, step, number of levels), so smooth stand-ins
+  of the staircase (AQE, QuantNet) can be built on the same levels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Grid:
+    """Uniformly spaced levels ``(offset + k) * step`` for ``k = 0 .. num_levels - 1``.
+
+    ``offset`` is the lowest level in units of ``step`` (e.g. -1.5 for a symmetric 2-bit grid,
+    0 for an unsigned one); keeping it in step units makes symmetric grids exactly symmetric in
+    floating point. ``step`` broadcasts against the quantized tensor (per tensor or channel).
+    """
+
+    offset: float
+    step: Tensor
+    num_levels: int
+
+    @property
+    def low(self) -> Tensor:
+        """The lowest level."""
+        return self.offset * self.step
+
+    def index(self, x: Tensor) -> Tensor:
+        """Integer level index of each value (nearest level, clamped to the grid)."""
+        return torch.clamp(torch.round(x / self.step - self.offset), 0, self.num_levels - 1)
+
+    def snap(self, x: Tensor) -> Tensor:
+        """Round ``x`` to the nearest level (values outside the grid go to the end levels)."""
+        return (self.index(x) + self.offset) * self.step
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity in the backward pass."""
+    return x + (torch.round(x) - x).detach()
+
+
+def channel_view(t: Tensor, like: Tensor, per_channel: bool) -> Tensor:
+    """Shape a per-channel vector (dim 0 of ``like``) so it broadcasts against ``like``."""
+    if not per_channel:
+        return t.reshape(())
+    return t.reshape((-1,) + (1,) * (like.dim() - 1))
+
+
+class Quantizer(nn.Module):
+    """Base class of all quantizers.
+
+    Args:
+        bits: bit width; the grid has at most ``2 ** bits`` levels.
+        role: ``"weight"`` or ``"activation"``; quantizers may use different defaults for each.
+    """
+
+    #: whether the grid is signed (set by subclasses; activations may decide on first use)
+    signed: bool = True
+
+    def __init__(self, bits: int, role: str = "weight") -> None:
+        super().__init__()
+        if role not in ("weight", "activation"):
+            raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+        self.role = role
+        self._bits = int(bits)
+
+    @property
+    def bits(self) -> int:
+        """Current bit width (learned-precision quantizers override this)."""
+        return self._bits
+
+    def grid(self, x: Tensor) -> Grid:
+        """The grid ``x`` is quantized onto (may depend on ``x`` for data-driven scales)."""
+        raise NotImplementedError
+
+    def observe(self, x: Tensor) -> None:
+        """Update calibration state from a training batch (activations); default: nothing."""
+
+    def hard(self, x: Tensor) -> Tensor:
+        """Values of ``x`` on the grid. Gradients through this are not meaningful."""
+        with torch.no_grad():
+            return self.grid(x).snap(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Straight-through training forward: hard values, identity gradient to ``x``."""
+        return x + (self.hard(x) - x).detach()
+
+    def clamp_(self) -> None:
+        """Keep learned parameters in their valid range (called after every optimizer step)."""
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, role={self.role}"

@@ -1,0 +1,140 @@
+"""Quantized drop-in replacements for nn.Conv2d and nn.Linear.
+
+Each layer quantizes its input activation and its weight. What the training forward does with
+the quantizers is delegated to the run's estimator; evaluation always uses the hard grid, so the
+reported accuracy is that of the truly quantized network.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import TYPE_CHECKING
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qexp.quant.base import Quantizer
+
+if TYPE_CHECKING:
+    pass
+
+#: How a quantized layer computes its forward.
+#: - "auto": training -> the estimator's training forward; eval -> hard grid.
+#: - "hard": hard grid for weights and activations (the deployed network).
+#: - "soft": the estimator's training forward even in eval (to measure a stand-in's accuracy).
+#: - "latent": latent full-precision weights, hard-quantized activations.
+#: - "off": no quantization at all.
+MODES = ("auto", "hard", "soft", "latent", "off")
+
+
+class QuantLayer:
+    """Mixin holding the quantizers, the estimator link and the forward mode of one layer."""
+
+    w_quant: Quantizer | None
+    a_quant: Quantizer | None
+    weight: nn.Parameter
+
+    def _setup_quant(
+        self, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str = "body"
+    ) -> None:
+        self.w_quant = w_quant
+        self.a_quant = a_quant
+        #: "first", "last" or "body": edge layers keep their own bits and plain STE.
+        self.layer_role = role
+        self.mode = "auto"
+        # A plain attribute (not a submodule): the estimator is owned by the QuantModel.
+        self.__dict__["estimator"] = None
+
+    @property
+    def w_bits(self) -> int:
+        return self.w_quant.bits if self.w_quant is not None else 32
+
+    @property
+    def a_bits(self) -> int:
+        return self.a_quant.bits if self.a_quant is not None else 32
+
+    def _uses_estimator(self) -> bool:
+        mode = self.mode
+        return (mode == "auto" and self.training) or mode == "soft"
+
+    def quant_weight(self) -> Tensor:
+        """The weight this forward computes with."""
+        w = self.weight
+        if self.w_quant is None or self.mode in ("off", "latent"):
+            return w
+        if self._uses_estimator():
+            est = self.__dict__["estimator"]
+            return est.weight(self, w) if est is not None else self.w_quant(w)
+        return self.w_quant.hard(w)
+
+    def quant_input(self, x: Tensor) -> Tensor:
+        """The input activation this forward computes with."""
+        if self.a_quant is None or self.mode == "off":
+            return x
+        if self._uses_estimator():
+            if self.training:
+                self.a_quant.observe(x)
+            est = self.__dict__["estimator"]
+            return est.activation(self, x) if est is not None else self.a_quant(x)
+        return self.a_quant.hard(x)
+
+
+class QConv2d(QuantLayer, nn.Conv2d):
+    """nn.Conv2d with quantized weight and input."""
+
+    @classmethod
+    def from_float(
+        cls, conv: nn.Conv2d, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
+    ) -> QConv2d:
+        """Wrap ``conv``, sharing its parameters (no copy)."""
+        q = cls.__new__(cls)
+        q.__dict__.update(conv.__dict__)
+        q._modules = dict(conv._modules)
+        q._parameters = dict(conv._parameters)
+        q._buffers = dict(conv._buffers)
+        q._setup_quant(w_quant, a_quant, role)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+class QLinear(QuantLayer, nn.Linear):
+    """nn.Linear with quantized weight and input."""
+
+    @classmethod
+    def from_float(
+        cls, linear: nn.Linear, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
+    ) -> QLinear:
+        """Wrap ``linear``, sharing its parameters (no copy)."""
+        q = cls.__new__(cls)
+        q.__dict__.update(linear.__dict__)
+        q._modules = dict(linear._modules)
+        q._parameters = dict(linear._parameters)
+        q._buffers = dict(linear._buffers)
+        q._setup_quant(w_quant, a_quant, role)
+        return q
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
+
+
+def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
+    """All quantized layers of ``model`` with their names, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
+
+
+@contextmanager
+def quant_mode(model: nn.Module, mode: str):
+    """Temporarily set every quantized layer of ``model`` to ``mode`` (see MODES)."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    layers = [m for _, m in quant_layers(model)]
+    saved = [m.mode for m in layers]
+    for m in layers:
+        m.mode = mode
+    try:
+        yield model
+    finally:
+        for m, s in zip(layers, saved, strict=True):
+            m.mode = s

@@ -1,0 +1,148 @@
+"""Uniform quantizer with a data-driven range (max-abs or MSE-optimal clipping).
+
+Weights use a symmetric grid with a range computed from the current weights at every forward;
+activations use an unsigned grid after ReLU (or signed where inputs go negative) with a range
+tracked as an exponential moving average of per-batch estimates, so evaluation is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from qexp.quant.base import Grid, Quantizer, channel_view
+
+#: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
+#: because low bit widths want aggressive clipping.
+_MSE_RATIOS = torch.logspace(-1.3, 0.0, 24).tolist()
+
+
+def grid_for_range(rng: Tensor, bits: int, signed: bool, signed_grid: str = "midrise") -> Grid:
+    """The uniform grid of ``bits`` whose outermost levels sit at +-``rng`` (or 0..``rng``).
+
+    Signed ``midrise`` grids use all ``2**bits`` levels symmetrically around zero (no zero
+    level, the DoReFa weight grid; 1 bit gives +-rng). ``narrow`` grids contain zero and use
+    ``2**bits - 1`` levels (1 bit is treated like midrise since {0} alone is no grid).
+    """
+    rng = torch.clamp(rng, min=1e-8)
+    if not signed:
+        n = 2**bits
+        return Grid(offset=0.0, step=rng / (n - 1), num_levels=n)
+    if signed_grid == "narrow" and bits > 1:
+        half = 2 ** (bits - 1) - 1
+        return Grid(offset=-float(half), step=rng / half, num_levels=2 * half + 1)
+    half = 2 ** (bits - 1) - 0.5
+    return Grid(offset=-half, step=rng / half, num_levels=2**bits)
+
+
+def mse_optimal_range(x2d: Tensor, bits: int, signed: bool, signed_grid: str = "midrise") -> Tensor:
+    """Per-row range minimising the squared quantization error of ``x2d`` (rows = channels)."""
+    max_abs = x2d.abs().amax(dim=1) if signed else x2d.clamp(min=0).amax(dim=1)
+    best_err = torch.full_like(max_abs, float("inf"))
+    best_rng = max_abs.clone()
+    for ratio in _MSE_RATIOS:
+        rng = max_abs * ratio
+        grid = grid_for_range(rng[:, None], bits, signed, signed_grid)
+        err = (grid.snap(x2d) - x2d).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_rng = torch.where(better, rng, best_rng)
+    return best_rng
+
+
+class UniformQuantizer(Quantizer):
+    """Uniform grid with a max-abs or MSE-optimal range.
+
+    Args:
+        bits: bit width.
+        role: ``"weight"`` or ``"activation"``.
+        signed: ``True``/``False``, or ``None`` for the default (weights signed; activations
+            signed only if the first batch seen has negative values).
+        per_channel: one range per output channel (dim 0); weights only.
+        scale_method: ``"max_abs"`` or ``"mse"`` (MSE-optimal clipping, searched over ratios).
+        signed_grid: ``"midrise"`` (2**bits levels, no zero) or ``"narrow"`` (zero included).
+        momentum: EMA momentum of the activation range.
+        calib_samples: at most this many activation values feed the MSE search per batch.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        per_channel: bool = True,
+        scale_method: str = "mse",
+        signed_grid: str = "midrise",
+        momentum: float = 0.1,
+        calib_samples: int = 16384,
+    ) -> None:
+        super().__init__(bits, role)
+        if scale_method not in ("max_abs", "mse"):
+            raise ValueError(f"scale_method must be 'max_abs' or 'mse', got {scale_method!r}")
+        if signed_grid not in ("midrise", "narrow"):
+            raise ValueError(f"signed_grid must be 'midrise' or 'narrow', got {signed_grid!r}")
+        self.per_channel = per_channel and role == "weight"
+        self.scale_method = scale_method
+        self.signed_grid = signed_grid
+        self.momentum = momentum
+        self.calib_samples = calib_samples
+        if role == "weight":
+            self.signed = True if signed is None else bool(signed)
+        else:
+            # Activation state lives in buffers so checkpoints restore it exactly.
+            self.register_buffer("range", torch.tensor(0.0))
+            self.register_buffer("calibrated", torch.tensor(False))
+            fixed = -1 if signed is None else int(bool(signed))
+            self.register_buffer("signed_state", torch.tensor(fixed))
+
+    # -- range estimation -------------------------------------------------------------------
+    def _estimate_range(self, x: Tensor) -> Tensor:
+        """Range of ``x`` per channel (weights) or per tensor, by the configured method."""
+        x = x.detach().float()
+        rows = x.reshape(x.shape[0], -1) if self.per_channel else x.reshape(1, -1)
+        if self.role == "activation" and rows.shape[1] > self.calib_samples:
+            # A strided subsample keeps the MSE search cheap on large activation maps.
+            stride = rows.shape[1] // self.calib_samples
+            sample = rows[:, ::stride]
+        else:
+            sample = rows
+        signed = self._is_signed()
+        if self.scale_method == "max_abs":
+            rng = rows.abs().amax(dim=1) if signed else rows.clamp(min=0).amax(dim=1)
+        else:
+            rng = mse_optimal_range(sample, self.bits, signed, self.signed_grid)
+        return rng if self.per_channel else rng.reshape(())
+
+    def _is_signed(self) -> bool:
+        if self.role == "weight":
+            return self.signed
+        return bool(self.signed_state.item() == 1)
+
+    @torch.no_grad()
+    def observe(self, x: Tensor) -> None:
+        """Fold a training batch into the activation range (EMA)."""
+        if self.role != "activation":
+            return
+        if self.signed_state.item() == -1:
+            self.signed_state.fill_(int(bool((x < 0).any())))
+        rng = self._estimate_range(x)
+        if not bool(self.calibrated):
+            self.range.copy_(rng)
+            self.calibrated.fill_(True)
+        else:
+            self.range.lerp_(rng, self.momentum)
+
+    def grid(self, x: Tensor) -> Grid:
+        if self.role == "weight":
+            rng = channel_view(self._estimate_range(x), x, self.per_channel)
+            return grid_for_range(rng, self.bits, self.signed, self.signed_grid)
+        if not bool(self.calibrated):
+            # Evaluated before any training batch: calibrate on this batch instead of guessing.
+            self.observe(x)
+        return grid_for_range(self.range, self.bits, self._is_signed(), self.signed_grid)
+
+    def extra_repr(self) -> str:
+        return (
+            f"bits={self.bits}, role={self.role}, per_channel={self.per_channel}, "
+            f"scale_method={self.scale_method}, signed_grid={self.signed_grid}"
+        )

@@ -1,0 +1,37 @@
+"""`qexp train`: the Hydra application behind the command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from qexp.errors import QexpError
+from qexp.train.checkpoint import write_json
+from qexp.train.run import run_training
+
+log = logging.getLogger("qexp")
+
+
+@hydra.main(version_base=None, config_path="pkg://qexp.conf", config_name="config")
+def hydra_main(cfg: DictConfig) -> float | None:
+    """Run one job; in a sweep a failed job is recorded and the sweep goes on."""
+    hc = HydraConfig.get()
+    run_dir = Path(hc.runtime.output_dir)
+    try:
+        metrics = run_training(cfg, run_dir)
+    except QexpError as exc:
+        metrics_file = run_dir / "metrics.json"
+        if not metrics_file.exists():
+            write_json({"status": "failed", "error": str(exc)}, metrics_file)
+        if hc.mode == RunMode.MULTIRUN:
+            log.error("%s", exc)
+            return None
+        print(f"qexp: error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    return metrics.get("test_acc")

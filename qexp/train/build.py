@@ -1,0 +1,162 @@
+"""Builds a run's components from its composed config (Hydra ``_target_`` nodes)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import hydra.utils
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from qexp.data.base import DataInfo, DataModule
+from qexp.errors import QexpError
+from qexp.estimators.base import Estimator, EstimatorContext
+from qexp.quant.base import Quantizer
+from qexp.quant.model import QuantModel
+from qexp.quant.wrap import LayerBits, QuantizerFactory, attach_estimator, quantize_model
+
+log = logging.getLogger("qexp")
+
+
+def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
+    """Instantiate a ``_target_`` node (its ``name`` key is a label, not an argument).
+
+    Constructor errors become QexpError naming ``key``, so a bad option value reads as a
+    one-line message rather than a traceback.
+    """
+    spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    spec = dict(spec)
+    spec.pop("name", None)
+    try:
+        return hydra.utils.instantiate(spec, **kwargs, _convert_="all")
+    except QexpError:
+        raise
+    except Exception as exc:
+        cause = exc.__cause__ or exc
+        if isinstance(cause, QexpError):
+            raise cause from None
+        msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
+        raise QexpError(f"{key}: {msg}") from None
+
+
+def quantizer_factory(node: Any, key: str) -> QuantizerFactory:
+    """A function (role, bits) -> Quantizer, or None for 32 bits, from a quantizer node.
+
+    ``node`` is either a quantizer group node with ``weight``/``activation`` entries or a single
+    ``_target_`` node used for both roles.
+    """
+
+    def make(role: str, bits: int) -> Quantizer | None:
+        if bits >= 32:
+            return None
+        spec = node.get(role, node)
+        return instantiate(spec, f"{key}.{role}", bits=bits, role=role)
+
+    return make
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks cuda, then mps, then cpu; explicit names must be available."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QexpError(
+            f"trainer.device={name} but no CUDA GPU is visible: use trainer.device=auto or cpu"
+        )
+    return torch.device(name)
+
+
+def build_data(cfg: DictConfig) -> DataModule:
+    """The run's data set."""
+    return instantiate(cfg.dataset, "dataset")
+
+
+def build_model(
+    cfg: DictConfig,
+    info: DataInfo,
+    device: torch.device,
+    total_steps: int,
+    run_dir: Path | None = None,
+) -> QuantModel:
+    """Build the network, swap in quantized layers, and attach the estimator."""
+    net = instantiate(
+        cfg.model,
+        "model",
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+    )
+    quantize_model(
+        net,
+        body=quantizer_factory(cfg.quantizer, "quantizer"),
+        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
+        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
+        first_bits=cfg.layers.first_bits,
+        last_bits=cfg.layers.last_bits,
+    )
+    estimator: Estimator = instantiate(cfg.estimator, "estimator")
+    if not isinstance(estimator, Estimator):
+        raise QexpError(
+            "estimator._target_ must build a qexp.estimators.Estimator, "
+            f"got {type(estimator).__name__}"
+        )
+    model = QuantModel(net, estimator).to(device)
+    if cfg.get("init_from"):
+        load_initial_weights(model, str(cfg.init_from))
+    partner = None
+    if estimator.needs_partner:
+        from qexp.train.partner import get_partner
+
+        partner = get_partner(cfg, info, device)
+    attach_estimator(net, estimator)
+    estimator.attach(
+        model,
+        EstimatorContext(
+            total_steps=total_steps, device=device, run_dir=run_dir, partner=partner, config=cfg
+        ),
+    )
+    return model.to(device)
+
+
+def _checkpoint_file(path: Path) -> Path:
+    """A checkpoint file from a file path or a run dir (best, then last checkpoint)."""
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise QexpError(f"init_from={path}: no checkpoints/best.pt or last.pt in that run dir")
+    if not path.is_file():
+        raise QexpError(f"init_from={path}: no such file or run dir")
+    return path
+
+
+def load_initial_weights(model: QuantModel, source: str) -> None:
+    """Copy the network weights of another run (e.g. full precision) into ``model``.
+
+    Only tensors whose names and shapes match are copied; quantizer and estimator state of
+    this run are kept, so any estimator can start from a full-precision checkpoint.
+    """
+    from qexp.train.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(_checkpoint_file(Path(source)))
+    state = ckpt.get("model", ckpt)
+    own = model.state_dict()
+    copied = {
+        k: v
+        for k, v in state.items()
+        if k.startswith("net.")
+        and k in own
+        and own[k].shape == v.shape
+        and ".w_quant." not in k
+        and ".a_quant." not in k
+    }
+    if not copied:
+        raise QexpError(f"init_from={source}: no matching weights (is it the same model?)")
+    model.load_state_dict(copied, strict=False)
+    log.info("initialised %d tensors from %s", len(copied), source)

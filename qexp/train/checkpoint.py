@@ -1,0 +1,74 @@
+"""Atomic checkpoint files that load with ``torch.load(weights_only=True)``."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from qexp.errors import QexpError
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename.
+
+    A crash at any point leaves either the old file or the new one, never a torn file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
+    """Save ``obj`` (tensors, numbers, strings, lists, dicts) atomically."""
+    _atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as indented JSON atomically."""
+    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; unreadable files raise QexpError."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise QexpError(f"checkpoint {path} does not exist") from None
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0][:120] if str(exc).strip() else type(exc).__name__
+        raise QexpError(
+            f"checkpoint {path} is corrupt or unreadable ({reason}): delete it to restart "
+            "that run, or resume from another run dir"
+        ) from None
+
+
+def rng_state() -> dict[str, Any]:
+    """Random number generator states that training uses (torch CPU/CUDA, Python)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore the generators saved by :func:`rng_state`."""
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), None))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,136 @@
+"""Checks a `qexp train` command line before Hydra runs it.
+
+Composes the config of every job the command describes (each point of a sweep) with Hydra's
+compose API and validates it, so that a typo'd key, a bad value or an unknown group option
+ends in one clear line instead of a traceback, before any job starts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from qexp.config.validate import validate_config
+from qexp.errors import QexpError
+
+#: Hydra flags after which no job runs (help, printing the config, shell completion...).
+_NO_JOB_FLAGS = (
+    "help",
+    "hydra_help",
+    "version",
+    "cfg",
+    "info",
+    "shell_completion",
+    "experimental_rerun",
+)
+MAX_JOBS_CHECKED = 512
+
+
+def _known_keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in cfg.items_ex(resolve=False) if hasattr(cfg, "items_ex") else cfg.items():
+        full = f"{prefix}{k}"
+        keys.append(full)
+        if isinstance(v, DictConfig):
+            keys += _known_keys(v, f"{full}.")
+    return keys
+
+
+def _one_line(exc: Exception, override_keys: list[str], base: DictConfig | None) -> str:
+    """Turn a Hydra/OmegaConf composition error into one actionable line."""
+    from hydra.errors import MissingConfigException
+
+    text = str(exc).strip()
+    cause = exc.__cause__
+    if isinstance(exc, MissingConfigException):
+        m = re.search(r"Could not find '([^']+)/([^']+)'", text)
+        options = sorted(set(getattr(exc, "options", None) or []))
+        if m:
+            group, name = m.group(1), m.group(2)
+            choice = " | ".join(options) if options else "see conf/" + group
+            return (
+                f"{group}={name} is not an option of '{group}': use one of {choice} "
+                f"(or add {group}/{name}.yaml under --config-dir)"
+            )
+        return text.splitlines()[0]
+    m = re.search(r"Could not override '([^']+)'", text)
+    if m:
+        key = m.group(1)
+        hint = ""
+        if base is not None:
+            close = difflib.get_close_matches(key, _known_keys(base), n=3)
+            if close:
+                hint = f" (did you mean {' or '.join(close)}?)"
+        return (
+            f"{key} is not a config key{hint}: check the spelling, or add a new key with +{key}=..."
+        )
+    m = re.search(r"Error merging override (\S+)", text)
+    if m and cause is not None:
+        detail = str(cause).strip().splitlines()[0]
+        key = m.group(1).split("=")[0]
+        return f"{m.group(1)} is not allowed: {detail} (key '{key}')"
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return "; ".join(lines[:2]) if lines else type(exc).__name__
+
+
+def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
+    """The override lists of every job (the points of a sweep when ``multirun``)."""
+    if not multirun:
+        return [overrides]
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    jobs: list[list[str]] = []
+    for batch in BasicSweeper.split_arguments(parsed, None):
+        jobs += [list(job) for job in batch]
+        if len(jobs) >= MAX_JOBS_CHECKED:
+            break
+    return jobs or [overrides]
+
+
+def check_command_line(argv: list[str]) -> None:
+    """Raise QexpError if any job of ``qexp train ARGV`` has an invalid config."""
+    from hydra import compose, initialize_config_module
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+
+    try:
+        args = get_args_parser().parse_args(argv)
+    except SystemExit:
+        return  # argparse already printed its usage message; let Hydra handle the rest
+    if any(getattr(args, flag, None) for flag in _NO_JOB_FLAGS):
+        return
+    if args.config_name or args.config_path:
+        return  # a different primary config: Hydra reports its own errors
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    extra: list[str] = []
+    if args.config_dir:
+        extra.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="qexp.conf", version_base=None):
+            base = None
+            try:
+                base = compose(config_name="config", overrides=extra)
+            except Exception:
+                base = None
+            for job in _jobs(overrides, args.multirun):
+                try:
+                    cfg = compose(config_name="config", overrides=job + extra)
+                except QexpError:
+                    raise
+                except Exception as exc:
+                    raise QexpError(_one_line(exc, job, base)) from None
+                validate_config(cfg)
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def describe(cfg: Any) -> str:
+    """YAML of a config, for messages and debugging."""
+    return OmegaConf.to_yaml(cfg)

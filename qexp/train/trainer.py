@@ -1,0 +1,404 @@
+"""The one training loop that every configuration runs through."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.tensorboard import SummaryWriter
+
+from qexp.data.base import DataModule
+from qexp.errors import QexpError
+from qexp.quant.base import Quantizer
+from qexp.quant.layers import quant_mode
+from qexp.quant.model import QuantModel
+from qexp.train.build import instantiate
+from qexp.train.checkpoint import (
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_json,
+)
+from qexp.train.inspect_levels import layer_table, weight_kb
+from qexp.train.optim import build_optimizer, set_lr
+
+log = logging.getLogger("qexp")
+
+#: keys that may differ between a run and its resumption
+_RESUME_FREE_KEYS = ("resume", "trainer.device", "trainer.threads", "trainer.progress")
+
+
+def config_fingerprint(cfg: DictConfig) -> str:
+    """Hash of the resolved config minus keys that don't change results (resume, device...)."""
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    for key in _RESUME_FREE_KEYS:
+        node, *rest = key.split(".")
+        if rest:
+            plain.get(node, {}).pop(rest[0], None)
+        else:
+            plain.pop(node, None)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class NonFiniteLoss(QexpError):
+    """The training loss became NaN or infinite."""
+
+
+class Trainer:
+    """Trains, validates, checkpoints and finally tests one quantized model.
+
+    Args:
+        cfg: the composed run config.
+        model: the quantized model with its estimator attached.
+        data: the data set.
+        run_dir: where checkpoints, metrics.json and TensorBoard events go.
+        device: where to train.
+    """
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        model: QuantModel,
+        data: DataModule,
+        run_dir: Path,
+        device: torch.device,
+    ) -> None:
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.tcfg = cfg.trainer
+        self.run_dir = run_dir
+        self.ckpt_dir = run_dir / "checkpoints"
+        self.epochs = int(self.tcfg.epochs)
+        self.steps_per_epoch = data.steps_per_epoch(int(self.tcfg.batch_size))
+        self.total_steps = self.epochs * self.steps_per_epoch
+        self.optimizer = build_optimizer(model, self.tcfg)
+        self.lr_curve = instantiate(cfg.schedule.lr, "schedule.lr")
+        self.fingerprint = config_fingerprint(cfg)
+        use_amp = bool(self.tcfg.amp) and device.type == "cuda"
+        self.amp_dtype = getattr(torch, self.tcfg.amp_dtype) if use_amp else None
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=use_amp and self.amp_dtype == torch.float16
+        )
+        # progress state (restored on resume)
+        self.epoch = 0
+        self.step = 0
+        self.best_val = -1.0
+        self.best_epoch = -1
+        self.train_time = 0.0
+        self.samples = 0
+        self.history: list[dict[str, float]] = []
+        self.quantizers = [m for m in model.net.modules() if isinstance(m, Quantizer)]
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _progress_bar(self) -> bool:
+        mode = self.tcfg.progress
+        return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
+
+    def _run_info(self) -> dict[str, Any]:
+        c = self.cfg
+        return {
+            "estimator": c.estimator.name,
+            "quantizer": c.quantizer.name,
+            "model": c.model.name,
+            "dataset": c.dataset.name,
+            "w_bits": int(c.w_bits),
+            "a_bits": int(c.a_bits),
+            "seed": int(c.seed),
+            "epochs": self.epochs,
+            "lr": float(self.tcfg.lr),
+            "optimizer": self.tcfg.optimizer,
+            "batch_size": int(self.tcfg.batch_size),
+            "first_bits": c.layers.first_bits,
+            "last_bits": c.layers.last_bits,
+            "tag": c.get("tag"),
+            "config_hash": self.fingerprint,
+        }
+
+    def _write_metrics(self, status: str, **extra: Any) -> None:
+        metrics = {
+            **self._run_info(),
+            "status": status,
+            "epochs_done": self.epoch,
+            "best_val_acc": self.best_val if self.best_val >= 0 else None,
+            "best_epoch": self.best_epoch + 1 if self.best_epoch >= 0 else None,
+            "train_time_s": round(self.train_time, 3),
+            "samples_per_s": round(self.samples / self.train_time, 1) if self.train_time else None,
+            "history": self.history,
+            **extra,
+        }
+        write_json(metrics, self.run_dir / "metrics.json")
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def _state(self) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "config_hash": self.fingerprint,
+            "epoch": self.epoch,
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best_val": self.best_val,
+            "best_epoch": self.best_epoch,
+            "train_time": self.train_time,
+            "samples": self.samples,
+            "history": self.history,
+        }
+
+    def _resume(self) -> bool:
+        """Restore the last checkpoint of this run dir; False if there is none."""
+        path = self.ckpt_dir / "last.pt"
+        if not path.is_file():
+            log.info(
+                "resume=true but %s has no checkpoint yet: starting from scratch", self.run_dir
+            )
+            return False
+        state = load_checkpoint(path)
+        if state.get("config_hash") != self.fingerprint:
+            raise QexpError(
+                f"{self.run_dir} holds a run with a different config: resume it with the same "
+                "overrides, or start a new run dir"
+            )
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        set_rng_state(state["rng"])
+        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        self.best_val, self.best_epoch = float(state["best_val"]), int(state["best_epoch"])
+        self.train_time, self.samples = float(state["train_time"]), int(state["samples"])
+        self.history = list(state["history"])
+        log.info("resumed %s at epoch %d (step %d)", self.run_dir, self.epoch, self.step)
+        return True
+
+    # -- evaluation ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self, split: str, mode: str = "auto") -> float:
+        """Accuracy on ``split`` with quantized layers in ``mode`` (auto = hard grid in eval)."""
+        self.model.eval()
+        correct = total = 0
+        with quant_mode(self.model, mode), self._autocast():
+            for x, y in self.data.eval_batches(split, int(self.tcfg.eval_batch_size), self.device):
+                correct += int((self.model(x).argmax(dim=1) == y).sum())
+                total += y.numel()
+        self.model.train()
+        return correct / total if total else float("nan")
+
+    # -- training ------------------------------------------------------------------------------
+    def _train_epoch(self, writer: SummaryWriter) -> tuple[float, float]:
+        model, opt, est = self.model, self.optimizer, self.model.estimator
+        model.train()
+        every = int(self.tcfg.log_every)
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), device=self.device, dtype=torch.long)
+        seen = 0
+        win_loss = torch.zeros((), device=self.device)
+        win_correct = torch.zeros((), device=self.device, dtype=torch.long)
+        win_seen = 0
+        batches = self.data.train_batches(
+            int(self.tcfg.batch_size), self.epoch, int(self.cfg.seed), self.device
+        )
+        bar = None
+        if self._progress_bar():
+            from tqdm import tqdm
+
+            bar = tqdm(
+                total=self.steps_per_epoch,
+                desc=f"epoch {self.epoch + 1}/{self.epochs}",
+                leave=False,
+                dynamic_ncols=True,
+            )
+        t0 = time.perf_counter()
+        for x, y in batches:
+            progress = self.step / self.total_steps
+            for k, v in est.step(progress).items():
+                writer.add_scalar(f"estimator/{k}", v, self.step)
+            lr = set_lr(opt, self.lr_curve(progress))
+            with self._autocast():
+                loss, logits, extra = est.loss(model, x, y, F.cross_entropy)
+            opt.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.tcfg.grad_clip is not None:
+                self.scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.grad_clip))
+            self.scaler.step(opt)
+            self.scaler.update()
+            for q in self.quantizers:
+                q.clamp_()
+            est.after_optimizer_step()
+            self.step += 1
+            n = y.numel()
+            batch_correct = (logits.detach().argmax(dim=1) == y).sum()
+            loss_sum += loss.detach() * n
+            correct += batch_correct
+            win_loss += loss.detach() * n
+            win_correct += batch_correct
+            seen += n
+            win_seen += n
+            if self.step % every == 0:
+                wl = float(win_loss) / win_seen
+                if not math.isfinite(wl):
+                    raise NonFiniteLoss(self._nan_message())
+                writer.add_scalar("train/loss", wl, self.step)
+                writer.add_scalar("train/acc", float(win_correct) / win_seen, self.step)
+                writer.add_scalar("lr", lr, self.step)
+                for k, v in extra.items():
+                    writer.add_scalar(f"train/{k}", v, self.step)
+                win_loss.zero_()
+                win_correct.zero_()
+                win_seen = 0
+                if bar is None and self.tcfg.progress != "none":
+                    log.info(
+                        "epoch %d step %d/%d loss %.4f",
+                        self.epoch + 1,
+                        self.step,
+                        self.total_steps,
+                        wl,
+                    )
+            if bar is not None:
+                bar.update(1)
+                if self.step % 10 == 0:
+                    bar.set_postfix(loss=f"{float(loss):.3f}")
+        if bar is not None:
+            bar.close()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.train_time += time.perf_counter() - t0
+        self.samples += seen
+        epoch_loss = float(loss_sum) / max(seen, 1)
+        if not math.isfinite(epoch_loss):
+            raise NonFiniteLoss(self._nan_message())
+        return epoch_loss, float(correct) / max(seen, 1)
+
+    def _nan_message(self) -> str:
+        return (
+            f"the training loss became NaN/inf in epoch {self.epoch + 1} (step {self.step}): "
+            f"lower trainer.lr (now {self.tcfg.lr}) or set trainer.grad_clip; the last good "
+            f"checkpoint is kept in {self.ckpt_dir}"
+        )
+
+    def fit(self) -> dict[str, Any]:
+        """Train (or resume), then test the best-validation model; return the metrics."""
+        if self.cfg.get("resume"):
+            self._resume()
+        writer = SummaryWriter(str(self.run_dir), purge_step=self.step if self.step else None)
+        try:
+            self._write_metrics("running")
+            while self.epoch < self.epochs:
+                t_epoch = time.perf_counter()
+                train_loss, train_acc = self._train_epoch(writer)
+                val_acc = self.evaluate("val") if self.data.num_val else train_acc
+                writer.add_scalar("val/acc", val_acc, self.step)
+                if self.tcfg.histograms:
+                    for name, layer in self.model.layers():
+                        writer.add_histogram(
+                            f"weights/{name}", layer.weight.detach().float().cpu(), self.step
+                        )
+                if self.model.estimator.is_final_form() and val_acc > self.best_val:
+                    self.best_val, self.best_epoch = val_acc, self.epoch
+                    save_checkpoint(
+                        {"model": self.model.state_dict(), "epoch": self.epoch},
+                        self.ckpt_dir / "best.pt",
+                    )
+                self.history.append(
+                    {
+                        "epoch": self.epoch + 1,
+                        "train_loss": train_loss,
+                        "train_acc": train_acc,
+                        "val_acc": val_acc,
+                    }
+                )
+                log.info(
+                    "epoch %d/%d  loss %.4f  train_acc %.4f  val_acc %.4f  (%.1fs)",
+                    self.epoch + 1,
+                    self.epochs,
+                    train_loss,
+                    train_acc,
+                    val_acc,
+                    time.perf_counter() - t_epoch,
+                )
+                self.epoch += 1
+                save_checkpoint(self._state(), self.ckpt_dir / "last.pt")
+                self._write_metrics("running")
+                writer.flush()
+            metrics = self._final_test(writer)
+        except NonFiniteLoss as exc:
+            self._write_metrics("failed", error=str(exc))
+            raise
+        finally:
+            writer.close()
+        return metrics
+
+    def _final_test(self, writer: SummaryWriter) -> dict[str, Any]:
+        best = self.ckpt_dir / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(load_checkpoint(best)["model"])
+        test_acc = self.evaluate("test", "auto")
+        test_acc_latent = self.evaluate("test", "latent")
+        extra: dict[str, Any] = {}
+        if self.model.estimator.has_soft_forward:
+            soft = self.evaluate("test", "soft")
+            extra["test_acc_soft"] = soft
+            extra["soft_hard_gap"] = soft - test_acc
+            writer.add_scalar("test/acc_soft", soft, self.step)
+            writer.add_scalar("test/soft_hard_gap", soft - test_acc, self.step)
+        x, _ = next(iter(self.data.eval_batches("test", 256, self.device)))
+        table = layer_table(self.model.net, x)
+        honest = all(row["ok"] for row in table)
+        if not honest:
+            bad = [r["name"] for r in table if not r["ok"]]
+            log.error("layers with more levels than their bits allow: %s", bad)
+        kb = weight_kb(table)
+        writer.add_scalar("test/acc", test_acc, self.step)
+        writer.add_scalar("test/acc_latent", test_acc_latent, self.step)
+        info = self._run_info()
+        hparams = {
+            k: info[k]
+            for k in (
+                "estimator",
+                "quantizer",
+                "model",
+                "dataset",
+                "w_bits",
+                "a_bits",
+                "seed",
+                "lr",
+                "epochs",
+            )
+        }
+        writer.add_hparams(
+            hparams, {"hparam/test_acc": test_acc}, run_name=".", global_step=self.step
+        )
+        status = "completed" if honest else "failed: levels exceed bit width"
+        extra.update(self.model.estimator.state_summary())
+        self._write_metrics(
+            status,
+            test_acc=test_acc,
+            test_acc_latent=test_acc_latent,
+            weight_kb=round(kb, 3),
+            layers=table,
+            **extra,
+        )
+        log.info(
+            "test_acc %.4f (hard-quantized)  test_acc_latent %.4f  weight %.1f KB",
+            test_acc,
+            test_acc_latent,
+            kb,
+        )
+        return json.loads((self.run_dir / "metrics.json").read_text())

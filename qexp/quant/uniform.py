@@ -8,13 +8,15 @@ tracked as an exponential moving average of per-batch estimates, so evaluation i
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from qexp.quant.base import Grid, Quantizer, channel_view
 
 #: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
 #: because low bit widths want aggressive clipping.
 _MSE_RATIOS = torch.logspace(-1.3, 0.0, 24).tolist()
+#: elements evaluated at once by the MSE search (candidates x values)
+_MSE_CHUNK_ELEMENTS = 1 << 22
 
 
 def grid_for_range(rng: Tensor, bits: int, signed: bool, signed_grid: str = "midrise") -> Grid:
@@ -35,18 +37,27 @@ def grid_for_range(rng: Tensor, bits: int, signed: bool, signed_grid: str = "mid
     return Grid(offset=-half, step=rng / half, num_levels=2**bits)
 
 
-def mse_optimal_range(x2d: Tensor, bits: int, signed: bool, signed_grid: str = "midrise") -> Tensor:
-    """Per-row range minimising the squared quantization error of ``x2d`` (rows = channels)."""
+def mse_optimal_range(
+    x2d: Tensor, bits: int, signed: bool, signed_grid: str = "midrise"
+) -> Tensor:
+    """Per-row range minimising the squared quantization error of ``x2d`` (rows = channels).
+
+    Candidate ranges are evaluated several at a time as one batched tensor op (chunked to
+    bound memory), which keeps this off the profile even when it runs at every step.
+    """
     max_abs = x2d.abs().amax(dim=1) if signed else x2d.clamp(min=0).amax(dim=1)
+    ratios = torch.tensor(_MSE_RATIOS, device=x2d.device, dtype=x2d.dtype)
+    per_chunk = max(1, _MSE_CHUNK_ELEMENTS // max(x2d.numel(), 1))
     best_err = torch.full_like(max_abs, float("inf"))
     best_rng = max_abs.clone()
-    for ratio in _MSE_RATIOS:
-        rng = max_abs * ratio
-        grid = grid_for_range(rng[:, None], bits, signed, signed_grid)
-        err = (grid.snap(x2d) - x2d).pow(2).sum(dim=1)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_rng = torch.where(better, rng, best_rng)
+    for chunk in ratios.split(per_chunk):
+        rng = chunk[:, None] * max_abs[None, :]  # (k, rows)
+        grid = grid_for_range(rng[..., None], bits, signed, signed_grid)
+        err = (grid.snap(x2d[None]) - x2d[None]).pow(2).sum(dim=2)  # (k, rows)
+        err_min, idx = err.min(dim=0)
+        better = err_min < best_err
+        best_err = torch.where(better, err_min, best_err)
+        best_rng = torch.where(better, rng.gather(0, idx[None]).squeeze(0), best_rng)
     return best_rng
 
 
@@ -132,9 +143,26 @@ class UniformQuantizer(Quantizer):
         else:
             self.range.lerp_(rng, self.momentum)
 
+    def _weight_range(self, w: Tensor) -> Tensor:
+        """Range of a weight tensor, cached while the parameter is unchanged.
+
+        Evaluation and logging call this many times on the same weights; an in-place optimizer
+        step bumps the parameter's version counter and so invalidates the cache. Non-leaf
+        inputs (weights produced by another computation) are never cached.
+        """
+        if not isinstance(w, nn.Parameter):
+            return self._estimate_range(w)
+        key = (w.data_ptr(), w._version, tuple(w.shape), self.bits)
+        cached = self.__dict__.get("_range_cache")
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        rng = self._estimate_range(w)
+        self.__dict__["_range_cache"] = (key, rng)
+        return rng
+
     def grid(self, x: Tensor) -> Grid:
         if self.role == "weight":
-            rng = channel_view(self._estimate_range(x), x, self.per_channel)
+            rng = channel_view(self._weight_range(x), x, self.per_channel)
             return grid_for_range(rng, self.bits, self.signed, self.signed_grid)
         if not bool(self.calibrated):
             # Evaluated before any training batch: calibrate on this batch instead of guessing.

@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 from qexp.errors import QexpError
 from qexp.train.checkpoint import write_json
 from qexp.train.run import run_training
+from qexp.train.sweep import run_sweep_job
 
 log = logging.getLogger("qexp")
 
@@ -24,7 +25,10 @@ def hydra_main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
     try:
-        metrics = run_training(cfg, run_dir)
+        if hc.mode == RunMode.MULTIRUN:  # skip / resume / record failures per job
+            metrics = run_sweep_job(cfg, run_dir, hc)
+        else:
+            metrics = run_training(cfg, run_dir)
     except QexpError as exc:
         metrics_file = run_dir / "metrics.json"
         if not metrics_file.exists():

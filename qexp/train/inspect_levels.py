@@ -19,7 +19,7 @@ def distinct_per_row(t: Tensor) -> Tensor:
 def weight_levels(layer: QuantLayer) -> int:
     """Largest number of distinct deployed weight values in any output channel."""
     with torch.no_grad():
-        w = layer.w_quant.hard(layer.weight) if layer.w_quant is not None else layer.weight
+        w = layer.deployed_weight()  # what the eval forward computes with (estimator-aware)
         return int(distinct_per_row(w.detach().float().reshape(w.shape[0], -1)).max())
 
 

@@ -127,8 +127,27 @@ def check_command_line(argv: list[str]) -> None:
                 except Exception as exc:
                     raise QexpError(_one_line(exc, job, base)) from None
                 validate_config(cfg)
+                dry_build(cfg)
     finally:
         GlobalHydra.instance().clear()
+
+
+def dry_build(cfg: DictConfig) -> None:
+    """Instantiate the cheap components (quantizers, estimator, schedules) to surface bad
+    option values (e.g. an unknown scale_method) before any job starts."""
+    from qexp.train.build import instantiate, quantizer_factory
+
+    body = quantizer_factory(cfg.quantizer, "quantizer")
+    edge = quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer")
+    for role, bits in (("weight", cfg.w_bits), ("activation", cfg.a_bits)):
+        body(role, int(bits))
+        for edge_bits in (cfg.layers.first_bits, cfg.layers.last_bits):
+            if edge_bits is not None:
+                edge(role, int(edge_bits))
+    instantiate(cfg.estimator, "estimator")
+    for key, node in cfg.schedule.items():
+        if isinstance(node, DictConfig) and "_target_" in node:
+            instantiate(node, f"schedule.{key}")
 
 
 def describe(cfg: Any) -> str:

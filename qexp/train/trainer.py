@@ -225,7 +225,7 @@ class Trainer:
                 dynamic_ncols=True,
             )
         t0 = time.perf_counter()
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             progress = self.step / self.total_steps
             for k, v in est.step(progress).items():
                 writer.add_scalar(f"estimator/{k}", v, self.step)
@@ -251,7 +251,7 @@ class Trainer:
             win_correct += batch_correct
             seen += n
             win_seen += n
-            if self.step % every == 0:
+            if self.step % every == 0 or i + 1 == self.steps_per_epoch:
                 wl = float(win_loss) / win_seen
                 if not math.isfinite(wl):
                     raise NonFiniteLoss(self._nan_message())

@@ -1,0 +1,40 @@
+"""Shared helpers: run the `qexp` CLI in a subprocess, read run outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+#: fast, deterministic settings for end-to-end runs on the bundled digits set
+FAST = ["dataset=digits", "trainer.threads=1", "trainer.progress=none", "trainer.histograms=false"]
+
+
+def qexp_cmd(*args: str) -> list[str]:
+    """Command line of `qexp ARGS` through the current interpreter."""
+    return [sys.executable, "-m", "qexp.cli", *args]
+
+
+def run_qexp(*args: str, cwd: Path, check: bool = True, timeout: float = 300, env=None):
+    """Run `qexp ARGS` in ``cwd``; returns the CompletedProcess (text output)."""
+    full_env = {**os.environ, "HYDRA_FULL_ERROR": "0", **(env or {})}
+    proc = subprocess.run(
+        qexp_cmd(*args), cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"qexp {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """metrics.json of a run dir."""
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+@pytest.fixture
+def fast_args() -> list[str]:
+    return list(FAST)

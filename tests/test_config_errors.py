@@ -1,0 +1,74 @@
+"""Bad command lines fail before any work, with one line naming the key and what is allowed."""
+
+import pytest
+
+from conftest import run_qexp
+from qexp.cli import main
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("bits=abc", ["bits", "Integer"]),
+        ("bits=0", ["bits=0", "1 to 16", "32"]),
+        ("bits=2.5", ["bits", "Integer"]),
+        ("trainer.epochs=-1", ["trainer.epochs=-1", ">= 1"]),
+        ("trainer.epoch=3", ["trainer.epoch", "not a config key", "trainer.epochs"]),
+        ("foo=1", ["foo", "not a config key"]),
+        ("estimator=nope", ["estimator=nope", "clipped_ste", "ste"]),
+        ("model=nope", ["model=nope", "small_cnn"]),
+        ("quantizer.weight.scale_method=bogus", ["scale_method", "mse"]),
+        ("estimator=clipped_ste estimator.clip=abc", ["estimator.clip", "float"]),
+        ("estimator=clipped_ste +estimator.typo=1", ["estimator.typo", "not an option", "clip"]),
+        ("quantizer=binary bits=4", ["quantizer.weight", "1 bit"]),
+        ("trainer.optimizer=lamb", ["trainer.optimizer", "sgd", "adamw"]),
+        ("layers.first_bits=0", ["layers.first_bits", "null"]),
+    ],
+)
+def test_bad_override_fails_with_one_line(override, expected, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", *override.split(), "dataset=digits"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert len(err.splitlines()) == 1, err
+    assert err.startswith("qexp: error:")
+    for word in expected:
+        assert word in err, (word, err)
+    assert "Traceback" not in err
+    assert not (tmp_path / "runs").exists(), "no run dir may be created for a bad config"
+
+
+def test_sweep_points_are_all_checked(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "-m", "bits=1,4,0", "dataset=digits"])
+    err = capsys.readouterr().err
+    assert code == 2 and "bits=0" in err
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_cli_subprocess_prints_no_traceback(tmp_path):
+    proc = run_qexp("train", "bits=0", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().startswith("qexp: error: bits=0")
+
+
+def test_unknown_command(capsys):
+    assert main(["trian"]) == 2
+    assert "unknown command" in capsys.readouterr().err
+
+
+def test_missing_dataset_names_every_option(tmp_path, monkeypatch):
+    import qexp.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "DEBIAN_DIR", tmp_path / "none")
+    monkeypatch.delenv("QEXP_DATA", raising=False)
+    monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
+    from qexp.errors import QexpError
+    from qexp.train.build import instantiate
+
+    with pytest.raises(QexpError) as info:
+        instantiate({"_target_": "qexp.data.fashion_mnist.FashionMNIST", "download": False}, "dataset")
+    msg = str(info.value)
+    assert "dataset.root" in msg and "QEXP_DATA" in msg and "dataset-fashion-mnist" in msg
+    assert "\n" not in msg

@@ -1,0 +1,142 @@
+"""End-to-end runs of `qexp train` on the bundled digits set."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import FAST, qexp_cmd, read_metrics, run_qexp
+
+METRIC_FIELDS = {
+    "estimator", "quantizer", "model", "dataset", "w_bits", "a_bits", "seed", "epochs",
+    "test_acc", "test_acc_latent", "best_val_acc", "train_time_s", "samples_per_s",
+    "weight_kb", "layers", "status",
+}
+
+
+@pytest.fixture(scope="module")
+def digits_run(tmp_path_factory) -> Path:
+    """One short default-model run at 4 bits, shared by the tests that only read it."""
+    root = tmp_path_factory.mktemp("run")
+    run_dir = root / "r"
+    run_qexp("train", *FAST, "trainer.epochs=3", "trainer.histograms=true",
+             f"hydra.run.dir={run_dir}", cwd=root)
+    return run_dir
+
+
+def test_run_reports_honest_accuracy_well_above_chance(digits_run):
+    m = read_metrics(digits_run)
+    assert METRIC_FIELDS <= set(m)
+    assert m["status"] == "completed"
+    assert m["test_acc"] > 0.6  # 10 classes: chance is 0.1
+    assert 0 <= m["test_acc_latent"] <= 1
+    assert (m["w_bits"], m["a_bits"]) == (4, 4)
+    body = [r for r in m["layers"] if r["role"] == "body"]
+    assert body, "the small CNN has quantized body layers"
+    for row in m["layers"]:
+        assert row["ok"]
+        assert 2 <= row["levels"]["weight"] <= 2 ** row["w_bits"]
+        assert 1 <= row["levels"]["activation"] <= 2 ** row["a_bits"]
+        assert {"name", "w_bits", "a_bits", "params", "levels"} <= set(row)
+    edge = [r for r in m["layers"] if r["role"] != "body"]
+    assert [r["w_bits"] for r in edge] == [8, 8]
+    expected_kb = sum(r["params"] * r["w_bits"] for r in m["layers"]) / 8 / 1024
+    assert m["weight_kb"] == pytest.approx(expected_kb, rel=1e-3)
+
+
+def test_run_dir_layout_and_tensorboard_tags(digits_run):
+    assert (digits_run / ".hydra" / "config.yaml").is_file()
+    assert (digits_run / "checkpoints" / "last.pt").is_file()
+    ea = EventAccumulator(str(digits_run), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    for tag in ("train/loss", "train/acc", "val/acc", "test/acc", "test/acc_latent", "lr"):
+        assert tag in tags["scalars"], tag
+    assert any(t.startswith("weights/") for t in tags["histograms"])
+    test_acc = ea.Scalars("test/acc")[-1].value
+    assert test_acc == pytest.approx(read_metrics(digits_run)["test_acc"], abs=1e-6)
+    # hparams are written into the run's own dir (run_name="."), not a subfolder
+    assert not [p for p in digits_run.iterdir() if p.is_dir() and p.name[:1].isdigit()]
+    hp = EventAccumulator(str(digits_run))
+    hp.Reload()
+    assert "_hparams_/session_start_info" in hp.summary_metadata
+
+
+def test_checkpoints_load_weights_only(digits_run):
+    state = torch.load(digits_run / "checkpoints" / "last.pt", weights_only=True)
+    assert state["epoch"] == 3 and "optimizer" in state and "rng" in state
+
+
+def test_corrupt_checkpoint_gives_one_line(tmp_path):
+    run_dir = tmp_path / "r"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes(b"not a checkpoint")
+    proc = run_qexp("train", *FAST, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                    check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "corrupt" in proc.stderr and "last.pt" in proc.stderr
+
+
+def test_sweep_leaves_one_run_dir_per_job(tmp_path):
+    sweep = tmp_path / "sweep"
+    run_qexp("train", "-m", "estimator=ste,clipped_ste", "bits=1,4", *FAST, "trainer.epochs=1",
+             f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    runs = sorted(p.parent for p in sweep.rglob("metrics.json"))
+    assert len(runs) == 4
+    seen = set()
+    for run in runs:
+        m = read_metrics(run)
+        assert m["status"] == "completed"
+        assert list(run.glob("events.out.tfevents.*"))
+        seen.add((m["estimator"], m["w_bits"]))
+    assert seen == {("ste", 1), ("ste", 4), ("clipped_ste", 1), ("clipped_ste", 4)}
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+    # Small batches make an epoch long enough (~1 s) to kill the run inside its second one.
+    args = [*FAST, "trainer.epochs=3", "trainer.batch_size=8", "trainer.lr=0.001"]
+    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    run_qexp("train", *args, f"hydra.run.dir={ref_dir}", cwd=tmp_path)
+
+    proc = subprocess.Popen(qexp_cmd("train", *args, f"hydra.run.dir={run_dir}"), cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = run_dir / "checkpoints" / "last.pt"
+    deadline = time.time() + 120
+    while not last.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = torch.load(last, weights_only=True)
+    assert state["epoch"] == 1, "the run must be killed during its second epoch"
+    assert read_metrics(run_dir)["status"] == "running"
+
+    run_qexp("train", *args, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    resumed, ref = read_metrics(run_dir), read_metrics(ref_dir)
+    assert resumed["status"] == "completed"
+    assert resumed["test_acc"] == ref["test_acc"]
+    assert resumed["history"] == ref["history"]
+
+
+def test_resume_refuses_a_different_config(tmp_path, digits_run):
+    proc = run_qexp("train", *FAST, "trainer.epochs=3", "bits=2", "resume=true",
+                    f"hydra.run.dir={digits_run}", cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "different config" in proc.stderr
+
+
+def test_user_config_dir_adds_a_group_option(tmp_path):
+    user = tmp_path / "myconf" / "estimator"
+    user.mkdir(parents=True)
+    (user / "my_ste.yaml").write_text("_target_: qexp.estimators.ste.STE\nname: my_ste\n")
+    run_dir = tmp_path / "r"
+    run_qexp("train", "--config-dir", str(tmp_path / "myconf"), "estimator=my_ste", *FAST,
+             "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    assert read_metrics(run_dir)["estimator"] == "my_ste"

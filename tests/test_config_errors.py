@@ -1,8 +1,8 @@
 """Bad command lines fail before any work, with one line naming the key and what is allowed."""
 
 import pytest
-
 from conftest import run_qexp
+
 from qexp.cli import main
 
 
@@ -68,7 +68,8 @@ def test_missing_dataset_names_every_option(tmp_path, monkeypatch):
     from qexp.train.build import instantiate
 
     with pytest.raises(QexpError) as info:
-        instantiate({"_target_": "qexp.data.fashion_mnist.FashionMNIST", "download": False}, "dataset")
+        spec = {"_target_": "qexp.data.fashion_mnist.FashionMNIST", "download": False}
+        instantiate(spec, "dataset")
     msg = str(info.value)
     assert "dataset.root" in msg and "QEXP_DATA" in msg and "dataset-fashion-mnist" in msg
     assert "\n" not in msg

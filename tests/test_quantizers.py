@@ -97,3 +97,11 @@ def test_binary_quantizer_matches_sign_times_mean_abs():
 def test_binary_rejects_other_bit_widths():
     with pytest.raises(ValueError):
         BinaryQuantizer(2, "weight")
+
+
+def test_snap_paths_agree_with_and_without_autograd():
+    grid = grid_for_range(torch.tensor([[0.7], [1.3]]), 3, signed=True)
+    x = torch.randn(2, 500)
+    fast = grid.snap(x)
+    slow = grid.snap(x.clone().requires_grad_(True))
+    torch.testing.assert_close(fast, slow.detach())

@@ -12,6 +12,7 @@ Seams for new methods (each a file here plus a YAML in conf/estimator/):
 - ``loss``: the training loss of a batch (add terms, distil from ``partner``, build mixed nets);
 - ``param_groups``: the estimator's own learnable parameters with their own optimizer settings;
 - ``after_optimizer_step``: constrain latent weights or own parameters;
+- ``deploy_weight``: the deployed (hard) weight of a layer, where it is not ``w_quant.hard(w)``;
 - ``attach``: sees the whole model (its layers and blocks) and, if ``needs_partner``, a frozen
   full-precision partner of the same architecture.
 """
@@ -25,6 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
+
+from qexp.quant.base import ste
 
 if TYPE_CHECKING:
     from qexp.quant.layers import QuantLayer
@@ -81,6 +84,15 @@ class Estimator(nn.Module):
         """Training-time input activation of ``layer``; default: straight-through."""
         return layer.a_quant(x)
 
+    def deploy_weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
+        """Deployed (evaluation) weight of ``layer``; default: the quantizer's hard grid values.
+
+        Override where the trained network's hard weights are not ``w_quant.hard(w)``, e.g. a
+        meta quantizer whose output decides each weight's level. Must hold at most
+        ``2 ** w_bits`` values per output channel (the level check counts this tensor).
+        """
+        return layer.w_quant.hard(w)
+
     # -- per-step hooks -------------------------------------------------------------------------
     def step(self, progress: float) -> dict[str, float]:
         """Advance schedules to training progress ``progress``; return values to log."""
@@ -116,6 +128,6 @@ class Estimator(nn.Module):
 def straight_through(x: Tensor, hard: Tensor, mask: Tensor | None = None) -> Tensor:
     """Forward ``hard``; backward the incoming gradient times ``mask`` (1 where omitted)."""
     if mask is None:
-        return x + (hard - x).detach()
+        return ste(x, hard)
     passed = x * mask
     return passed + (hard - passed).detach()

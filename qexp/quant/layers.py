@@ -65,7 +65,20 @@ class QuantLayer:
         if self._uses_estimator():
             est = self.__dict__["estimator"]
             return est.weight(self, w) if est is not None else self.w_quant(w)
-        return self.w_quant.hard(w)
+        return self.deployed_weight()
+
+    def deployed_weight(self) -> Tensor:
+        """The weight of the deployed (hard) network.
+
+        Body layers ask their estimator (``deploy_weight``, by default the quantizer's hard
+        grid), so methods whose hard weights are not ``w_quant.hard(w)`` stay honest; edge
+        layers use the quantizer's hard grid.
+        """
+        w = self.weight
+        if self.w_quant is None:
+            return w
+        deploy = getattr(self.__dict__["estimator"], "deploy_weight", None)
+        return deploy(self, w) if deploy is not None else self.w_quant.hard(w)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """The input activation this forward computes with."""

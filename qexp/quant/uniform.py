@@ -14,9 +14,7 @@ from qexp.quant.base import Grid, Quantizer, channel_view
 
 #: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
 #: because low bit widths want aggressive clipping.
-_MSE_RATIOS = torch.logspace(-1.3, 0.0, 24).tolist()
-#: elements evaluated at once by the MSE search (candidates x values)
-_MSE_CHUNK_ELEMENTS = 1 << 22
+_MSE_RATIOS = torch.logspace(-1.3, 0.0, 16).tolist()
 
 
 def grid_for_range(rng: Tensor, bits: int, signed: bool, signed_grid: str = "midrise") -> Grid:
@@ -37,28 +35,32 @@ def grid_for_range(rng: Tensor, bits: int, signed: bool, signed_grid: str = "mid
     return Grid(offset=-half, step=rng / half, num_levels=2**bits)
 
 
+@torch.no_grad()
 def mse_optimal_range(
     x2d: Tensor, bits: int, signed: bool, signed_grid: str = "midrise"
 ) -> Tensor:
     """Per-row range minimising the squared quantization error of ``x2d`` (rows = channels).
 
-    Candidate ranges are evaluated several at a time as one batched tensor op (chunked to
-    bound memory), which keeps this off the profile even when it runs at every step.
+    Each row is divided by its max-abs, so every candidate clipping ratio is one scalar grid
+    for all rows and the search runs as a few in-place passes per candidate (this runs on the
+    weights at every training step).
     """
     max_abs = x2d.abs().amax(dim=1) if signed else x2d.clamp(min=0).amax(dim=1)
-    ratios = torch.tensor(_MSE_RATIOS, device=x2d.device, dtype=x2d.dtype)
-    per_chunk = max(1, _MSE_CHUNK_ELEMENTS // max(x2d.numel(), 1))
+    u = x2d / max_abs.clamp(min=1e-12)[:, None]
+    unit = grid_for_range(torch.ones(()), bits, signed, signed_grid)
+    unit_step, offset, top = float(unit.step), unit.offset, unit.num_levels - 1
     best_err = torch.full_like(max_abs, float("inf"))
-    best_rng = max_abs.clone()
-    for chunk in ratios.split(per_chunk):
-        rng = chunk[:, None] * max_abs[None, :]  # (k, rows)
-        grid = grid_for_range(rng[..., None], bits, signed, signed_grid)
-        err = (grid.snap(x2d[None]) - x2d[None]).pow(2).sum(dim=2)  # (k, rows)
-        err_min, idx = err.min(dim=0)
-        better = err_min < best_err
-        best_err = torch.where(better, err_min, best_err)
-        best_rng = torch.where(better, rng.gather(0, idx[None]).squeeze(0), best_rng)
-    return best_rng
+    best_ratio = torch.ones_like(max_abs)
+    buf = torch.empty_like(u)
+    for ratio in _MSE_RATIOS:
+        step = unit_step * ratio
+        torch.div(u, step, out=buf)
+        buf.sub_(offset).round_().clamp_(0, top).add_(offset).mul_(step).sub_(u)
+        err = buf.square_().sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_ratio = torch.where(better, ratio, best_ratio)
+    return best_ratio * max_abs
 
 
 class UniformQuantizer(Quantizer):
@@ -85,7 +87,7 @@ class UniformQuantizer(Quantizer):
         scale_method: str = "mse",
         signed_grid: str = "midrise",
         momentum: float = 0.1,
-        calib_samples: int = 16384,
+        calib_samples: int = 4096,
     ) -> None:
         super().__init__(bits, role)
         if scale_method not in ("max_abs", "mse"):

@@ -1,0 +1,494 @@
+"""Differentiable quantization with learned precision (Uhlich et al., ICLR 2020).
+
+Uniform quantizer ``Q(x) = d round(clip(x, x_min, q_max) / d)`` with ``x_min = -q_max``
+(signed) or 0 (unsigned, after ReLU). Three parametrizations of the same map:
+
+- U1 learns (b, d), ``q_max = d (2^(b-1) - 1)``;
+- U2 learns (b, q_max), ``d = q_max / (2^(b-1) - 1)``;
+- U3 learns (d, q_max) and infers ``b = ceil(log2(q_max / d + 1) + 1)``
+  (unsigned: ``2^b - 1`` and ``ceil(log2(q_max / d + 1))``), bounded to [b_min, b_max].
+
+Rounding is straight-through. U3's gradients are the paper's closed forms:
+``dQ/dd = (Q(x) - x) / d`` inside [x_min, q_max] and 0 outside; ``dQ/dq_max = 0`` inside and
+``sign(x)`` outside. U1/U2 get theirs by the chain rule through the derived value.
+
+Power-of-two variant (:class:`DQPow2Quantizer`): magnitudes ``2^k`` between q_min and q_max,
+learned as P1 (b, q_max), P2 (b, q_min) or P3 (q_min, q_max, b inferred as
+``ceil(log2(log2(q_max / q_min) + 1) + 1)``).
+
+The run's bit width (``bits`` / ``w_bits`` / ``a_bits``) is the *initial* bit width of these
+quantizers and, unless ``b_max`` says otherwise, also the largest one. The current bit width
+(``bits``) can change at every optimizer step; ``bits_tensor()`` is the same value with the
+gradient of the continuous (pre-ceil) bit width, for memory penalties (qexp.quant.budget).
+
+Initialisation: weights from ``max|w|`` at the initial bit width, at their first forward (so
+that ``init_from`` has already loaded them); activations from the first training batch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from qexp.quant.base import Grid, Quantizer, round_ste
+
+#: slack when turning a continuous bit width into an integer, so that float error at an exact
+#: power of two (log2(8) = 3.0000001) does not add a bit
+_BITS_EPS = 1e-5
+
+
+def ceil_ste(x: Tensor) -> Tensor:
+    """Ceil in the forward pass, identity in the backward pass."""
+    return x + (torch.ceil(x) - x).detach()
+
+
+def clamp_ste(x: Tensor, lo: float, hi: float) -> Tensor:
+    """Clamp in the forward pass, identity in the backward pass."""
+    return x + (torch.clamp(x, lo, hi) - x).detach()
+
+
+def pow2_ste(x: Tensor) -> Tensor:
+    """``2^round(log2 x)`` with a straight-through round of the exponent."""
+    return torch.exp2(round_ste(torch.log2(x)))
+
+
+def uniform_dq(x: Tensor, d: Tensor, q_max: Tensor, signed: bool) -> Tensor:
+    """``d round(clip(x, x_min, q_max) / d)`` with U3's gradients (see the module docstring).
+
+    Inside the range the value is ``d round_ste(x / d)`` (so ``dQ/dd = round(x/d) - x/d``,
+    ``dQ/dx = 1``). Outside it is the end level ``+-d round(q_max / d)``, written as
+    ``q_max + sg(level - q_max)`` so that its gradient is 1 for q_max and 0 for d, which is what
+    the paper's closed form says, while the value stays on the grid.
+    """
+    top = q_max + (d * torch.round(q_max / d) - q_max).detach()
+    inner = d * round_ste(x / d)
+    if signed:
+        bottom, x_min = -top, -q_max
+    else:
+        bottom, x_min = torch.zeros_like(top), torch.zeros_like(q_max)
+    return torch.where(x > q_max, top, torch.where(x < x_min, bottom, inner))
+
+
+def uniform_bits(ratio: Tensor, signed: bool) -> Tensor:
+    """Continuous bit width of a uniform grid with ``q_max / d = ratio``."""
+    b = torch.log2(ratio + 1)
+    return b + 1 if signed else b
+
+
+def uniform_ratio(bits: int | Tensor, signed: bool) -> int | Tensor:
+    """``q_max / d`` of a full grid of ``bits``: ``2^(b-1) - 1`` (signed) or ``2^b - 1``."""
+    return 2 ** (bits - 1) - 1 if signed else 2**bits - 1
+
+
+class _LearnedPrecision(Quantizer):
+    """Shared state of the learned-precision quantizers: sign, bounds, lazy initialisation.
+
+    Subclasses define ``_bits_cont()`` (continuous bit width, a tensor), ``_init_params(top)``
+    (set the learned parameters for the range ``top`` at the initial bit width) and
+    ``clamp_()``.
+    """
+
+    #: marks quantizers whose bit width is learned (read by the budget penalty and logging)
+    learns_bits = True
+
+    def __init__(
+        self, bits: int, role: str, signed: bool | None, b_min: int, b_max: int | None
+    ) -> None:
+        super().__init__(bits, role)
+        if role == "weight" and signed is None:
+            signed = True
+        b_max = int(bits) if b_max is None else int(b_max)
+        if not 1 <= b_min <= b_max <= 16:
+            raise ValueError(f"need 1 <= b_min <= b_max <= 16, got b_min={b_min}, b_max={b_max}")
+        if not b_min <= bits <= b_max:
+            raise ValueError(
+                f"the initial bit width (the run's bits) {bits} must lie in "
+                f"[b_min, b_max] = [{b_min}, {b_max}]"
+            )
+        self.b_min, self.b_max = int(b_min), b_max
+        self.register_buffer("initialized", torch.tensor(False))
+        self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
+
+    # -- sign and bounds -------------------------------------------------------------------------
+    def _is_signed(self) -> bool:
+        return bool(self.signed_state.item() == 1)
+
+    @property
+    def signed(self) -> bool:  # type: ignore[override]
+        return self._is_signed()
+
+    def _b_lo(self) -> int:
+        """Smallest usable bit width: a signed uniform grid needs -d, 0, d (2 bits)."""
+        return self.b_min
+
+    # -- bit width -------------------------------------------------------------------------------
+    def _bits_cont(self) -> Tensor:
+        raise NotImplementedError
+
+    def bits_tensor(self) -> Tensor:
+        """Current integer bit width, with the gradient of the continuous bit width."""
+        if not bool(self.initialized):
+            return torch.tensor(float(self._bits), device=self.initialized.device)
+        b = self._bits_cont()
+        return clamp_ste(ceil_ste(b - _BITS_EPS), float(self._b_lo()), float(self.b_max))
+
+    @property
+    def bits(self) -> int:
+        """Current bit width (the initial one until the quantizer has seen data)."""
+        with torch.no_grad():
+            return int(round(float(self.bits_tensor())))
+
+    # -- initialisation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def _maybe_init(self, x: Tensor) -> None:
+        if self.signed_state.item() == -1:
+            self.signed_state.fill_(int(bool((x < 0).any())))
+        if bool(self.initialized):
+            return
+        top = x.detach().abs().max() if self._is_signed() else x.detach().clamp(min=0).max()
+        self._init_params(max(float(top), 1e-6))
+        self.initialized.fill_(True)
+        self.clamp_()
+
+    def _init_params(self, top: float) -> None:
+        raise NotImplementedError
+
+    def observe(self, x: Tensor) -> None:
+        self._maybe_init(x)
+
+
+class _UniformDQ(_LearnedPrecision):
+    """Uniform learned-precision quantizer; subclasses choose what is learned (``_dq``)."""
+
+    pow2_step: bool = False
+
+    def _b_lo(self) -> int:
+        return max(self.b_min, 2) if self._is_signed() else self.b_min
+
+    def _dq(self) -> tuple[Tensor, Tensor]:
+        """(d, q_max) as differentiable tensors."""
+        raise NotImplementedError
+
+    def _bits_cont(self) -> Tensor:
+        d, q_max = self._dq()
+        return uniform_bits(q_max / d, self._is_signed())
+
+    def grid(self, x: Tensor) -> Grid:
+        self._maybe_init(x)
+        d, q_max = self._dq()
+        n = int(torch.round(q_max / d).item())
+        if self._is_signed():
+            return Grid(offset=-float(n), step=d, num_levels=2 * n + 1)
+        return Grid(offset=0.0, step=d, num_levels=n + 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._maybe_init(x)
+        d, q_max = self._dq()
+        return uniform_dq(x, d.to(x.dtype), q_max.to(x.dtype), self._is_signed())
+
+    def hard(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.forward(x)
+
+    def extra_repr(self) -> str:
+        d, q_max = (t.detach() for t in self._dq())
+        return (
+            f"bits={self.bits}, role={self.role}, d={float(d):.4g}, q_max={float(q_max):.4g}, "
+            f"b_min={self.b_min}, b_max={self.b_max}"
+        )
+
+
+class DQU1Quantizer(_UniformDQ):
+    """U1: learns the bit width b and the step d; ``q_max = d (2^(b-1) - 1)``.
+
+    Args:
+        bits: initial bit width.
+        role: ``"weight"`` or ``"activation"``.
+        signed: ``None``: weights signed, activations decided by the first batch.
+        b_min: smallest bit width.
+        b_max: largest bit width (``None``: ``bits``).
+        pow2_step: snap d to a power of two (straight-through), as the authors' code does.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        b_min: int = 2,
+        b_max: int | None = None,
+        pow2_step: bool = False,
+    ) -> None:
+        super().__init__(bits, role, signed, b_min, b_max)
+        self.pow2_step = pow2_step
+        self.b = nn.Parameter(torch.tensor(float(bits)))
+        self.d = nn.Parameter(torch.tensor(1.0))
+
+    def _b_int(self) -> Tensor:
+        return clamp_ste(round_ste(self.b), float(self._b_lo()), float(self.b_max))
+
+    def _dq(self) -> tuple[Tensor, Tensor]:
+        d = pow2_ste(self.d) if self.pow2_step else self.d
+        return d, d * uniform_ratio(self._b_int(), self._is_signed())
+
+    def _bits_cont(self) -> Tensor:
+        return self._b_int()
+
+    def _init_params(self, top: float) -> None:
+        self.b.fill_(float(self._bits))
+        self.d.fill_(top / uniform_ratio(self._bits, self._is_signed()))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.b.clamp_(self._b_lo(), self.b_max)
+            self.d.clamp_(min=1e-8)
+
+
+class DQU2Quantizer(_UniformDQ):
+    """U2: learns the bit width b and the range q_max; ``d = q_max / (2^(b-1) - 1)``.
+
+    Args:
+        bits: initial bit width.
+        role: ``"weight"`` or ``"activation"``.
+        signed: ``None``: weights signed, activations decided by the first batch.
+        b_min: smallest bit width.
+        b_max: largest bit width (``None``: ``bits``).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        b_min: int = 2,
+        b_max: int | None = None,
+    ) -> None:
+        super().__init__(bits, role, signed, b_min, b_max)
+        self.b = nn.Parameter(torch.tensor(float(bits)))
+        self.q_max = nn.Parameter(torch.tensor(1.0))
+
+    def _b_int(self) -> Tensor:
+        return clamp_ste(round_ste(self.b), float(self._b_lo()), float(self.b_max))
+
+    def _dq(self) -> tuple[Tensor, Tensor]:
+        return self.q_max / uniform_ratio(self._b_int(), self._is_signed()), self.q_max
+
+    def _bits_cont(self) -> Tensor:
+        return self._b_int()
+
+    def _init_params(self, top: float) -> None:
+        self.b.fill_(float(self._bits))
+        self.q_max.fill_(top)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.b.clamp_(self._b_lo(), self.b_max)
+            self.q_max.clamp_(min=1e-6)
+
+
+class DQU3Quantizer(_UniformDQ):
+    """U3 (recommended by the paper): learns the step d and the range q_max; b is inferred.
+
+    ``clamp_()`` keeps ``q_max / d`` between the ratios of b_min and b_max bits by moving d
+    (the range is what matters for accuracy), so the inferred bit width never needs clipping
+    and the grid never has more levels than ``2^bits``.
+
+    Args:
+        bits: initial bit width.
+        role: ``"weight"`` or ``"activation"``.
+        signed: ``None``: weights signed, activations decided by the first batch.
+        b_min: smallest bit width.
+        b_max: largest bit width (``None``: ``bits``).
+        pow2_step: snap d to a power of two (straight-through), as the authors' code does.
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        b_min: int = 2,
+        b_max: int | None = None,
+        pow2_step: bool = False,
+    ) -> None:
+        super().__init__(bits, role, signed, b_min, b_max)
+        self.pow2_step = pow2_step
+        self.d = nn.Parameter(torch.tensor(1.0))
+        self.q_max = nn.Parameter(torch.tensor(1.0))
+
+    def _dq(self) -> tuple[Tensor, Tensor]:
+        d = pow2_ste(self.d) if self.pow2_step else self.d
+        return d, self.q_max
+
+    def _init_params(self, top: float) -> None:
+        self.q_max.fill_(top)
+        self.d.fill_(top / uniform_ratio(self._bits, self._is_signed()))
+
+    def _ratio_bounds(self) -> tuple[float, float]:
+        """Range of ``q_max / d`` whose inferred bit width lies in [b_lo, b_max]."""
+        signed = self._is_signed()
+        lo = 2.0 ** (self._b_lo() - 2) if signed else 2.0 ** (self._b_lo() - 1)
+        return max(lo, 1.0), float(uniform_ratio(self.b_max, signed))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.q_max.clamp_(min=1e-6)
+            q_max = float(self.q_max)
+            r_lo, r_hi = self._ratio_bounds()
+            d_lo, d_hi = q_max / r_hi, q_max / r_lo
+            if self.pow2_step:
+                # bounds for the snapped step 2^round(log2 d): stay inside them exactly
+                d_hi = 2.0 ** math.floor(math.log2(d_hi))
+                d_lo = 2.0 ** math.ceil(math.log2(d_lo))
+            # the upper bound on the number of levels wins: it keeps the reported bits honest
+            self.d.clamp_(min=1e-8, max=d_hi).clamp_(min=d_lo)
+
+
+class DQPow2Quantizer(_LearnedPrecision):
+    """Power-of-two quantizer: ``sign(x) 2^round(log2|x|)`` with magnitudes in [q_min, q_max].
+
+    Levels are ``+-2^k`` for integer k from ``e_min = round(log2 q_min)`` to
+    ``e_max = round(log2 q_max)`` (m = e_max - e_min + 1 magnitudes), plus 0 when ``with_zero``
+    (values below q_min / 2 go to 0). Bits: ``ceil(log2(2 m + z))`` signed, ``ceil(log2(m + z))``
+    unsigned, with z = 1 for the zero level: for signed without zero this is the paper's
+    ``ceil(log2(log2(q_max / q_min) + 1) + 1)``. The levels are not uniform, so ``grid()``
+    raises; use estimators that only need ``forward``/``hard`` (ste, alpha_blend).
+
+    Args:
+        bits: initial bit width.
+        role: ``"weight"`` or ``"activation"``.
+        param: ``"p1"`` learns (b, q_max), ``"p2"`` (b, q_min), ``"p3"`` (q_min, q_max).
+        signed: ``None``: weights signed, activations decided by the first batch.
+        with_zero: add a zero level (costs one level; needed after ReLU).
+        b_min: smallest bit width.
+        b_max: largest bit width (``None``: ``bits``).
+    """
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        param: str = "p3",
+        signed: bool | None = None,
+        with_zero: bool = False,
+        b_min: int = 2,
+        b_max: int | None = None,
+    ) -> None:
+        if param not in ("p1", "p2", "p3"):
+            raise ValueError(f"param must be p1 | p2 | p3, got {param!r}")
+        super().__init__(bits, role, signed, b_min, b_max)
+        self.param = param
+        self.with_zero = with_zero
+        if param in ("p1", "p2"):
+            self.b = nn.Parameter(torch.tensor(float(bits)))
+        if param in ("p1", "p3"):
+            self.q_max = nn.Parameter(torch.tensor(1.0))
+        if param in ("p2", "p3"):
+            self.q_min = nn.Parameter(torch.tensor(2.0**-8))
+
+    # -- magnitudes <-> bits ---------------------------------------------------------------------
+    def _sz(self) -> tuple[int, int]:
+        return (2 if self._is_signed() else 1), int(self.with_zero)
+
+    def magnitudes(self, bits: int | Tensor) -> int | Tensor:
+        """Number of magnitudes m a bit width allows: ``floor((2^b - z) / s)``."""
+        s, z = self._sz()
+        if isinstance(bits, Tensor):
+            return torch.floor((2**bits - z) / s)
+        return (2**bits - z) // s
+
+    def _b_lo(self) -> int:
+        # at least one magnitude
+        b = self.b_min
+        while self.magnitudes(b) < 1:
+            b += 1
+        return b
+
+    def _b_int(self) -> Tensor:
+        return clamp_ste(round_ste(self.b), float(self._b_lo()), float(self.b_max))
+
+    def exponents(self) -> tuple[Tensor, Tensor]:
+        """(e_min, e_max): integer exponents (straight-through) of the extreme magnitudes."""
+        if self.param == "p3":
+            return round_ste(torch.log2(self.q_min)), round_ste(torch.log2(self.q_max))
+        m = self.magnitudes(self._b_int())
+        m = self._b_int() + (m - self._b_int()).detach() if isinstance(m, Tensor) else m
+        if self.param == "p1":
+            e_max = round_ste(torch.log2(self.q_max))
+            return e_max - (m - 1), e_max
+        e_min = round_ste(torch.log2(self.q_min))
+        return e_min, e_min + (m - 1)
+
+    def _bits_cont(self) -> Tensor:
+        if self.param != "p3":
+            return self._b_int()
+        e_min, e_max = self.exponents()
+        s, z = self._sz()
+        return torch.log2(s * (e_max - e_min + 1) + z)
+
+    # -- maps ------------------------------------------------------------------------------------
+    def grid(self, x: Tensor) -> Grid:
+        raise NotImplementedError(
+            "power-of-two levels are not uniform: dq_pow2 works with estimators that use only "
+            "forward/hard (e.g. estimator=ste)"
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        self._maybe_init(x)
+        e_min, e_max = (e.to(x.dtype) for e in self.exponents())
+        lo, hi = torch.exp2(e_min), torch.exp2(e_max)
+        if self.param != "p2":
+            hi = self.q_max + (hi - self.q_max).detach()  # value 2^e_max, gradient to q_max
+        if self.param != "p1":
+            lo = self.q_min + (lo - self.q_min).detach()
+        a = x.abs() if self._is_signed() else x.clamp(min=0)
+        mid = a + (torch.exp2(torch.round(torch.log2(a.detach().clamp(min=1e-30)))) - a).detach()
+        mag = torch.where(a > hi, hi, torch.where(a < lo, lo, mid))
+        if self.with_zero:
+            mag = torch.where(a < lo.detach() / 2, torch.zeros_like(mag), mag)
+        if not self._is_signed():
+            return mag
+        # not sign(x): sign(0) = 0 is no level when there is no zero level
+        return torch.where(x < 0, -mag, mag)
+
+    def hard(self, x: Tensor) -> Tensor:
+        with torch.no_grad():
+            return self.forward(x)
+
+    # -- parameters ------------------------------------------------------------------------------
+    def _init_params(self, top: float) -> None:
+        m = self.magnitudes(self._bits)
+        if self.param in ("p1", "p2"):
+            self.b.fill_(float(self._bits))
+        if self.param in ("p1", "p3"):
+            self.q_max.fill_(top)
+        if self.param in ("p2", "p3"):
+            self.q_min.fill_(2.0 ** (round(math.log2(top)) - (m - 1)))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            if self.param in ("p1", "p2"):
+                self.b.clamp_(self._b_lo(), self.b_max)
+            if self.param == "p1":
+                self.q_max.clamp_(min=1e-30)
+            elif self.param == "p2":
+                self.q_min.clamp_(min=1e-30)
+            else:
+                self.q_max.clamp_(min=1e-30)
+                e_max = round(math.log2(float(self.q_max)))
+                # fewest magnitudes whose inferred bit width still reaches b_lo
+                b_lo = self._b_lo()
+                m_lo = self.magnitudes(b_lo - 1) + 1 if b_lo > 1 else 1
+                m_hi = self.magnitudes(self.b_max)
+                # keep round(log2 q_min) within [e_max - m_hi + 1, e_max - m_lo + 1]
+                lo, hi = 2.0 ** (e_max - m_hi + 1), 2.0 ** (e_max - m_lo + 1)
+                self.q_min.clamp_(min=lo, max=hi)
+
+    def extra_repr(self) -> str:
+        e_min, e_max = (e.detach() for e in self.exponents())
+        return (
+            f"bits={self.bits}, role={self.role}, param={self.param}, "
+            f"q_min=2^{int(e_min)}, q_max=2^{int(e_max)}, with_zero={self.with_zero}"
+        )

@@ -9,6 +9,8 @@ import sys
 #: subcommand -> (module:function taking argv, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qexp.cli:train", "train one run or a sweep (-m) from Hydra config overrides"),
+    "compare": ("qexp.report.compare:main", "table + figure of accuracy against bit width"),
+    "tb": ("qexp.report.tb:main", "serve TensorBoard for a run/sweep dir on 127.0.0.1"),
 }
 
 USAGE = "usage: qexp <command> [args]   (qexp <command> --help for details)"
@@ -48,6 +50,18 @@ def train(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Dispatch to a subcommand; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] in (["-sc"], ["--shell-completion"]) and "COMP_LINE" in os.environ:
+        # Hydra's completion script calls `qexp -sc query=bash` with the typed line in
+        # COMP_LINE: complete subcommand names, or hand over to the subcommand's Hydra app.
+        words = os.environ["COMP_LINE"].split()
+        typed = os.environ["COMP_LINE"]
+        if len(words) < 2 or (len(words) == 2 and not typed.endswith(" ")):
+            prefix = words[1] if len(words) == 2 else ""
+            print(" ".join(c for c in COMMANDS if c.startswith(prefix)))
+            return 0
+        if words[1] != "train":
+            return 0  # only the Hydra-based subcommand completes overrides
+        argv = [words[1], *argv]
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE + "\n\ncommands:")
         for name, (_, text) in COMMANDS.items():

@@ -1,0 +1,222 @@
+"""AQE: exact stand-in gradients, convergence to the hard quantizer, 1-bit training, CLI."""
+
+import json
+import math
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from qexp.cli import main
+from qexp.estimators.aqe import AQE, stand_in
+from qexp.quant.base import Grid
+from qexp.quant.binary import BinaryQuantizer
+from qexp.quant.layers import QLinear
+from qexp.quant.uniform import UniformQuantizer
+from qexp.train.inspect_levels import layer_table
+from qexp.train.schedules import Constant
+
+
+def reference_stand_in(x, grid, beta):
+    """The tanh staircase written out independently: all midpoints stacked in a last dim."""
+    step = torch.as_tensor(grid.step).to(x.dtype)
+    low = grid.offset * step
+    k = torch.arange(grid.num_levels - 1, dtype=step.dtype)
+    mids = low[..., None] + (k + 0.5) * step[..., None]  # (..., n - 1)
+    terms = (1 + torch.tanh(beta * (x[..., None] - mids) / step[..., None])) / 2
+    return low + step * terms.sum(dim=-1)
+
+
+def _layer(est, w_quant, a_quant, n_in=16, n_out=6):
+    torch.manual_seed(0)
+    layer = QLinear.from_float(nn.Linear(n_in, n_out), w_quant, a_quant, "body")
+    layer.__dict__["estimator"] = est
+    return layer
+
+
+QUANTS = {
+    "uniform2": lambda: (UniformQuantizer(2, "weight"), UniformQuantizer(2, "activation")),
+    "uniform1": lambda: (UniformQuantizer(1, "weight"), UniformQuantizer(1, "activation")),
+    "uniform3_signed": lambda: (
+        UniformQuantizer(3, "weight", signed_grid="narrow"),
+        UniformQuantizer(3, "activation", signed=True),
+    ),
+    "binary": lambda: (BinaryQuantizer(1, "weight"), BinaryQuantizer(1, "activation")),
+}
+
+
+@pytest.mark.parametrize("quant", list(QUANTS))
+@pytest.mark.parametrize("beta", [1.0, 7.5, 60.0])
+def test_gradient_is_autograd_of_the_written_out_stand_in(quant, beta):
+    est = AQE(beta=Constant(beta), beta_max=None)
+    est.step(0.5)
+    layer = _layer(est, *QUANTS[quant]()).double()
+    # float64 throughout, so both computations agree to rounding even at large beta
+    w = (layer.weight.detach() * 3).requires_grad_(True)
+    x = torch.randn(32, 16, dtype=torch.float64, requires_grad=True)
+    layer.a_quant.observe(x.detach())
+    for t, quantizer, out in (
+        (w, layer.w_quant, est.weight(layer, w)),
+        (x, layer.a_quant, est.activation(layer, x)),
+    ):
+        g = torch.randn_like(t)
+        (out * g).sum().backward()
+        ref_t = t.detach().clone().requires_grad_(True)
+        grid = quantizer.grid(t.detach())
+        ref = reference_stand_in(ref_t, grid, beta)
+        (ref * g).sum().backward()
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(t.grad, ref_t.grad)
+
+
+def test_learned_step_gets_the_stand_ins_gradient():
+    x = torch.randn(50)
+    step = torch.tensor(0.4, requires_grad=True)
+    stand_in(x, Grid(-1.5, step, 4), 3.0).pow(2).sum().backward()
+    step_ref = torch.tensor(0.4, requires_grad=True)
+    reference_stand_in(x, Grid(-1.5, step_ref, 4), 3.0).pow(2).sum().backward()
+    torch.testing.assert_close(step.grad, step_ref.grad)
+
+
+def test_one_bit_form_is_scaled_tanh():
+    a = torch.tensor(0.7)
+    x = torch.linspace(-3, 3, 101)
+    out = stand_in(x, Grid(-0.5, 2 * a, 2), 5.0)
+    torch.testing.assert_close(out, a * torch.tanh(5.0 * x / (2 * a)))
+
+
+@pytest.mark.parametrize("offset,levels", [(-0.5, 2), (-1.5, 4), (0.0, 4), (-3.0, 7), (0.0, 16)])
+def test_stand_in_converges_to_the_hard_quantizer(offset, levels):
+    step = torch.tensor(0.3)
+    grid = Grid(offset, step, levels)
+    low, high = grid.low.item(), (offset + levels - 1) * step.item()
+    x = torch.linspace(low - 2 * step.item(), high + 2 * step.item(), 20001)
+    u = x / step - offset  # midpoints sit at u = k + 1/2
+    far = ((u - torch.floor(u) - 0.5).abs() >= 0.05) | (u < 0) | (u > levels - 1)
+    x = x[far]
+    hard = grid.snap(x)
+    errs = [float((stand_in(x, grid, b) - hard).abs().max()) for b in (2, 8, 32, 128, 512)]
+    assert all(e1 > e2 for e1, e2 in zip(errs, errs[1:], strict=False) if e1 > 0)
+    # error at distance 0.05 steps from a midpoint is about step * exp(-2 * beta * 0.05)
+    assert errs[3] < step.item() * 3 * math.exp(-2 * 128 * 0.05)
+    assert errs[-1] < 1e-6
+
+
+def test_hard_after_beta_max_forwards_hard_values_with_the_stand_ins_gradient():
+    est = AQE(beta=Constant(500.0), beta_max=100.0, hard_after_beta_max=True)
+    assert est.step(0.3) == {"beta": 100.0}
+    layer = _layer(est, BinaryQuantizer(1, "weight"), BinaryQuantizer(1, "activation"))
+    x = torch.randn(8, 16)
+    x[0, :3] = 0.0  # sign(0) = +1 exactly as the quantizer's hard
+    x.requires_grad_(True)
+    out = est.activation(layer, x)
+    assert torch.equal(out, layer.a_quant.hard(x))
+    out.sum().backward()
+    ref_x = x.detach().clone().requires_grad_(True)
+    reference_stand_in(ref_x, layer.a_quant.grid(ref_x), 100.0).sum().backward()
+    torch.testing.assert_close(x.grad, ref_x.grad)
+    # without the switch the cap still holds but the forward is the stand-in
+    soft = AQE(beta=Constant(500.0), beta_max=100.0, hard_after_beta_max=False)
+    soft.step(0.3)
+    assert not torch.equal(soft.activation(layer, x), layer.a_quant.hard(x))
+
+
+def test_training_forward_calibrates_activation_range_first():
+    est = AQE(beta=Constant(4.0), beta_max=None)
+    est.step(0.0)
+    layer = _layer(est, UniformQuantizer(2, "weight"), UniformQuantizer(2, "activation"))
+    assert not bool(layer.a_quant.calibrated)
+    x = torch.relu(torch.randn(16, 16))
+    layer.train()
+    layer(x)  # QuantLayer.quant_input observes before calling the estimator
+    assert bool(layer.a_quant.calibrated) and float(layer.a_quant.range) > 0
+
+
+def test_beta_state_round_trips_and_defaults_follow_the_yaml():
+    from hydra import compose, initialize_config_module
+
+    from qexp.config.schema import register_schemas
+    from qexp.train.build import instantiate
+
+    register_schemas()
+    with initialize_config_module(config_module="qexp.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=["estimator=aqe"])
+    est = instantiate(cfg.estimator, "estimator")
+    assert isinstance(est, AQE) and est.has_soft_forward
+    curve = cfg.schedule.beta
+    assert est.step(0.0)["beta"] == pytest.approx(curve.start)
+    mid = est.step(0.5)["beta"]
+    assert curve.start < mid < curve.end
+    other = instantiate(cfg.estimator, "estimator")
+    other.load_state_dict(est.state_dict())
+    assert other.state_summary() == est.state_summary()
+    end = est.step(1.0)
+    assert end["beta"] == pytest.approx(min(curve.end, cfg.estimator.beta_max))
+
+
+def _train_digits(tmp_path, overrides):
+    """A one-epoch digits run in process; returns the trained (best) model and a test batch."""
+    from hydra import compose, initialize_config_module
+
+    from qexp.config.schema import register_schemas
+    from qexp.train.build import build_data, build_model
+    from qexp.train.trainer import Trainer
+
+    register_schemas()
+    base = [
+        "dataset=digits",
+        "trainer.epochs=1",
+        "trainer.progress=none",
+        "trainer.histograms=false",
+    ]
+    with initialize_config_module(config_module="qexp.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=base + overrides)
+    torch.manual_seed(0)
+    torch.set_num_threads(1)  # what trainer.threads=1 does in run_training
+    data = build_data(cfg)
+    total = data.steps_per_epoch(int(cfg.trainer.batch_size))
+    model = build_model(cfg, data.info, torch.device("cpu"), total, tmp_path)
+    metrics = Trainer(cfg, model, data, tmp_path, torch.device("cpu")).fit()
+    x, _ = next(iter(data.eval_batches("test", 256, torch.device("cpu"))))
+    return model, x, metrics
+
+
+@pytest.mark.parametrize("quantizer", ["uniform", "binary"])
+def test_w1a1_deployed_layers_are_binary(tmp_path, quantizer):
+    model, x, metrics = _train_digits(
+        tmp_path, ["estimator=aqe", "bits=1", f"quantizer={quantizer}"]
+    )
+    assert metrics["status"] == "completed"
+    table = {row["name"]: row for row in layer_table(model.net, x)}
+    body = [(n, m) for n, m in model.layers() if m.layer_role == "body"]
+    assert body
+    for name, layer in body:
+        levels = table[name]["levels"]
+        assert levels["weight"] == 2 and levels["activation"] <= 2
+        w = layer.w_quant.hard(layer.weight).reshape(layer.weight.shape[0], -1)
+        scale = w.abs().amax(dim=1, keepdim=True)
+        assert torch.equal(w.abs(), scale.expand_as(w))  # every channel is +-its scale
+
+
+def test_cli_aqe_end_to_end(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    # in process (the `qexp` console script's own entry), so imports are paid once per session
+    monkeypatch.setattr(sys, "argv", ["qexp"])
+    args = [
+        "train", "estimator=aqe", "bits=1", "dataset=digits",
+        "trainer.epochs=2", "trainer.threads=1", "trainer.progress=none",
+        "trainer.histograms=false", f"hydra.run.dir={run_dir}",
+    ]  # fmt: skip
+    assert main(args) == 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["status"] == "completed"
+    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert "test_acc_soft" in metrics and "soft_hard_gap" in metrics
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir))
+    acc.Reload()
+    assert "estimator/beta" in acc.Tags()["scalars"]
+    betas = [e.value for e in acc.Scalars("estimator/beta")]
+    assert betas[0] == pytest.approx(1.0) and betas[-1] > betas[0]

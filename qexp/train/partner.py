@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,18 @@ def _completed(run_dir: Path) -> bool:
         return False
 
 
+def _discard_foreign_partial(run_dir: Path, fp_cfg: DictConfig) -> None:
+    """Delete an unfinished partner run whose config differs from ``fp_cfg`` in settings that
+    do not change the partner (e.g. the LP run's quantizer options), which the trainer would
+    refuse to resume; a matching one is resumed instead."""
+    from qexp.train.trainer import config_fingerprint
+
+    last = run_dir / "checkpoints" / "last.pt"
+    if last.is_file() and load_checkpoint(last).get("config_hash") != config_fingerprint(fp_cfg):
+        log.info("discarding an unfinished partner run with other settings in %s", run_dir)
+        shutil.rmtree(run_dir / "checkpoints")
+
+
 def cached_partner_dir(cfg: DictConfig) -> Path:
     """Train the partner of ``cfg`` into the cache unless it is there; return its run dir."""
     from qexp.train.run import run_training  # late: run imports build, which imports us
@@ -116,8 +129,12 @@ def cached_partner_dir(cfg: DictConfig) -> Path:
                 log.info("reusing the cached full-precision partner %s", run_dir)
             else:
                 log.info("training the full-precision partner (cached in %s)", run_dir)
+                _discard_foreign_partial(run_dir, fp_cfg)
                 (run_dir / "partner.json").write_text(json.dumps(keyed, indent=2) + "\n")
-                metrics = run_training(fp_cfg, run_dir)
+                try:
+                    metrics = run_training(fp_cfg, run_dir)
+                except QexpError as exc:
+                    raise QexpError(f"training the full-precision partner failed: {exc}") from None
                 log.info(
                     "full-precision partner trained: test_acc %.4f", metrics.get("test_acc", -1)
                 )

@@ -27,8 +27,7 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
     one-line message rather than a traceback.
     """
     spec = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
-    spec = dict(spec)
-    spec.pop("name", None)
+    spec = _drop_labels(dict(spec))
     try:
         return hydra.utils.instantiate(spec, **kwargs, _convert_="all")
     except QexpError:
@@ -39,6 +38,18 @@ def instantiate(node: Any, key: str, **kwargs: Any) -> Any:
             raise cause from None
         msg = str(cause).strip().splitlines()[-1] if str(cause).strip() else type(cause).__name__
         raise QexpError(f"{key}: {msg}") from None
+
+
+def _drop_labels(spec: Any) -> Any:
+    """Remove ``name`` labels from ``_target_`` nodes at any depth (they are not arguments)."""
+    if isinstance(spec, dict):
+        out = {k: _drop_labels(v) for k, v in spec.items()}
+        if "_target_" in out:
+            out.pop("name", None)
+        return out
+    if isinstance(spec, list):
+        return [_drop_labels(v) for v in spec]
+    return spec
 
 
 def quantizer_factory(node: Any, key: str) -> QuantizerFactory:

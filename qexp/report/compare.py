@@ -1,0 +1,345 @@
+"""`qexp compare DIR... [--out OUTDIR]`: accuracy against bit width across runs and sweeps.
+
+Finds every run under the given dirs, averages test accuracy over seeds for each
+(estimator, quantizer, bit width, ...) and writes:
+
+* ``compare.csv`` and ``compare.md``: the table (also printed);
+* ``accuracy_vs_bits.png``: accuracy against weight bits, one line per estimator, error bars =
+  sample std over seeds, the full-precision runs as a dashed horizontal line;
+* ``tensorboard/``: one TensorBoard run per estimator with ``compare/test_acc`` (and
+  ``_std``, ``_min``, ``_max``) at step = bit width, plus the figure as an image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from qexp.errors import QexpError
+from qexp.report.runs import Group, Skipped, find_runs, group_runs, skipped_reasons
+
+FIGURE_NAME = "accuracy_vs_bits.png"
+CSV_NAME = "compare.csv"
+MD_NAME = "compare.md"
+TB_DIR = "tensorboard"
+_TB_MARKER = ".qexp_compare"  # marks a tensorboard dir this command may wipe and rewrite
+STD_NOTE = "std = sample standard deviation over seeds (ddof=1); 0 for a single run"
+
+
+# -- table ----------------------------------------------------------------------------------
+def _fmt(value: Any, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_rows(groups: list[Group], extras: list[str]) -> tuple[list[str], list[list[Any]]]:
+    """Header and raw rows (numbers unrounded) of the comparison table."""
+    header = [
+        "dataset",
+        "model",
+        "quantizer",
+        "estimator",
+        *extras,
+        "w_bits",
+        "a_bits",
+        "runs",
+        "seeds",
+        "test_acc_mean",
+        "test_acc_std",
+        "test_acc_min",
+        "test_acc_max",
+        "weight_kb",
+        "train_time_s",
+    ]
+    rows = []
+    for g in groups:
+        rows.append(
+            [
+                g.dataset,
+                g.model,
+                g.quantizer,
+                g.estimator,
+                *(g.extras[k] for k in extras),
+                g.w_bits,
+                g.a_bits,
+                g.n,
+                " ".join(str(s) for s in g.seeds),
+                g.mean,
+                g.std,
+                min(g.accs),
+                max(g.accs),
+                g.mean_of("weight_kb"),
+                g.mean_of("train_time_s"),
+            ]
+        )
+    return header, rows
+
+
+def _display(header: list[str], rows: list[list[Any]]) -> tuple[list[str], list[list[str]]]:
+    shown = [h.replace("test_acc_std", "test_acc_std*") for h in header]
+    digits = {"weight_kb": 1, "train_time_s": 1}
+    out = []
+    for row in rows:
+        out.append([_fmt(v, digits.get(h, 4)) for h, v in zip(header, row, strict=True)])
+    return shown, out
+
+
+def format_text(header: list[str], rows: list[list[Any]]) -> str:
+    """Fixed-width table for the terminal."""
+    shown, cells = _display(header, rows)
+    widths = [
+        max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(shown)
+    ]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(shown, widths, strict=True))]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+    lines.append(f"* {STD_NOTE}")
+    return "\n".join(lines)
+
+
+def format_markdown(
+    header: list[str], rows: list[list[Any]], skipped: list[Skipped], figure: str | None
+) -> str:
+    """The report as Markdown: table, std note, figure link, skipped runs."""
+    shown, cells = _display(header, rows)
+    lines = ["# Accuracy against bit width", ""]
+    lines.append("| " + " | ".join(shown) + " |")
+    lines.append("|" + "|".join("---" for _ in shown) + "|")
+    for r in cells:
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
+    lines += ["", f"\\* {STD_NOTE}. test_acc: hard-quantized test accuracy of the best epoch.", ""]
+    if figure:
+        lines += [f"![accuracy against bit width]({figure})", ""]
+    if skipped:
+        lines += [f"## {skipped_reasons(skipped)}", ""]
+        lines += [f"- `{s.path}`: {s.reason}" for s in skipped]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(header: list[str], rows: list[list[Any]], path: Path) -> None:
+    """The table with full-precision numbers."""
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+# -- figure and TensorBoard -----------------------------------------------------------------
+def _panels(groups: list[Group]) -> dict[tuple[str, str], list[Group]]:
+    panels: dict[tuple[str, str], list[Group]] = {}
+    for g in groups:
+        panels.setdefault((str(g.dataset), str(g.model)), []).append(g)
+    return panels
+
+
+def _series_name(g: Group, many_quantizers: bool) -> str:
+    """Line label: estimator (+ quantizer, + extra settings, + activation bits if not = w)."""
+    name = f"{g.quantizer}/{g.estimator}" if many_quantizers else str(g.estimator)
+    if g.extras:
+        name += " (" + ", ".join(f"{k}={v}" for k, v in g.extras.items()) + ")"
+    if g.a_bits != g.w_bits and not g.full_precision:
+        name += f" a{g.a_bits}"
+    return name
+
+
+def series(groups: list[Group]) -> dict[tuple[str, str], dict[str, list[Group]]]:
+    """panel (dataset, model) -> line name -> groups sorted by w_bits."""
+    many_quantizers = len({g.quantizer for g in groups}) > 1
+    out: dict[tuple[str, str], dict[str, list[Group]]] = {}
+    for panel, members in _panels(groups).items():
+        lines: dict[str, list[Group]] = {}
+        for g in members:
+            lines.setdefault(_series_name(g, many_quantizers), []).append(g)
+        out[panel] = {k: sorted(v, key=lambda g: g.w_bits) for k, v in lines.items()}
+    return out
+
+
+def _reference(members: list[Group]) -> tuple[float, float, int] | None:
+    """Mean, sample std and count of all full-precision runs of a panel (any estimator)."""
+    accs = [a for g in members if g.full_precision for a in g.accs]
+    if not accs:
+        return None
+    import statistics
+
+    std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    return statistics.fmean(accs), std, len(accs)
+
+
+def plot(groups: list[Group], path: Path):
+    """Accuracy against weight bits, one panel per (dataset, model); returns the figure."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines = series(groups)
+    panels = _panels(groups)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
+    for ax, (panel, members) in zip(axes[0], panels.items(), strict=True):
+        ticks: set[int] = set()
+        for name, gs in lines[panel].items():
+            pts = [g for g in gs if not g.full_precision]
+            if not pts:
+                continue
+            xs = [g.w_bits for g in pts]
+            ticks.update(xs)
+            ax.errorbar(
+                xs,
+                [g.mean for g in pts],
+                yerr=[g.std for g in pts],
+                marker="o",
+                capsize=3,
+                label=name,
+            )
+        ref = _reference(members)
+        if ref is not None:
+            mean, std, n = ref
+            ax.axhline(
+                mean, color="0.3", linestyle="--", label=f"full precision {mean:.3f} ({n} runs)"
+            )
+            if std > 0:
+                ax.axhspan(mean - std, mean + std, color="0.5", alpha=0.12, linewidth=0)
+        if ticks:
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(ticks))
+            ax.set_xticklabels([str(t) for t in sorted(ticks)])
+            ax.minorticks_off()
+        ax.set_xlabel("weight bits (w_bits)")
+        ax.set_ylabel("test accuracy (hard-quantized)")
+        ax.set_title(f"{panel[0]} / {panel[1]}: mean ± sample std over seeds", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    return fig
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "_.=-" else "_" for c in name).strip("_") or "run"
+
+
+def write_tensorboard(groups: list[Group], fig: Any, out: Path) -> Path:
+    """One TensorBoard run per line of the figure: compare/test_acc* at step = weight bits."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    tb = out / TB_DIR
+    if tb.exists() and any(tb.iterdir()):
+        if not (tb / _TB_MARKER).exists():
+            raise QexpError(
+                f"{tb} exists and was not written by qexp compare: choose another --out"
+            )
+        shutil.rmtree(tb)  # stale event files would double every point
+    tb.mkdir(parents=True, exist_ok=True)
+    (tb / _TB_MARKER).write_text("written by `qexp compare`; rewritten on every run\n")
+    lines = series(groups)
+    many_panels = len(lines) > 1
+    for panel, named in lines.items():
+        prefix = f"{_safe('_'.join(panel))}/" if many_panels else ""
+        for name, gs in named.items():
+            writer = SummaryWriter(str(tb / f"{prefix}{_safe(name)}"))
+            for g in gs:
+                step = int(g.w_bits)
+                writer.add_scalar("compare/test_acc", g.mean, step)
+                writer.add_scalar("compare/test_acc_std", g.std, step)
+                writer.add_scalar("compare/test_acc_min", min(g.accs), step)
+                writer.add_scalar("compare/test_acc_max", max(g.accs), step)
+                writer.add_scalar("compare/runs", g.n, step)
+            writer.close()
+    if fig is not None:
+        writer = SummaryWriter(str(tb / "figure"))
+        writer.add_figure("compare/accuracy_vs_bits", fig, close=False)
+        writer.close()
+    return tb
+
+
+# -- command --------------------------------------------------------------------------------
+def compare(dirs: list[Path], out: Path, tensorboard: bool = True) -> dict[str, Any]:
+    """Build the report for ``dirs`` into ``out``; returns paths and the groups."""
+    missing = [str(d) for d in dirs if not d.is_dir()]
+    if missing:
+        raise QexpError(f"no such directory: {', '.join(missing)}")
+    runs, skipped = find_runs(dirs)
+    result: dict[str, Any] = {"runs": runs, "skipped": skipped, "groups": []}
+    if not runs:
+        return result
+    groups, extras = group_runs(runs)
+    header, rows = table_rows(groups, extras)
+    out.mkdir(parents=True, exist_ok=True)
+    fig = plot(groups, out / FIGURE_NAME)
+    write_csv(header, rows, out / CSV_NAME)
+    (out / MD_NAME).write_text(format_markdown(header, rows, skipped, FIGURE_NAME))
+    result.update(
+        groups=groups,
+        header=header,
+        rows=rows,
+        csv=out / CSV_NAME,
+        markdown=out / MD_NAME,
+        figure=out / FIGURE_NAME,
+    )
+    if tensorboard:
+        result["tensorboard"] = write_tensorboard(groups, fig, out)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return result
+
+
+def main(argv: list[str]) -> int:
+    """`qexp compare DIR... [--out OUTDIR] [--no-tensorboard]`."""
+    parser = argparse.ArgumentParser(
+        prog="qexp compare",
+        description="Average test accuracy over seeds per estimator, quantizer and bit width, "
+        "for every run found under DIR (runs and sweeps, at any depth).",
+    )
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder (default: DIR/compare for one DIR, ./compare for several)",
+    )
+    parser.add_argument(
+        "--no-tensorboard", action="store_true", help="skip the TensorBoard summary"
+    )
+    args = parser.parse_args(argv)
+    out = args.out or (args.dirs[0] / "compare" if len(args.dirs) == 1 else Path("compare"))
+    try:
+        result = compare(args.dirs, out, tensorboard=not args.no_tensorboard)
+    except QexpError as exc:
+        print(f"qexp: error: {exc}", file=sys.stderr)
+        return 2
+    skipped = result["skipped"]
+    if not result["runs"]:
+        print(f"qexp compare: no completed runs under {', '.join(map(str, args.dirs))}")
+        if skipped:
+            print(skipped_reasons(skipped))
+            for s in skipped:
+                print(f"  {s.path}: {s.reason}")
+        return 1
+    print(format_text(result["header"], result["rows"]))
+    repeated = [g for g in result["groups"] if len(set(g.seeds)) < g.n]
+    if repeated:
+        # the same config and seed twice (copied run dirs, or two sweeps given together)
+        print(f"note: {len(repeated)} groups hold the same seed more than once")
+    if skipped:
+        print()
+        print(skipped_reasons(skipped))
+        for s in skipped:
+            print(f"  {s.path}: {s.reason}")
+    print()
+    print(f"{len(result['runs'])} runs in {len(result['groups'])} groups; wrote")
+    for key in ("csv", "markdown", "figure", "tensorboard"):
+        if key in result:
+            print(f"  {result[key]}")
+    if "tensorboard" in result:
+        print(f"view with: qexp tb {result['tensorboard']}")
+    return 0

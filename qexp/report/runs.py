@@ -1,0 +1,257 @@
+"""Finding run dirs on disk and grouping their results over seeds.
+
+A run dir is any folder holding ``metrics.json`` (written by the trainer), or one that looks
+like the start of a run (``.hydra/``, ``checkpoints/`` or a sweep marker) without it. Runs are
+grouped by their whole config minus the seed, so runs that differ in anything else (learning
+rate, epochs, a quantizer option...) are never averaged together; such differences show up as
+extra columns.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import statistics
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+#: the columns every group is labelled with (from metrics.json)
+LABEL_KEYS = ("dataset", "model", "quantizer", "estimator", "w_bits", "a_bits")
+#: config keys that do not change a run's results, or that are averaged over (seed)
+IGNORED_KEYS = {
+    "seed",
+    "resume",
+    "trainer.device",
+    "trainer.threads",
+    "trainer.progress",
+    "trainer.log_every",
+    "trainer.histograms",
+}
+#: config keys already shown by the label columns
+_LABEL_CONFIG_KEYS = {
+    "dataset.name",
+    "model.name",
+    "quantizer.name",
+    "estimator.name",
+    "bits",
+    "w_bits",
+    "a_bits",
+}
+#: metrics.json fields standing in for config keys when a run has no usable .hydra/config.yaml
+_METRICS_AS_CONFIG = {
+    "epochs": "trainer.epochs",
+    "lr": "trainer.lr",
+    "optimizer": "trainer.optimizer",
+    "batch_size": "trainer.batch_size",
+    "first_bits": "layers.first_bits",
+    "last_bits": "layers.last_bits",
+    "tag": "tag",
+}
+#: folders never searched for runs (checkpoints, Hydra/submitit bookkeeping, compare output)
+_SKIP_DIRS = {"checkpoints", "tensorboard"}
+_RUN_HINTS = (".hydra", "checkpoints", "sweep_job.json")
+
+
+@dataclass
+class Run:
+    """One completed run."""
+
+    path: Path
+    metrics: dict[str, Any]
+    #: flattened config minus IGNORED_KEYS and label keys (dotted keys -> JSON-able values)
+    rest: dict[str, Any]
+
+    def label(self) -> tuple[Any, ...]:
+        return tuple(self.metrics.get(k) for k in LABEL_KEYS)
+
+
+@dataclass
+class Skipped:
+    """A run dir that cannot be reported, and why."""
+
+    path: Path
+    reason: str
+
+
+@dataclass
+class Group:
+    """Runs with the same config except the seed."""
+
+    label: tuple[Any, ...]
+    rest: dict[str, Any]
+    runs: list[Run] = field(default_factory=list)
+    #: values of the extra columns (keys that tell apart groups with the same label)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    def __getattr__(self, name: str) -> Any:
+        if name in LABEL_KEYS:
+            return self.label[LABEL_KEYS.index(name)]
+        raise AttributeError(name)
+
+    @property
+    def accs(self) -> list[float]:
+        return [float(r.metrics["test_acc"]) for r in self.runs]
+
+    @property
+    def n(self) -> int:
+        return len(self.runs)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.accs)
+
+    @property
+    def std(self) -> float:
+        """Sample standard deviation (ddof=1) over seeds; 0 for a single run."""
+        return statistics.stdev(self.accs) if self.n > 1 else 0.0
+
+    @property
+    def seeds(self) -> list[Any]:
+        return sorted(r.metrics.get("seed") for r in self.runs)
+
+    def mean_of(self, key: str) -> float | None:
+        values = [r.metrics.get(key) for r in self.runs]
+        values = [float(v) for v in values if isinstance(v, (int, float))]
+        return statistics.fmean(values) if values else None
+
+    @property
+    def full_precision(self) -> bool:
+        return self.w_bits == 32 and self.a_bits == 32
+
+
+# -- finding runs ---------------------------------------------------------------------------
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for k, v in node.items():
+            out.update(_flatten(v, f"{prefix}{k}."))
+        return out
+    if isinstance(node, list):
+        node = json.dumps(node)
+    return {prefix[:-1]: node}
+
+
+def _config_rest(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The run's settings other than the seed and the label columns.
+
+    Taken from .hydra/config.yaml when that file still describes this run (its fingerprint
+    matches metrics.json's config_hash; Hydra rewrites it whenever a job starts in the dir),
+    otherwise from the few settings metrics.json records.
+    """
+    plain = None
+    path = run_dir / ".hydra" / "config.yaml"
+    if path.is_file():
+        try:
+            from omegaconf import OmegaConf
+
+            from qexp.train.trainer import config_fingerprint
+
+            cfg = OmegaConf.load(path)
+            if config_fingerprint(cfg) == metrics.get("config_hash"):
+                plain = OmegaConf.to_container(cfg, resolve=True)
+        except Exception:  # an unreadable config only costs the finer grouping
+            plain = None
+    if isinstance(plain, dict):
+        plain.pop("hydra", None)
+        flat = _flatten(plain)
+    else:
+        flat = {new: metrics.get(old) for old, new in _METRICS_AS_CONFIG.items()}
+    return {k: v for k, v in flat.items() if k not in IGNORED_KEYS and k not in _LABEL_CONFIG_KEYS}
+
+
+def _check_metrics(run_dir: Path) -> Run | Skipped:
+    path = run_dir / "metrics.json"
+    try:
+        metrics = json.loads(path.read_text())
+    except FileNotFoundError:
+        return Skipped(run_dir, "no metrics.json (never started training, or still starting)")
+    except (OSError, UnicodeDecodeError) as exc:
+        return Skipped(run_dir, f"metrics.json unreadable ({type(exc).__name__})")
+    except ValueError:
+        return Skipped(run_dir, "metrics.json is not valid JSON (half-written?)")
+    if not isinstance(metrics, dict):
+        return Skipped(run_dir, "metrics.json is not a JSON object")
+    status = str(metrics.get("status", "no status"))
+    if not status.startswith("completed"):
+        if status == "running":
+            status = "running (still training, or cut off)"
+        return Skipped(run_dir, f"status {status}")
+    acc = metrics.get("test_acc")
+    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
+        return Skipped(run_dir, "metrics.json has no test_acc")
+    missing = [k for k in LABEL_KEYS if metrics.get(k) is None]
+    if missing:
+        return Skipped(run_dir, f"metrics.json lacks {', '.join(missing)}")
+    return Run(run_dir, metrics, _config_rest(run_dir, metrics))
+
+
+def find_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Skipped]]:
+    """Every run dir under ``dirs`` (at any depth): completed runs, and the rest with reasons."""
+    seen: set[Path] = set()
+    runs: list[Run] = []
+    skipped: list[Skipped] = []
+    for top in dirs:
+        for root, subdirs, files in os.walk(top):
+            here = Path(root)
+            names = set(files) | set(subdirs)
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and d not in _SKIP_DIRS)
+            if "metrics.json" not in names and not any(h in names for h in _RUN_HINTS):
+                continue
+            key = here.resolve()
+            if key in seen:
+                continue
+            seen.add(key)
+            result = _check_metrics(here)
+            (runs if isinstance(result, Run) else skipped).append(result)
+    return runs, skipped
+
+
+# -- grouping -------------------------------------------------------------------------------
+def _key(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
+    """Groups of runs equal but for the seed, sorted; and the extra column names."""
+    groups: dict[tuple[Any, ...], Group] = {}
+    for run in runs:
+        key = (run.label(), _key(run.rest))
+        if key not in groups:
+            groups[key] = Group(run.label(), run.rest)
+        groups[key].runs.append(run)
+    # an extra column for every setting that differs between groups sharing a label
+    by_label: dict[tuple[Any, ...], list[Group]] = {}
+    for g in groups.values():
+        by_label.setdefault(g.label, []).append(g)
+    extra_keys: set[str] = set()
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = set().union(*(g.rest for g in same))
+        for k in keys:
+            if len({_key(g.rest.get(k, "-")) for g in same}) > 1:
+                extra_keys.add(k)
+    extras = sorted(extra_keys)
+    for g in groups.values():
+        g.extras = {k: g.rest.get(k, "-") for k in extras}
+    ordered = sorted(
+        groups.values(),
+        key=lambda g: (
+            [str(g.label[i]) for i in range(4)],
+            [_key(v) for v in g.extras.values()],
+            g.w_bits,
+            g.a_bits,
+        ),
+    )
+    return ordered, extras
+
+
+def skipped_reasons(skipped: list[Skipped]) -> str:
+    """One line: how many runs were skipped, for which reasons."""
+    counts = Counter(s.reason.split(" (")[0] for s in skipped)
+    parts = [f"{n} {reason}" for reason, n in counts.most_common()]
+    return f"skipped: {len(skipped)} runs ({'; '.join(parts)})"

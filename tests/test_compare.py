@@ -1,0 +1,204 @@
+"""`qexp compare` on hand-written run dirs (no training), and `qexp tb`."""
+
+from __future__ import annotations
+
+import csv
+import json
+import queue
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from qexp.report.compare import compare, main
+from qexp.report.runs import find_runs, group_runs
+
+# (estimator, bits) -> test_acc of seeds 0, 1, 2
+ACCS = {
+    ("ste", 1): [0.50, 0.56, 0.47],
+    ("ste", 2): [0.71, 0.70, 0.74],
+    ("ste", 4): [0.88, 0.90, 0.89],
+    ("clipped_ste", 1): [0.61, 0.58, 0.66],
+    ("clipped_ste", 2): [0.80, 0.79, 0.81],
+    ("clipped_ste", 4): [0.91],  # a single seed: std 0
+}
+FP32 = [0.95, 0.96]
+
+
+def write_run(run_dir: Path, estimator: str, bits: int, seed: int, acc: float, **extra) -> None:
+    run_dir.mkdir(parents=True)
+    metrics = {
+        "estimator": estimator,
+        "quantizer": "uniform",
+        "model": "mlp",
+        "dataset": "digits",
+        "w_bits": bits,
+        "a_bits": bits,
+        "seed": seed,
+        "epochs": 1,
+        "lr": 0.002,
+        "config_hash": f"{estimator}{bits}{seed}",
+        "status": "completed",
+        "train_time_s": 1.0 + seed,
+        "test_acc": acc,
+        "weight_kb": 10.0 * bits,
+    }
+    metrics.update(extra)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+@pytest.fixture
+def runs_dir(tmp_path: Path) -> Path:
+    """A sweep dir, a nested single run (the fp32 reference) and a few broken runs."""
+    top = tmp_path / "results"
+    for (est, bits), accs in ACCS.items():
+        for seed, acc in enumerate(accs):
+            write_run(top / "sweep" / f"{est}-w{bits}-s{seed}", est, bits, seed, acc)
+    for seed, acc in enumerate(FP32):
+        write_run(top / "single" / "deep" / f"fp-{seed}", "ste", 32, seed, acc)
+    broken = top / "sweep" / "broken"
+    (broken / "no-metrics" / ".hydra").mkdir(parents=True)
+    (broken / "bad-json").mkdir()
+    (broken / "bad-json" / "metrics.json").write_text('{"status": "compl')
+    write_run(broken / "running", "ste", 1, 7, 0.1, status="running")
+    write_run(broken / "failed", "ste", 1, 8, 0.1, status="failed: RuntimeError: boom")
+    return top
+
+
+def test_find_runs_lists_broken_dirs(runs_dir):
+    runs, skipped = find_runs([runs_dir])
+    assert len(runs) == sum(map(len, ACCS.values())) + len(FP32)
+    reasons = {s.path.name: s.reason for s in skipped}
+    assert set(reasons) == {"no-metrics", "bad-json", "running", "failed"}
+    assert "no metrics.json" in reasons["no-metrics"]
+    assert "not valid JSON" in reasons["bad-json"]
+    assert reasons["running"].startswith("status running")
+    assert "boom" in reasons["failed"]
+
+
+def test_means_and_sample_std(runs_dir, tmp_path):
+    out = tmp_path / "out"
+    result = compare([runs_dir], out)
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert len(rows) == len(ACCS) + 1  # + the fp32 reference
+    for row in rows:
+        bits = int(row["w_bits"])
+        accs = FP32 if bits == 32 else ACCS[(row["estimator"], bits)]
+        assert int(row["runs"]) == len(accs)
+        assert float(row["test_acc_mean"]) == pytest.approx(statistics.fmean(accs))
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        assert float(row["test_acc_std"]) == pytest.approx(std)
+        assert float(row["test_acc_min"]) == min(accs)
+        assert float(row["weight_kb"]) == pytest.approx(10.0 * bits)
+    md = (out / "compare.md").read_text()
+    assert "ddof=1" in md and "accuracy_vs_bits.png" in md
+    assert "skipped: 4 runs" in md
+    assert (out / "accuracy_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    assert result["tensorboard"] == out / "tensorboard"
+
+
+def test_tensorboard_summary(runs_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    compare([runs_dir], out)
+    compare([runs_dir], out)  # a second report replaces the first, without doubled points
+    for est in ("ste", "clipped_ste"):
+        acc = EventAccumulator(str(out / "tensorboard" / est))
+        acc.Reload()
+        means = {e.step: e.value for e in acc.Scalars("compare/test_acc")}
+        expected_bits = [1, 2, 4, 32] if est == "ste" else [1, 2, 4]
+        assert sorted(means) == expected_bits
+        assert len(acc.Scalars("compare/test_acc")) == len(expected_bits)
+        for bits in (1, 2, 4):
+            assert means[bits] == pytest.approx(statistics.fmean(ACCS[(est, bits)]), abs=1e-6)
+        maxes = {e.step: e.value for e in acc.Scalars("compare/test_acc_max")}
+        assert maxes[1] == pytest.approx(max(ACCS[(est, 1)]), abs=1e-6)
+        assert {e.step for e in acc.Scalars("compare/test_acc_std")} == set(expected_bits)
+    figure = EventAccumulator(str(out / "tensorboard" / "figure"))
+    figure.Reload()
+    assert figure.Tags()["images"] == ["compare/accuracy_vs_bits"]
+
+
+def test_differing_settings_become_columns(tmp_path):
+    top = tmp_path / "runs"
+    for seed in (0, 1):
+        write_run(top / f"a{seed}", "ste", 2, seed, 0.7 + seed / 100)
+        write_run(top / f"b{seed}", "ste", 2, seed, 0.6 + seed / 100, lr=0.1)
+        write_run(top / f"c{seed}", "ste", 2, seed, 0.5, quantizer="binary")
+    runs, _ = find_runs([top])
+    groups, extras = group_runs(runs)
+    assert extras == ["trainer.lr"]
+    assert len(groups) == 3 and all(g.n == 2 for g in groups)
+    result = compare([top], tmp_path / "out")
+    names = sorted(p.name for p in (tmp_path / "out" / "tensorboard").iterdir())
+    # two quantizers: lines (and TensorBoard runs) are named quantizer/estimator
+    assert "binary_ste__trainer.lr=0.002" in names
+    assert "uniform_ste__trainer.lr=0.1" in names
+    assert result["header"][4] == "trainer.lr"
+
+
+def test_cli_output_and_errors(runs_dir, tmp_path, capsys):
+    assert main([str(runs_dir), "--out", str(tmp_path / "o"), "--no-tensorboard"]) == 0
+    out = capsys.readouterr().out
+    assert "test_acc_std*" in out and "ddof=1" in out
+    assert "skipped: 4 runs" in out
+    assert not (tmp_path / "o" / "tensorboard").exists()
+    assert main([str(tmp_path / "missing")]) == 2
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 1
+
+
+# -- qexp tb --------------------------------------------------------------------------------
+def _read_lines(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def test_tb_serves_on_localhost_only(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "qexp.cli", "tb", str(tmp_path)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_read_lines, args=(proc.stdout, lines), daemon=True).start()
+    try:
+        url = None
+        deadline = time.monotonic() + 20
+        seen = []
+        while url is None and time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
+                if proc.poll() is not None:
+                    break
+                continue
+            seen.append(line)
+            m = re.search(r"TensorBoard on (http://([\d.]+):(\d+)/)", line)
+            if m:
+                url, host, port = m.group(1), m.group(2), int(m.group(3))
+        if url is None:
+            pytest.skip(f"TensorBoard did not start in 20 s: {''.join(seen)[-500:]}")
+        assert host == "127.0.0.1"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            assert resp.status == 200
+        with socket.socket() as s, pytest.raises(OSError):
+            s.bind(("127.0.0.1", port))  # TensorBoard holds the port
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -73,3 +73,14 @@ def test_missing_dataset_names_every_option(tmp_path, monkeypatch):
     msg = str(info.value)
     assert "dataset.root" in msg and "QEXP_DATA" in msg and "dataset-fashion-mnist" in msg
     assert "\n" not in msg
+
+
+def test_preset_sweep_points_are_checked_before_any_job(capsys, tmp_path, monkeypatch):
+    # The preset sweeps bits=1,2,4; the binary quantizer only has 1 bit, so the 2- and 4-bit
+    # points must be refused before the sweep starts.
+    monkeypatch.chdir(tmp_path)
+    code = main(["train", "-m", "+experiment=estimators_vs_bits", "quantizer=binary",
+                 "dataset=digits"])
+    err = capsys.readouterr().err
+    assert code == 2 and "quantizer.weight" in err and "1 bit" in err
+    assert not (tmp_path / "multirun").exists()

@@ -77,16 +77,30 @@ def _one_line(exc: Exception, override_keys: list[str], base: DictConfig | None)
     return "; ".join(lines[:2]) if lines else type(exc).__name__
 
 
-def _jobs(overrides: list[str], multirun: bool) -> list[list[str]]:
-    """The override lists of every job (the points of a sweep when ``multirun``)."""
+def _jobs(overrides: list[str], multirun: bool, extra: list[str]) -> list[list[str]]:
+    """The override lists of every job (the points of a sweep when ``multirun``).
+
+    A preset's ``hydra.sweeper.params`` (e.g. ``+experiment=estimators_vs_bits``) join the
+    command line's sweeps, which win for the same key, as in Hydra's basic sweeper.
+    """
     if not multirun:
         return [overrides]
+    from hydra import compose
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    parsed = OverridesParser.create().parse_overrides(overrides)
+    parser = OverridesParser.create()
+    parsed = parser.parse_overrides(overrides)
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    try:
+        hydra_cfg = compose("config", overrides=fixed + extra, return_hydra_config=True)
+        params = dict(hydra_cfg.hydra.sweeper.get("params") or {})
+    except Exception:
+        params = {}  # composition errors are reported per job below
+    given = {o.key_or_group for o in parsed}
+    preset = [f"{k}={v}" for k, v in params.items() if k not in given]
     jobs: list[list[str]] = []
-    for batch in BasicSweeper.split_arguments(parsed, None):
+    for batch in BasicSweeper.split_arguments(parser.parse_overrides(preset + overrides), None):
         jobs += [list(job) for job in batch]
         if len(jobs) >= MAX_JOBS_CHECKED:
             break
@@ -119,7 +133,7 @@ def check_command_line(argv: list[str]) -> None:
                 base = compose(config_name="config", overrides=extra)
             except Exception:
                 base = None
-            for job in _jobs(overrides, args.multirun):
+            for job in _jobs(overrides, args.multirun, extra):
                 try:
                     cfg = compose(config_name="config", overrides=job + extra)
                 except QexpError:

@@ -111,6 +111,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise QexpError(f"config group '{group}' is missing: pick one with {group}=<option>")
         check_component(group, node)
     check_component("layers.edge_quantizer", layers["edge_quantizer"])
+    from qexp.quant.budget import budget_from_node  # memory budget keys of the quantizer group
+
+    budget_from_node(plain["quantizer"])
 
 
 def _import(path: str, key: str) -> Any:

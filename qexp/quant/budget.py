@@ -40,6 +40,11 @@ BUDGET_KEYS = (
 _KB = 8 * 1024
 
 
+def _kb(v: float) -> str:
+    """A size for messages: enough digits to tell a small excess from equality."""
+    return f"{v:.2f}" if v >= 0.1 else f"{v:.3g}"
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -215,10 +220,10 @@ class BudgetPenalty:
             s_w, s_a = float(self.weight_kb()), float(self.act_kb())
         # a hair of slack: sizes are sums of floats, budgets typed by hand
         if self.weight_budget_kb is not None and s_w > self.weight_budget_kb + 1e-9:
-            out.append(f"weights {s_w:.1f} KB > {self.weight_budget_kb:.1f} KB")
+            out.append(f"weights {_kb(s_w)} KB > {_kb(self.weight_budget_kb)} KB")
         if self.act_budget_kb is not None and s_a > self.act_budget_kb + 1e-9:
             out.append(
-                f"activations ({self.act_budget_mode}) {s_a:.1f} KB > {self.act_budget_kb:.1f} KB"
+                f"activations ({self.act_budget_mode}) {_kb(s_a)} KB > {_kb(self.act_budget_kb)} KB"
             )
         return out
 

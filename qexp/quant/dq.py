@@ -413,8 +413,10 @@ class DQPow2Quantizer(_LearnedPrecision):
         """(e_min, e_max): integer exponents (straight-through) of the extreme magnitudes."""
         if self.param == "p3":
             return round_ste(torch.log2(self.q_min)), round_ste(torch.log2(self.q_max))
-        m = self.magnitudes(self._b_int())
-        m = self._b_int() + (m - self._b_int()).detach() if isinstance(m, Tensor) else m
+        b = self._b_int()
+        # m(b) is a step function: pass b's gradient straight through it, so that the end of
+        # the range that is not learned still responds to b
+        m = b + (self.magnitudes(b) - b).detach()
         if self.param == "p1":
             e_max = round_ste(torch.log2(self.q_max))
             return e_max - (m - 1), e_max

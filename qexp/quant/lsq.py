@@ -61,6 +61,11 @@ class LSQQuantizer(Quantizer):
     def _is_signed(self) -> bool:
         return bool(self.signed_state.item() == 1)
 
+    @property
+    def signed(self) -> bool:  # type: ignore[override]
+        """Whether the grid is signed (for activations: decided by the first batch)."""
+        return self._is_signed()
+
     def q_range(self) -> tuple[int, int]:
         """(Q_N, Q_P): the grid is ``-Q_N .. Q_P`` steps."""
         b = self.bits

@@ -48,6 +48,11 @@ class PACTQuantizer(Quantizer):
     def _is_signed(self) -> bool:
         return bool(self.signed_state.item() == 1)
 
+    @property
+    def signed(self) -> bool:  # type: ignore[override]
+        """Whether the grid is signed (for activations: decided by the first batch)."""
+        return self._is_signed()
+
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Decide the sign and (if not given) alpha from the first batch seen."""

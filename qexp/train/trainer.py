@@ -32,6 +32,7 @@ from qexp.train.checkpoint import (
 )
 from qexp.train.inspect_levels import layer_table, weight_kb
 from qexp.train.optim import build_optimizer, set_lr
+from qexp.train.precision import PrecisionMonitor
 
 log = logging.getLogger("qexp")
 
@@ -99,6 +100,8 @@ class Trainer:
         self.samples = 0
         self.history: list[dict[str, float]] = []
         self.quantizers = [m for m in model.net.modules() if isinstance(m, Quantizer)]
+        # memory budget penalty, per-layer bit logging and budget checks (qexp/train/precision.py)
+        self.precision = PrecisionMonitor.from_config(cfg, model.net, data.info, device)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -232,6 +235,7 @@ class Trainer:
             lr = set_lr(opt, self.lr_curve(progress))
             with self._autocast():
                 loss, logits, extra = est.loss(model, x, y, F.cross_entropy)
+            loss = loss + self.precision.penalty()
             opt.zero_grad(set_to_none=True)
             self.scaler.scale(loss).backward()
             if self.tcfg.grad_clip is not None:
@@ -260,6 +264,7 @@ class Trainer:
                 writer.add_scalar("lr", lr, self.step)
                 for k, v in extra.items():
                     writer.add_scalar(f"train/{k}", v, self.step)
+                self.precision.log(writer, self.step)
                 win_loss.zero_()
                 win_correct.zero_()
                 win_seen = 0
@@ -310,7 +315,11 @@ class Trainer:
                         writer.add_histogram(
                             f"weights/{name}", layer.weight.detach().float().cpu(), self.step
                         )
-                if self.model.estimator.is_final_form() and val_acc > self.best_val:
+                if (
+                    self.model.estimator.is_final_form()
+                    and self.precision.satisfied()
+                    and val_acc > self.best_val
+                ):
                     self.best_val, self.best_epoch = val_acc, self.epoch
                     save_checkpoint(
                         {"model": self.model.state_dict(), "epoch": self.epoch},
@@ -322,6 +331,7 @@ class Trainer:
                         "train_loss": train_loss,
                         "train_acc": train_acc,
                         "val_acc": val_acc,
+                        **self.precision.epoch_summary(),
                     }
                 )
                 log.info(
@@ -386,6 +396,10 @@ class Trainer:
             hparams, {"hparam/test_acc": test_acc}, run_name=".", global_step=self.step
         )
         status = "completed" if honest else "failed: levels exceed bit width"
+        unmet = self.precision.unmet()  # no epoch met the budget: the last one is reported
+        if honest and unmet:
+            status = f"completed: {unmet}"
+        extra.update(self.precision.final(writer, table, self.step))
         extra.update(self.model.estimator.state_summary())
         self._write_metrics(
             status,

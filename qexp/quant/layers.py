@@ -34,6 +34,19 @@ class QuantLayer:
     a_quant: Quantizer | None
     weight: nn.Parameter
 
+    @classmethod
+    def from_float(
+        cls, layer: nn.Module, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
+    ):
+        """Wrap a float ``layer`` of the matching type, sharing its parameters (no copy)."""
+        q = cls.__new__(cls)
+        q.__dict__.update(layer.__dict__)
+        q._modules = dict(layer._modules)
+        q._parameters = dict(layer._parameters)
+        q._buffers = dict(layer._buffers)
+        q._setup_quant(w_quant, a_quant, role)
+        return q
+
     def _setup_quant(
         self, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str = "body"
     ) -> None:
@@ -95,38 +108,12 @@ class QuantLayer:
 class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d with quantized weight and input."""
 
-    @classmethod
-    def from_float(
-        cls, conv: nn.Conv2d, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
-    ) -> QConv2d:
-        """Wrap ``conv``, sharing its parameters (no copy)."""
-        q = cls.__new__(cls)
-        q.__dict__.update(conv.__dict__)
-        q._modules = dict(conv._modules)
-        q._parameters = dict(conv._parameters)
-        q._buffers = dict(conv._buffers)
-        q._setup_quant(w_quant, a_quant, role)
-        return q
-
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
 
 
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear with quantized weight and input."""
-
-    @classmethod
-    def from_float(
-        cls, linear: nn.Linear, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
-    ) -> QLinear:
-        """Wrap ``linear``, sharing its parameters (no copy)."""
-        q = cls.__new__(cls)
-        q.__dict__.update(linear.__dict__)
-        q._modules = dict(linear._modules)
-        q._parameters = dict(linear._parameters)
-        q._buffers = dict(linear._buffers)
-        q._setup_quant(w_quant, a_quant, role)
-        return q
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)

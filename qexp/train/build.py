@@ -135,27 +135,15 @@ def build_model(
     return model.to(device)
 
 
-def _checkpoint_file(path: Path) -> Path:
-    """A checkpoint file from a file path or a run dir (best, then last checkpoint)."""
-    if path.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (path / "checkpoints" / name).is_file():
-                return path / "checkpoints" / name
-        raise QexpError(f"init_from={path}: no checkpoints/best.pt or last.pt in that run dir")
-    if not path.is_file():
-        raise QexpError(f"init_from={path}: no such file or run dir")
-    return path
-
-
 def load_initial_weights(model: QuantModel, source: str) -> None:
     """Copy the network weights of another run (e.g. full precision) into ``model``.
 
     Only tensors whose names and shapes match are copied; quantizer and estimator state of
     this run are kept, so any estimator can start from a full-precision checkpoint.
     """
-    from qexp.train.checkpoint import load_checkpoint
+    from qexp.train.checkpoint import checkpoint_file, load_checkpoint
 
-    ckpt = load_checkpoint(_checkpoint_file(Path(source)))
+    ckpt = load_checkpoint(checkpoint_file(Path(source), "init_from"))
     state = ckpt.get("model", ckpt)
     own = model.state_dict()
     copied = {

@@ -58,6 +58,21 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from None
 
 
+def checkpoint_file(path: Path, key: str) -> Path:
+    """A checkpoint file from a file path or a run dir (its best, then its last checkpoint).
+
+    ``key`` names the option the path came from, for the error message.
+    """
+    if path.is_dir():
+        for name in ("best.pt", "last.pt"):
+            if (path / "checkpoints" / name).is_file():
+                return path / "checkpoints" / name
+        raise QexpError(f"{key}={path}: no checkpoints/best.pt or last.pt in that run dir")
+    if not path.is_file():
+        raise QexpError(f"{key}={path}: no such checkpoint file or run dir")
+    return path
+
+
 def rng_state() -> dict[str, Any]:
     """Random number generator states that training uses (torch CPU/CUDA, Python)."""
     state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}

@@ -26,7 +26,7 @@ from torch import nn
 from qexp.data.base import DataInfo
 from qexp.errors import QexpError
 from qexp.train.build import instantiate
-from qexp.train.checkpoint import load_checkpoint, rng_state, set_rng_state
+from qexp.train.checkpoint import checkpoint_file, load_checkpoint, rng_state, set_rng_state
 
 log = logging.getLogger("qexp")
 
@@ -143,17 +143,6 @@ def cached_partner_dir(cfg: DictConfig) -> Path:
     return run_dir
 
 
-def _checkpoint_file(source: Path) -> Path:
-    if source.is_dir():
-        for name in ("best.pt", "last.pt"):
-            if (source / "checkpoints" / name).is_file():
-                return source / "checkpoints" / name
-        raise QexpError(f"estimator.partner={source}: no checkpoints/best.pt or last.pt there")
-    if not source.is_file():
-        raise QexpError(f"estimator.partner={source}: no such checkpoint file or run dir")
-    return source
-
-
 def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:
     """A plain float model of ``cfg.model`` with the network weights of ``source``.
 
@@ -161,7 +150,7 @@ def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:
     tensor of the model must be there; quantizer state of a quantized run is ignored (its
     latent weights are then used at full precision, with a warning).
     """
-    path = _checkpoint_file(source)
+    path = checkpoint_file(source, "estimator.partner")
     ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt)
     if any(k.startswith("net.") for k in state):

@@ -65,7 +65,7 @@ def main() -> None:
     # full-precision reference first: block replacement's partners are trained the same way
     qexp("train", *common, "estimator=ste", "bits=32")
     qexp("train", *common, f"estimator={args.estimators}", f"bits={args.bits}")
-    qexp("compare", args.sweep_dir, "--out", args.out)
+    qexp("compare", args.sweep_dir, "--out", args.out, "--no-tensorboard")
     minutes = (time.time() - t0) / 60
 
     table = (Path(args.out) / "compare.md").read_text()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from qexp.report.compare import compare, main
+from qexp.report.compare import compare, main, plot_series
 from qexp.report.runs import find_runs, group_runs
 
 # (estimator, bits) -> test_acc of seeds 0, 1, 2
@@ -155,6 +155,153 @@ def test_cli_output_and_errors(runs_dir, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert main([str(empty)]) == 1
+
+
+# -- --x weight_kb: a weight-budget sweep ----------------------------------------------------
+# budget (KB) -> (seed, test_acc, weight_kb learnt) of each run; every run has bits=8
+BUDGET_RUNS = {
+    16: [(0, 0.80, 15.9), (1, 0.82, 16.1)],
+    18: [(0, 0.85, 17.6), (1, 0.84, 18.0), (2, 0.86, 17.9)],
+    24: [(0, 0.90, 23.8)],  # a single seed: std 0
+    20: [(0, 0.88, 19.7), (1, 0.87, 20.2)],
+}
+
+
+def write_budget_run(run_dir: Path, budget: int, seed: int, acc: float, kb: float) -> None:
+    """A dq_u3 run with a .hydra/config.yaml that still describes it, as a real sweep leaves."""
+    from omegaconf import OmegaConf
+
+    from qexp.train.trainer import config_fingerprint
+
+    cfg = OmegaConf.create(
+        {
+            "seed": seed,
+            "bits": 8,
+            "dataset": {"name": "digits"},
+            "model": {"name": "mlp"},
+            "estimator": {"name": "ste"},
+            "quantizer": {"name": "dq_u3", "weight_budget_kb": budget},
+            "trainer": {"epochs": 1, "lr": 0.002},
+        }
+    )
+    write_run(
+        run_dir,
+        "ste",
+        8,
+        seed,
+        acc,
+        quantizer="dq_u3",
+        weight_kb=kb,
+        config_hash=config_fingerprint(cfg),
+    )
+    (run_dir / ".hydra").mkdir()
+    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
+
+
+@pytest.fixture
+def budget_dir(tmp_path: Path) -> Path:
+    """A budget sweep, uniform 2- and 4-bit runs beside it, and a full-precision reference."""
+    top = tmp_path / "budget"
+    for budget, runs in BUDGET_RUNS.items():
+        for seed, acc, kb in runs:
+            write_budget_run(top / "sweep" / f"kb{budget}-s{seed}", budget, seed, acc, kb)
+    for bits in (2, 4):
+        for seed, acc in enumerate(ACCS[("ste", bits)]):
+            write_run(top / "uniform" / f"w{bits}-s{seed}", "ste", bits, seed, acc)
+    for seed, acc in enumerate(FP32):
+        write_run(top / "fp" / f"s{seed}", "ste", 32, seed, acc)
+    return top
+
+
+def _expected_budget_points() -> tuple[list[float], list[float], list[float]]:
+    """(mean weight_kb, mean test_acc, sample std) per budget, sorted by KB, from the runs."""
+    pts = []
+    for runs in BUDGET_RUNS.values():
+        accs = [acc for _, acc, _ in runs]
+        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+        pts.append((statistics.fmean(kb for *_, kb in runs), statistics.fmean(accs), std))
+    pts.sort()
+    return [p[0] for p in pts], [p[1] for p in pts], [p[2] for p in pts]
+
+
+def test_plot_series_against_weight_kb(budget_dir):
+    runs, skipped = find_runs([budget_dir])
+    assert not skipped
+    groups, extras = group_runs(runs)
+    assert extras == ["quantizer.weight_budget_kb"]  # the budgets stay apart as groups
+    lines = plot_series(groups, "weight_kb")
+    assert list(lines) == [("digits", "mlp")]
+    named = lines[("digits", "mlp")]
+    # one line per quantizer + estimator, the budgets being its points; no fp32 point
+    assert sorted(named) == ["dq_u3/ste", "uniform/ste"]
+    xs, ys, yerrs = named["dq_u3/ste"]
+    exp_x, exp_y, exp_err = _expected_budget_points()
+    assert xs == pytest.approx(exp_x)
+    assert ys == pytest.approx(exp_y)
+    assert yerrs == pytest.approx(exp_err)
+    assert xs == sorted(xs)
+    # uniform runs: weight_kb = 10 * bits in the fake metrics
+    xs, ys, yerrs = named["uniform/ste"]
+    assert xs == pytest.approx([20.0, 40.0])
+    assert ys == pytest.approx([statistics.fmean(ACCS[("ste", b)]) for b in (2, 4)])
+    assert yerrs == pytest.approx([statistics.stdev(ACCS[("ste", b)]) for b in (2, 4)])
+    # against bits the budgets are separate lines with one point each, all at x = 8
+    by_bits = plot_series(groups, "bits")[("digits", "mlp")]
+    dq_lines = [v for k, v in by_bits.items() if k.startswith("dq_u3/")]
+    assert len(dq_lines) == len(BUDGET_RUNS) and all(v[0] == [8.0] for v in dq_lines)
+    with pytest.raises(ValueError):
+        plot_series(groups, "act_kb")
+
+
+def test_plot_series_skips_runs_without_weight_kb(tmp_path):
+    top = tmp_path / "runs"
+    write_run(top / "a", "ste", 2, 0, 0.7)
+    write_run(top / "b", "clipped_ste", 2, 0, 0.6, weight_kb=None)
+    groups, _ = group_runs(find_runs([top])[0])
+    assert list(plot_series(groups, "weight_kb")[("digits", "mlp")]) == ["ste"]
+    result = compare([top], tmp_path / "out", tensorboard=False, x="weight_kb")
+    assert [g.estimator for g in result["no_weight_kb"]] == ["clipped_ste"]
+
+
+def test_compare_against_weight_kb(budget_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    result = compare([budget_dir], out, x="weight_kb")
+    assert result["figure"] == out / "accuracy_vs_weight_kb.png"
+    assert result["figure"].read_bytes()[:4] == b"\x89PNG"
+    assert not (out / "accuracy_vs_bits.png").exists()
+    md = (out / "compare.md").read_text()
+    assert "(accuracy_vs_weight_kb.png)" in md and "accuracy_vs_bits.png" not in md
+    # the table is the same as with the default x
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert [r["quantizer.weight_budget_kb"] for r in rows if r["quantizer"] == "dq_u3"] == [
+        str(b) for b in sorted(BUDGET_RUNS)
+    ]
+    assert result["rows"] == compare([budget_dir], tmp_path / "bits", tensorboard=False)["rows"]
+    # TensorBoard: the figure's points at step = round(weight_kb)
+    acc = EventAccumulator(str(out / "tensorboard" / "dq_u3_ste"))
+    acc.Reload()
+    means = {e.step: e.value for e in acc.Scalars("compare/test_acc_vs_kb")}
+    exp_x, exp_y, _ = _expected_budget_points()
+    assert sorted(means) == [round(x) for x in exp_x]
+    for x, y in zip(exp_x, exp_y, strict=True):
+        assert means[round(x)] == pytest.approx(y, abs=1e-6)
+    figure = EventAccumulator(str(out / "tensorboard" / "figure"))
+    figure.Reload()
+    assert figure.Tags()["images"] == ["compare/accuracy_vs_weight_kb"]
+
+
+def test_cli_x_weight_kb(budget_dir, tmp_path, capsys):
+    out = tmp_path / "o"
+    args = [str(budget_dir), "--out", str(out), "--no-tensorboard"]
+    assert main([*args, "--x", "weight_kb"]) == 0
+    assert str(out / "accuracy_vs_weight_kb.png") in capsys.readouterr().out
+    assert main(args) == 0  # default: against bits
+    assert (out / "accuracy_vs_bits.png").is_file()
+    assert "(accuracy_vs_bits.png)" in (out / "compare.md").read_text()
+    with pytest.raises(SystemExit):
+        main([*args, "--x", "act_kb"])
 
 
 # -- qexp tb --------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""`qexp compare DIR... [--out OUTDIR]`: accuracy against bit width across runs and sweeps.
+"""`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb}]`: accuracy against bit width (or
+weight memory) across runs and sweeps.
 
 Finds every run under the given dirs, averages test accuracy over seeds for each
 (estimator, quantizer, bit width, ...) and writes:
@@ -8,6 +9,12 @@ Finds every run under the given dirs, averages test accuracy over seeds for each
   sample std over seeds, the full-precision runs as a dashed horizontal line;
 * ``tensorboard/``: one TensorBoard run per estimator with ``compare/test_acc`` (and
   ``_std``, ``_min``, ``_max``) at step = bit width, plus the figure as an image.
+
+With ``--x weight_kb`` the figure is ``accuracy_vs_weight_kb.png`` instead: accuracy against
+each group's mean ``weight_kb`` (metrics.json), one line per estimator + quantizer whatever
+their other settings (so a budget sweep, where every run has the same nominal bits, is one
+line), sorted by KB; and TensorBoard gets ``compare/test_acc_vs_kb`` (and ``_std``) at step =
+round(weight_kb). The tables are the same in both modes.
 """
 
 from __future__ import annotations
@@ -23,6 +30,11 @@ from qexp.errors import QexpError
 from qexp.report.runs import Group, Skipped, find_runs, group_runs, skipped_reasons
 
 FIGURE_NAME = "accuracy_vs_bits.png"
+#: figure file per --x choice
+FIGURE_NAMES = {"bits": FIGURE_NAME, "weight_kb": "accuracy_vs_weight_kb.png"}
+X_CHOICES = tuple(FIGURE_NAMES)
+_X_WORDS = {"bits": "bit width", "weight_kb": "weight memory"}
+_X_LABELS = {"bits": "weight bits (w_bits)", "weight_kb": "weight memory (KB)"}
 CSV_NAME = "compare.csv"
 MD_NAME = "compare.md"
 TB_DIR = "tensorboard"
@@ -106,18 +118,22 @@ def format_text(header: list[str], rows: list[list[Any]]) -> str:
 
 
 def format_markdown(
-    header: list[str], rows: list[list[Any]], skipped: list[Skipped], figure: str | None
+    header: list[str],
+    rows: list[list[Any]],
+    skipped: list[Skipped],
+    figure: str | None,
+    x: str = "bits",
 ) -> str:
     """The report as Markdown: table, std note, figure link, skipped runs."""
     shown, cells = _display(header, rows)
-    lines = ["# Accuracy against bit width", ""]
+    lines = [f"# Accuracy against {_X_WORDS[x]}", ""]
     lines.append("| " + " | ".join(shown) + " |")
     lines.append("|" + "|".join("---" for _ in shown) + "|")
     for r in cells:
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in r) + " |")
     lines += ["", f"\\* {STD_NOTE}. test_acc: hard-quantized test accuracy of the best epoch.", ""]
     if figure:
-        lines += [f"![accuracy against bit width]({figure})", ""]
+        lines += [f"![accuracy against {_X_WORDS[x]}]({figure})", ""]
     if skipped:
         lines += [f"## {skipped_reasons(skipped)}", ""]
         lines += [f"- `{s.path}`: {s.reason}" for s in skipped]
@@ -163,6 +179,52 @@ def series(groups: list[Group]) -> dict[tuple[str, str], dict[str, list[Group]]]
     return out
 
 
+Points = tuple[list[float], list[float], list[float]]
+
+
+def plot_series(groups: list[Group], x: str = "bits") -> dict[tuple[str, str], dict[str, Points]]:
+    """What the figure draws: panel (dataset, model) -> line name -> (xs, ys, yerrs).
+
+    ys are the groups' mean test_acc, yerrs their sample std over seeds. ``x="bits"``: one line
+    per :func:`series` line, x = w_bits. ``x="weight_kb"``: one line per estimator + quantizer
+    (groups that differ in anything else, e.g. a budget, are points of the same line), x = the
+    group's mean weight_kb; groups without weight_kb are left out. Full-precision groups are
+    never points (they are the reference line); lines without points are left out.
+    """
+    if x not in X_CHOICES:
+        raise ValueError(f"x must be one of {', '.join(X_CHOICES)}, not {x!r}")
+    out: dict[tuple[str, str], dict[str, Points]] = {}
+    if x == "bits":
+        for panel, named in series(groups).items():
+            lines: dict[str, list[tuple[float, Group]]] = {
+                name: [(float(g.w_bits), g) for g in gs if not g.full_precision]
+                for name, gs in named.items()
+            }
+            out[panel] = _points(lines)
+        return out
+    many_quantizers = len({g.quantizer for g in groups}) > 1
+    for panel, members in _panels(groups).items():
+        by_line: dict[str, list[tuple[float, Group]]] = {}
+        for g in members:
+            kb = g.mean_of("weight_kb")
+            if g.full_precision or kb is None:
+                continue
+            name = f"{g.quantizer}/{g.estimator}" if many_quantizers else str(g.estimator)
+            by_line.setdefault(name, []).append((kb, g))
+        out[panel] = _points(by_line)
+    return out
+
+
+def _points(lines: dict[str, list[tuple[float, Group]]]) -> dict[str, Points]:
+    out: dict[str, Points] = {}
+    for name, pts in lines.items():
+        if not pts:
+            continue
+        pts = sorted(pts, key=lambda p: p[0])
+        out[name] = ([p[0] for p in pts], [p[1].mean for p in pts], [p[1].std for p in pts])
+    return out
+
+
 def _reference(members: list[Group]) -> tuple[float, float, int] | None:
     """Mean, sample std and count of all full-precision runs of a panel (any estimator)."""
     accs = [a for g in members if g.full_precision for a in g.accs]
@@ -174,32 +236,23 @@ def _reference(members: list[Group]) -> tuple[float, float, int] | None:
     return statistics.fmean(accs), std, len(accs)
 
 
-def plot(groups: list[Group], path: Path):
-    """Accuracy against weight bits, one panel per (dataset, model); returns the figure."""
+def plot(groups: list[Group], path: Path, x: str = "bits"):
+    """Accuracy against weight bits (or weight_kb), one panel per (dataset, model); returns
+    the figure."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = series(groups)
+    lines = plot_series(groups, x)
     panels = _panels(groups)
     fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.6), squeeze=False)
     for ax, (panel, members) in zip(axes[0], panels.items(), strict=True):
         ticks: set[int] = set()
-        for name, gs in lines[panel].items():
-            pts = [g for g in gs if not g.full_precision]
-            if not pts:
-                continue
-            xs = [g.w_bits for g in pts]
-            ticks.update(xs)
-            ax.errorbar(
-                xs,
-                [g.mean for g in pts],
-                yerr=[g.std for g in pts],
-                marker="o",
-                capsize=3,
-                label=name,
-            )
+        for name, (xs, ys, yerrs) in lines[panel].items():
+            if x == "bits":
+                ticks.update(int(v) for v in xs)
+            ax.errorbar(xs, ys, yerr=yerrs, marker="o", capsize=3, label=name)
         ref = _reference(members)
         if ref is not None:
             mean, std, n = ref
@@ -213,7 +266,7 @@ def plot(groups: list[Group], path: Path):
             ax.set_xticks(sorted(ticks))
             ax.set_xticklabels([str(t) for t in sorted(ticks)])
             ax.minorticks_off()
-        ax.set_xlabel("weight bits (w_bits)")
+        ax.set_xlabel(_X_LABELS[x])
         ax.set_ylabel("test accuracy (hard-quantized)")
         ax.set_title(f"{panel[0]} / {panel[1]}: mean ± sample std over seeds", fontsize=10)
         ax.grid(True, alpha=0.3)
@@ -227,8 +280,9 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_.=-" else "_" for c in name).strip("_") or "run"
 
 
-def write_tensorboard(groups: list[Group], fig: Any, out: Path) -> Path:
-    """One TensorBoard run per line of the figure: compare/test_acc* at step = weight bits."""
+def write_tensorboard(groups: list[Group], fig: Any, out: Path, x: str = "bits") -> Path:
+    """One TensorBoard run per line of the figure: compare/test_acc* at step = weight bits, or
+    with ``x="weight_kb"`` compare/test_acc_vs_kb(_std) at step = round(weight_kb)."""
     from torch.utils.tensorboard import SummaryWriter
 
     tb = out / TB_DIR
@@ -240,6 +294,20 @@ def write_tensorboard(groups: list[Group], fig: Any, out: Path) -> Path:
         shutil.rmtree(tb)  # stale event files would double every point
     tb.mkdir(parents=True, exist_ok=True)
     (tb / _TB_MARKER).write_text("written by `qexp compare`; rewritten on every run\n")
+    if x == "weight_kb":
+        _write_kb_scalars(groups, tb)
+    else:
+        _write_bits_scalars(groups, tb)
+    if fig is not None:
+        writer = SummaryWriter(str(tb / "figure"))
+        writer.add_figure(f"compare/{Path(FIGURE_NAMES[x]).stem}", fig, close=False)
+        writer.close()
+    return tb
+
+
+def _write_bits_scalars(groups: list[Group], tb: Path) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
     lines = series(groups)
     many_panels = len(lines) > 1
     for panel, named in lines.items():
@@ -254,16 +322,34 @@ def write_tensorboard(groups: list[Group], fig: Any, out: Path) -> Path:
                 writer.add_scalar("compare/test_acc_max", max(g.accs), step)
                 writer.add_scalar("compare/runs", g.n, step)
             writer.close()
-    if fig is not None:
-        writer = SummaryWriter(str(tb / "figure"))
-        writer.add_figure("compare/accuracy_vs_bits", fig, close=False)
-        writer.close()
-    return tb
+
+
+def _write_kb_scalars(groups: list[Group], tb: Path) -> None:
+    """The figure's points; TensorBoard steps are ints, so KB is rounded to the nearest one."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    lines = plot_series(groups, "weight_kb")
+    many_panels = len(lines) > 1
+    for panel, named in lines.items():
+        prefix = f"{_safe('_'.join(panel))}/" if many_panels else ""
+        for name, (xs, ys, yerrs) in named.items():
+            writer = SummaryWriter(str(tb / f"{prefix}{_safe(name)}"))
+            for kb, mean, std in zip(xs, ys, yerrs, strict=True):
+                writer.add_scalar("compare/test_acc_vs_kb", mean, round(kb))
+                writer.add_scalar("compare/test_acc_vs_kb_std", std, round(kb))
+            writer.close()
 
 
 # -- command --------------------------------------------------------------------------------
-def compare(dirs: list[Path], out: Path, tensorboard: bool = True) -> dict[str, Any]:
-    """Build the report for ``dirs`` into ``out``; returns paths and the groups."""
+def compare(
+    dirs: list[Path], out: Path, tensorboard: bool = True, x: str = "bits"
+) -> dict[str, Any]:
+    """Build the report for ``dirs`` into ``out``; returns paths and the groups.
+
+    ``x``: the figure's x axis, ``"bits"`` (w_bits) or ``"weight_kb"`` (mean weight memory).
+    """
+    if x not in X_CHOICES:
+        raise QexpError(f"--x must be one of {', '.join(X_CHOICES)}, not {x!r}")
     missing = [str(d) for d in dirs if not d.is_dir()]
     if missing:
         raise QexpError(f"no such directory: {', '.join(missing)}")
@@ -274,19 +360,25 @@ def compare(dirs: list[Path], out: Path, tensorboard: bool = True) -> dict[str, 
     groups, extras = group_runs(runs)
     header, rows = table_rows(groups, extras)
     out.mkdir(parents=True, exist_ok=True)
-    fig = plot(groups, out / FIGURE_NAME)
+    figure = FIGURE_NAMES[x]
+    fig = plot(groups, out / figure, x)
     write_csv(header, rows, out / CSV_NAME)
-    (out / MD_NAME).write_text(format_markdown(header, rows, skipped, FIGURE_NAME))
+    (out / MD_NAME).write_text(format_markdown(header, rows, skipped, figure, x))
     result.update(
         groups=groups,
         header=header,
         rows=rows,
         csv=out / CSV_NAME,
         markdown=out / MD_NAME,
-        figure=out / FIGURE_NAME,
+        figure=out / figure,
     )
+    if x == "weight_kb":
+        # groups that cannot be placed on the KB axis (metrics.json without weight_kb)
+        result["no_weight_kb"] = [
+            g for g in groups if not g.full_precision and g.mean_of("weight_kb") is None
+        ]
     if tensorboard:
-        result["tensorboard"] = write_tensorboard(groups, fig, out)
+        result["tensorboard"] = write_tensorboard(groups, fig, out, x)
     import matplotlib.pyplot as plt
 
     plt.close(fig)
@@ -294,7 +386,7 @@ def compare(dirs: list[Path], out: Path, tensorboard: bool = True) -> dict[str, 
 
 
 def main(argv: list[str]) -> int:
-    """`qexp compare DIR... [--out OUTDIR] [--no-tensorboard]`."""
+    """`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb}] [--no-tensorboard]`."""
     parser = argparse.ArgumentParser(
         prog="qexp compare",
         description="Average test accuracy over seeds per estimator, quantizer and bit width, "
@@ -308,12 +400,19 @@ def main(argv: list[str]) -> int:
         help="output folder (default: DIR/compare for one DIR, ./compare for several)",
     )
     parser.add_argument(
+        "--x",
+        choices=X_CHOICES,
+        default="bits",
+        help="x axis of the figure: weight bits (default), or each group's mean weight "
+        "memory in KB from metrics.json (e.g. for a weight-budget sweep)",
+    )
+    parser.add_argument(
         "--no-tensorboard", action="store_true", help="skip the TensorBoard summary"
     )
     args = parser.parse_args(argv)
     out = args.out or (args.dirs[0] / "compare" if len(args.dirs) == 1 else Path("compare"))
     try:
-        result = compare(args.dirs, out, tensorboard=not args.no_tensorboard)
+        result = compare(args.dirs, out, tensorboard=not args.no_tensorboard, x=args.x)
     except QexpError as exc:
         print(f"qexp: error: {exc}", file=sys.stderr)
         return 2
@@ -330,6 +429,8 @@ def main(argv: list[str]) -> int:
     if repeated:
         # the same config and seed twice (copied run dirs, or two sweeps given together)
         print(f"note: {len(repeated)} groups hold the same seed more than once")
+    if result.get("no_weight_kb"):
+        print(f"note: {len(result['no_weight_kb'])} groups have no weight_kb and are not plotted")
     if skipped:
         print()
         print(skipped_reasons(skipped))

@@ -139,3 +139,15 @@ def test_user_config_dir_adds_a_group_option(tmp_path):
     run_qexp("train", "--config-dir", str(tmp_path / "myconf"), "estimator=my_ste", *FAST,
              "trainer.epochs=1", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     assert read_metrics(run_dir)["estimator"] == "my_ste"
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+    run_dir = tmp_path / "r"
+    proc = run_qexp("train", *FAST, "trainer.epochs=2", "trainer.lr=1e30",
+                    "trainer.optimizer=sgd", f"hydra.run.dir={run_dir}", cwd=tmp_path,
+                    check=False)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "NaN" in err and "trainer.lr" in err
+    assert "Traceback" not in proc.stderr
+    assert read_metrics(run_dir)["status"] == "failed"

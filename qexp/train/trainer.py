@@ -292,10 +292,14 @@ class Trainer:
         return epoch_loss, float(correct) / max(seen, 1)
 
     def _nan_message(self) -> str:
+        last = self.ckpt_dir / "last.pt"
+        kept = (
+            f"the last good checkpoint (epoch {self.epoch}) is kept in {last}"
+            if last.is_file() else "no epoch had finished, so no checkpoint was written"
+        )
         return (
             f"the training loss became NaN/inf in epoch {self.epoch + 1} (step {self.step}): "
-            f"lower trainer.lr (now {self.tcfg.lr}) or set trainer.grad_clip; the last good "
-            f"checkpoint is kept in {self.ckpt_dir}"
+            f"lower trainer.lr (now {self.tcfg.lr}) or set trainer.grad_clip; {kept}"
         )
 
     def fit(self) -> dict[str, Any]:

@@ -4,7 +4,7 @@ A body layer trains with the blend ``w_ab = (1 - alpha) w + alpha sg(q(w))`` of 
 weight and the hard-quantized one, where ``sg`` stops the gradient. Nothing flows through the
 quantizer, so the latent weight's gradient is exactly ``(1 - alpha) dL/dw_ab``. ``alpha`` is not
 learned: it follows a curve of training progress from 0 (full precision) to 1 (the quantized
-network), read from ``schedule.alpha`` (conf/schedule/curves.yaml).
+network), read from ``schedule.alpha`` (conf/curves.yaml).
 
 Consequences worth knowing when reading results:
 

@@ -12,7 +12,7 @@ outside the grid it saturates at the end levels like the hard clamp. For a 2-lev
 ``{-a, a}`` (``D = 2a``) it is ``a * tanh(beta x / (2a))``. Gradients are the exact derivatives
 of ``s``; the slope at every midpoint is ``beta / 2``.
 
-``beta`` follows ``schedule.beta`` (conf/schedule/curves.yaml), an exponential curve of training
+``beta`` follows ``schedule.beta`` (conf/curves.yaml), an exponential curve of training
 progress. Evaluation uses the hard quantizer (the layers do that outside training), and the
 trainer also reports the stand-in network's accuracy (``test_acc_soft``) and the gap.
 """

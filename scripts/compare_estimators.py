@@ -70,6 +70,8 @@ def main() -> None:
 
     table = (Path(args.out) / "compare.md").read_text()
     table = table.split("\n", 2)[2] if table.startswith("# ") else table  # drop its title
+    # its figure link is relative to the output dir; the page links the figure itself
+    table = "\n".join(ln for ln in table.splitlines() if not ln.startswith("!["))
     figure = Path(args.out).relative_to(Path(args.page).parent) / "accuracy_vs_bits.png"
     command = " ".join(["python scripts/compare_estimators.py", *sys.argv[1:]])
     page = f"""# Estimators compared on Fashion-MNIST
@@ -88,7 +90,8 @@ taken at the best validation epoch; mean and sample standard deviation over seed
 
 {PAPERS}
 Their settings (CIFAR / ImageNet, larger networks, hundreds of epochs) differ from this short
-Fashion-MNIST protocol, so compare directions, not magnitudes.
+Fashion-MNIST protocol, so compare directions, not magnitudes. `train_time_s` was measured
+with two runs sharing two CPU cores (and other work on the machine): read it as a rough guide.
 """
     Path(args.page).write_text(page)
     print(f"wrote {args.page}")

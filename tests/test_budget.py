@@ -78,9 +78,11 @@ def test_penalty_is_zero_under_budget():
 def test_penalty_over_budget_pushes_towards_fewer_bits(which):
     net = _net()
     if which == "weight":
-        budget = BudgetPenalty(weight_budget_kb=0.2, lambda_w=0.1)
+        budget = BudgetPenalty(weight_budget_kb=0.2, lambda_w=0.1, budget_margin=0.0)
     else:
-        budget = BudgetPenalty(act_budget_kb=0.05, act_budget_mode="sum", lambda_a=0.1)
+        budget = BudgetPenalty(
+            act_budget_kb=0.05, act_budget_mode="sum", lambda_a=0.1, budget_margin=0.0
+        )
     budget.bind(measure_layers(net, torch.zeros(1, 1, 6, 6)))
     s_w, s_a = budget.weight_kb().item(), budget.act_kb().item()
     over = s_w - 0.2 if which == "weight" else s_a - 0.05
@@ -103,6 +105,23 @@ def test_penalty_over_budget_pushes_towards_fewer_bits(which):
     # edge layers have fixed bits: no quantizer gradient at all
     edge = [m for _, m in quant_layers(net) if m.layer_role != "body"]
     assert all(p.grad is None for m in edge for p in m.w_quant.parameters())
+
+
+def test_margin_aims_below_the_budget_but_checks_the_budget_itself():
+    net = _net()
+    layers = measure_layers(net, torch.zeros(1, 1, 6, 6))
+    size = BudgetPenalty(weight_budget_kb=1.0)
+    size.bind(layers)
+    s_w = size.weight_kb().item()
+    # a budget just above the current size: met, yet the penalty still pulls below it
+    budget = BudgetPenalty(weight_budget_kb=s_w * 1.01, lambda_w=0.1, budget_margin=0.05)
+    budget.bind(layers)
+    assert not budget.violations()
+    expected = 0.1 * (s_w - s_w * 1.01 * 0.95) ** 2
+    assert budget().item() == pytest.approx(expected, rel=1e-5)
+    exact = BudgetPenalty(weight_budget_kb=s_w * 1.01, lambda_w=0.1, budget_margin=0.0)
+    exact.bind(layers)
+    assert exact().item() == 0.0
 
 
 def test_average_bits_convert_to_kb_for_the_model():

@@ -29,6 +29,7 @@ from qexp.quant.layers import QuantLayer, quant_layers, quant_mode
 ACT_MODES = ("max", "sum")
 #: the quantizer group's keys that configure the budget (everything else builds quantizers)
 BUDGET_KEYS = (
+    "budget_margin",
     "weight_budget_kb",
     "act_budget_kb",
     "act_budget_mode",
@@ -132,6 +133,10 @@ class BudgetPenalty:
         act_avg_bits: S_a0 as average bits per activation value.
         lambda_w: weight of the weight-size penalty.
         lambda_a: weight of the activation-size penalty.
+        budget_margin: the penalty aims this fraction below each budget (qexp's choice, not
+            the paper's: the quadratic penalty fades as the excess shrinks, so aiming exactly
+            at the budget tends to stall a hair above it); whether a budget is met is always
+            checked against the budget itself. 0 gives the paper's exact penalty.
     """
 
     def __init__(
@@ -143,6 +148,7 @@ class BudgetPenalty:
         act_avg_bits: float | None = None,
         lambda_w: float = 0.1,
         lambda_a: float = 0.1,
+        budget_margin: float = 0.05,
     ) -> None:
         for key, value in (
             ("weight_budget_kb", weight_budget_kb),
@@ -167,6 +173,9 @@ class BudgetPenalty:
         self.weight_avg_bits = weight_avg_bits
         self.act_avg_bits = act_avg_bits
         self.lambda_w, self.lambda_a = float(lambda_w), float(lambda_a)
+        if not (_is_number(budget_margin) and 0 <= budget_margin < 1):
+            raise ValueError(f"budget_margin={budget_margin!r}: use a number in [0, 1)")
+        self.aim = 1.0 - float(budget_margin)
         self.layers: list[LayerSize] = []
 
     @property
@@ -208,9 +217,11 @@ class BudgetPenalty:
         s_w, s_a = self.weight_kb(), self.act_kb()
         penalty = torch.zeros((), device=s_w.device)
         if self.weight_budget_kb is not None:
-            penalty = penalty + self.lambda_w * torch.relu(s_w - self.weight_budget_kb) ** 2
+            target_w = self.weight_budget_kb * self.aim
+            penalty = penalty + self.lambda_w * torch.relu(s_w - target_w) ** 2
         if self.act_budget_kb is not None:
-            penalty = penalty + self.lambda_a * torch.relu(s_a - self.act_budget_kb) ** 2
+            target_a = self.act_budget_kb * self.aim
+            penalty = penalty + self.lambda_a * torch.relu(s_a - target_a) ** 2
         return penalty
 
     def violations(self) -> list[str]:
@@ -235,6 +246,7 @@ class BudgetPenalty:
             "act_budget_mode": self.act_budget_mode,
             "lambda_w": self.lambda_w,
             "lambda_a": self.lambda_a,
+            "budget_margin": 1.0 - self.aim,
         }
 
 

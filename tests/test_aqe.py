@@ -220,3 +220,18 @@ def test_cli_aqe_end_to_end(tmp_path, monkeypatch):
     assert "estimator/beta" in acc.Tags()["scalars"]
     betas = [e.value for e in acc.Scalars("estimator/beta")]
     assert betas[0] == pytest.approx(1.0) and betas[-1] > betas[0]
+
+
+def test_soft_evaluation_measures_the_stand_in_even_after_the_hard_switch():
+    est = AQE(beta=Constant(3.0), beta_max=3.0, hard_after_beta_max=True)
+    est.step(1.0)  # beta reached beta_max: training forwards hard values
+    layer = _layer(est, UniformQuantizer(2, "weight"), UniformQuantizer(2, "activation"))
+    w = layer.weight
+    hard = layer.w_quant.hard(w)
+    layer.train()
+    torch.testing.assert_close(est.weight(layer, w), hard)
+    layer.eval()  # the trainer's soft evaluation: quant_mode "soft" outside training
+    soft = est.weight(layer, w)
+    expected = reference_stand_in(w.detach().double(), layer.w_quant.grid(w), 3.0).float()
+    torch.testing.assert_close(soft, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(soft, hard)

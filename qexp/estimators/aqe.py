@@ -184,16 +184,21 @@ class AQE(Estimator):
         return {"beta": self._beta, "hard_forward": float(self._hard)}
 
     # -- training forward ----------------------------------------------------------------------
-    def soft(self, quant: Quantizer, x: Tensor) -> Tensor:
-        """``x`` through ``quant``'s stand-in at the current beta (hard values once switched)."""
-        hard = quant.hard(x) if self._hard else None
+    def soft(self, quant: Quantizer, x: Tensor, training: bool = True) -> Tensor:
+        """``x`` through ``quant``'s stand-in at the current beta.
+
+        In training, once switched (``hard_after_beta_max``), the forward carries the hard
+        values. Outside training (the trainer's soft evaluation) it is always the stand-in
+        itself, so ``test_acc_soft`` and the soft/hard gap measure the stand-in network.
+        """
+        hard = quant.hard(x) if self._hard and training else None
         return stand_in(x, quant.grid(x), self._beta, hard)
 
     def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
-        return self.soft(layer.w_quant, w)
+        return self.soft(layer.w_quant, w, layer.training)
 
     def activation(self, layer: QuantLayer, x: Tensor) -> Tensor:
-        return self.soft(layer.a_quant, x)
+        return self.soft(layer.a_quant, x, layer.training)
 
     def extra_repr(self) -> str:
         return (

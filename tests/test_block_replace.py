@@ -242,3 +242,26 @@ def test_unfinished_partner_with_other_settings_is_discarded(tmp_path, monkeypat
     monkeypatch.setattr(run_mod, "run_training", lambda c, d: calls.append(d) or {})
     assert partner_mod.cached_partner_dir(cfg) == tmp_path / "partners" / key
     assert calls == [tmp_path / "partners" / key] and not stale.exists()
+
+
+def test_model_without_blocks_is_refused_before_any_partner_is_trained(monkeypatch):
+    from hydra import compose, initialize_config_module
+
+    import qexp.train.partner as partner_mod
+    from qexp.config.schema import register_schemas
+    from qexp.data.base import DataInfo
+    from qexp.errors import QexpError
+    from qexp.train.build import build_model
+
+    def no_partner(*args, **kwargs):
+        raise AssertionError("the partner must not be built for a model without blocks")
+
+    monkeypatch.setattr(partner_mod, "get_partner", no_partner)
+    register_schemas()
+    with initialize_config_module("qexp.conf", version_base=None):
+        cfg = compose("config", overrides=[
+            "estimator=block_replace", "model=mlp", "model.hidden=[32]", "dataset=digits",
+        ])
+    info = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8)
+    with pytest.raises(QexpError, match="no blocks"):
+        build_model(cfg, info, torch.device("cpu"), total_steps=10)

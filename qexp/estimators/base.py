@@ -70,6 +70,10 @@ class Estimator(nn.Module):
         self.__dict__["partner"] = None
 
     # -- wiring ------------------------------------------------------------------------------
+    def check_model(self, net: nn.Module) -> None:
+        """Raise QexpError if ``net`` cannot be trained by this estimator (called before any
+        costly preparation such as training a partner); default: every model is fine."""
+
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
         """Called once after the model is wrapped; keep references, build per-layer state."""
         self.__dict__["model"] = model

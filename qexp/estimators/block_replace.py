@@ -117,18 +117,27 @@ class BlockReplace(Estimator):
         self._saved_buffers: list[tuple[Tensor, Tensor]] = []
 
     # -- wiring ------------------------------------------------------------------------------
-    def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
-        if ctx.partner is None:
-            raise QexpError("block_replace needs a full-precision partner, but none was given")
-        super().attach(model, ctx)
-        self.base.attach(model, ctx)
-        net = model.net if hasattr(model, "net") else model
+    @staticmethod
+    def _blocks_of(net: nn.Module) -> list[str]:
         names = list(net.block_names()) if hasattr(net, "block_names") else []
         if not names:
             raise QexpError(
                 f"block_replace: model {type(net).__name__} has no blocks (block_names() is "
                 "empty); pick a model with blocks, e.g. model=small_cnn or resnet20"
             )
+        return names
+
+    def check_model(self, net: nn.Module) -> None:
+        # before the partner is trained: a model without blocks can never be used
+        self._blocks_of(net)
+
+    def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
+        if ctx.partner is None:
+            raise QexpError("block_replace needs a full-precision partner, but none was given")
+        super().attach(model, ctx)
+        self.base.attach(model, ctx)
+        net = model.net if hasattr(model, "net") else model
+        names = self._blocks_of(net)
         partner = ctx.partner
         for name in names:
             try:

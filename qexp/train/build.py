@@ -120,6 +120,7 @@ def build_model(
     model = QuantModel(net, estimator).to(device)
     if cfg.get("init_from"):
         load_initial_weights(model, str(cfg.init_from))
+    estimator.check_model(net)
     partner = None
     if estimator.needs_partner:
         from qexp.train.partner import get_partner

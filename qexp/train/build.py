@@ -9,6 +9,7 @@ from typing import Any
 import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from qexp.data.base import DataInfo, DataModule
 from qexp.errors import QexpError
@@ -88,6 +89,17 @@ def build_data(cfg: DictConfig) -> DataModule:
     return instantiate(cfg.dataset, "dataset")
 
 
+def build_net(cfg: DictConfig, info: DataInfo) -> nn.Module:
+    """The plain float network of ``cfg.model`` sized for the data set."""
+    return instantiate(
+        cfg.model,
+        "model",
+        num_classes=info.num_classes,
+        in_channels=info.in_channels,
+        image_size=info.image_size,
+    )
+
+
 def build_model(
     cfg: DictConfig,
     info: DataInfo,
@@ -96,13 +108,7 @@ def build_model(
     run_dir: Path | None = None,
 ) -> QuantModel:
     """Build the network, swap in quantized layers, and attach the estimator."""
-    net = instantiate(
-        cfg.model,
-        "model",
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-    )
+    net = build_net(cfg, info)
     quantize_model(
         net,
         body=quantizer_factory(cfg.quantizer, "quantizer"),

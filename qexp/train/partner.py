@@ -25,7 +25,7 @@ from torch import nn
 
 from qexp.data.base import DataInfo
 from qexp.errors import QexpError
-from qexp.train.build import instantiate
+from qexp.train.build import build_net
 from qexp.train.checkpoint import checkpoint_file, load_checkpoint, rng_state, set_rng_state
 
 log = logging.getLogger("qexp")
@@ -159,13 +159,7 @@ def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:
     if quant:
         log.warning("partner %s comes from a quantized run: using its latent weights", path)
         state = {k: v for k, v in state.items() if k not in set(quant)}
-    net = instantiate(
-        cfg.model,
-        "model",
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-    )
+    net = build_net(cfg, info)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"

@@ -32,6 +32,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qexp.errors import QexpError
 from qexp.quant.base import Grid, Quantizer, round_ste
 
 #: slack when turning a continuous bit width into an integer, so that float error at an exact
@@ -432,9 +433,10 @@ class DQPow2Quantizer(_LearnedPrecision):
 
     # -- maps ------------------------------------------------------------------------------------
     def grid(self, x: Tensor) -> Grid:
-        raise NotImplementedError(
-            "power-of-two levels are not uniform: dq_pow2 works with estimators that use only "
-            "forward/hard (e.g. estimator=ste)"
+        # A user-facing incompatibility, not a bug: say which combinations work.
+        raise QexpError(
+            "quantizer=dq_pow2 has power-of-two (non-uniform) levels, but this estimator needs "
+            "a uniform grid: use estimator=ste or clipped_ste with dq_pow2"
         )
 
     def forward(self, x: Tensor) -> Tensor:

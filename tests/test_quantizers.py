@@ -105,3 +105,14 @@ def test_snap_paths_agree_with_and_without_autograd():
     fast = grid.snap(x)
     slow = grid.snap(x.clone().requires_grad_(True))
     torch.testing.assert_close(fast, slow.detach())
+
+
+def test_data_decided_sign_survives_a_checkpoint_round_trip():
+    q = UniformQuantizer(2, "activation")
+    q.observe(torch.randn(1000))  # negative values: the grid becomes signed
+    fresh = UniformQuantizer(2, "activation")
+    assert fresh.signed_state.item() == -1
+    torch.nn.Sequential(fresh).load_state_dict(torch.nn.Sequential(q).state_dict())
+    assert fresh._is_signed() and fresh.signed_state.item() == 1
+    x = torch.randn(500)
+    torch.testing.assert_close(fresh.hard(x), q.hard(x))

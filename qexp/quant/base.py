@@ -103,6 +103,30 @@ class Quantizer(nn.Module):
         """Current bit width (learned-precision quantizers override this)."""
         return self._bits
 
+    # -- sign decided by data (activations) -----------------------------------------------------
+    def _register_sign(self, signed: bool | None) -> None:
+        """Keep the grid's sign in a buffer, so checkpoints restore it, with a Python mirror,
+        so hot paths read it without a device sync: -1 = decided by the first batch seen,
+        0 = unsigned, 1 = signed."""
+        state = -1 if signed is None else int(bool(signed))
+        self.register_buffer("signed_state", torch.tensor(state))
+        self._sign = state
+        self.register_load_state_dict_post_hook(Quantizer._refresh_sign)
+
+    @staticmethod
+    def _refresh_sign(module: nn.Module, incompatible_keys: object) -> None:
+        module._sign = int(module.signed_state.item())
+
+    @torch.no_grad()
+    def _decide_sign(self, x: Tensor) -> None:
+        """If the sign is undecided: signed iff ``x`` (the first batch) has negative values."""
+        if self._sign == -1:
+            self._sign = int(bool((x < 0).any()))
+            self.signed_state.fill_(self._sign)
+
+    def _is_signed(self) -> bool:
+        return self._sign == 1
+
     def grid(self, x: Tensor) -> Grid:
         """The grid ``x`` is quantized onto (may depend on ``x`` for data-driven scales)."""
         raise NotImplementedError

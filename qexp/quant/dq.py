@@ -110,12 +110,9 @@ class _LearnedPrecision(Quantizer):
             )
         self.b_min, self.b_max = int(b_min), b_max
         self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
+        self._register_sign(signed)
 
     # -- sign and bounds -------------------------------------------------------------------------
-    def _is_signed(self) -> bool:
-        return bool(self.signed_state.item() == 1)
-
     @property
     def signed(self) -> bool:  # type: ignore[override]
         return self._is_signed()
@@ -144,8 +141,7 @@ class _LearnedPrecision(Quantizer):
     # -- initialisation --------------------------------------------------------------------------
     @torch.no_grad()
     def _maybe_init(self, x: Tensor) -> None:
-        if self.signed_state.item() == -1:
-            self.signed_state.fill_(int(bool((x < 0).any())))
+        self._decide_sign(x)
         if bool(self.initialized):
             return
         top = x.detach().abs().max() if self._is_signed() else x.detach().clamp(min=0).max()

@@ -53,14 +53,11 @@ class LSQQuantizer(Quantizer):
         self.use_grad_scale = grad_scale
         self.step = nn.Parameter(torch.tensor(1.0))
         self.register_buffer("initialized", torch.tensor(False))
-        self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
+        self._register_sign(signed)
         if signed and bits < 2:
             raise ValueError("LSQ needs at least 2 bits for signed values (Q_P would be 0)")
 
     # -- range -----------------------------------------------------------------------------------
-    def _is_signed(self) -> bool:
-        return bool(self.signed_state.item() == 1)
-
     @property
     def signed(self) -> bool:  # type: ignore[override]
         """Whether the grid is signed (for activations: decided by the first batch)."""
@@ -75,8 +72,8 @@ class LSQQuantizer(Quantizer):
 
     @torch.no_grad()
     def _maybe_init(self, x: Tensor) -> None:
-        if self.signed_state.item() == -1:
-            self.signed_state.fill_(int(bool((x < 0).any())))
+        if self._sign == -1:
+            self._decide_sign(x)
             if self._is_signed() and self.bits < 2:
                 raise ValueError("LSQ needs at least 2 bits for signed activations")
         if not bool(self.initialized):

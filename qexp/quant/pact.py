@@ -43,10 +43,7 @@ class PACTQuantizer(Quantizer):
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init or 1.0)))
         # Buffers so that a checkpoint restores the calibration state exactly.
         self.register_buffer("initialized", torch.tensor(alpha_init is not None))
-        self.register_buffer("signed_state", torch.tensor(-1 if signed is None else int(signed)))
-
-    def _is_signed(self) -> bool:
-        return bool(self.signed_state.item() == 1)
+        self._register_sign(signed)
 
     @property
     def signed(self) -> bool:  # type: ignore[override]
@@ -56,8 +53,7 @@ class PACTQuantizer(Quantizer):
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Decide the sign and (if not given) alpha from the first batch seen."""
-        if self.signed_state.item() == -1:
-            self.signed_state.fill_(int(bool((x < 0).any())))
+        self._decide_sign(x)
         if not bool(self.initialized):
             top = x.abs().max() if self._is_signed() else x.max()
             self.alpha.fill_(max(float(top), 1e-3))

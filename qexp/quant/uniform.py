@@ -105,8 +105,7 @@ class UniformQuantizer(Quantizer):
             # Activation state lives in buffers so checkpoints restore it exactly.
             self.register_buffer("range", torch.tensor(0.0))
             self.register_buffer("calibrated", torch.tensor(False))
-            fixed = -1 if signed is None else int(bool(signed))
-            self.register_buffer("signed_state", torch.tensor(fixed))
+            self._register_sign(signed)
 
     # -- range estimation -------------------------------------------------------------------
     def _estimate_range(self, x: Tensor) -> Tensor:
@@ -129,15 +128,14 @@ class UniformQuantizer(Quantizer):
     def _is_signed(self) -> bool:
         if self.role == "weight":
             return self.signed
-        return bool(self.signed_state.item() == 1)
+        return super()._is_signed()
 
     @torch.no_grad()
     def observe(self, x: Tensor) -> None:
         """Fold a training batch into the activation range (EMA)."""
         if self.role != "activation":
             return
-        if self.signed_state.item() == -1:
-            self.signed_state.fill_(int(bool((x < 0).any())))
+        self._decide_sign(x)
         rng = self._estimate_range(x)
         if not bool(self.calibrated):
             self.range.copy_(rng)

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from omegaconf import DictConfig
 
 #: fast, deterministic settings for end-to-end runs on the bundled digits set
 FAST = ["dataset=digits", "trainer.threads=1", "trainer.progress=none", "trainer.histograms=false"]
@@ -38,3 +39,27 @@ def read_metrics(run_dir: Path) -> dict:
 @pytest.fixture
 def fast_args() -> list[str]:
     return list(FAST)
+
+
+def compose_config(*overrides: str) -> DictConfig:
+    """The composed run config of `qexp train OVERRIDES` (Hydra's compose API, no run dir)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from qexp.config.schema import register_schemas
+
+    register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="qexp.conf", version_base=None):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+#: the run-config counterpart of FAST (Hydra overrides of a quick digits run)
+FAST_CFG = ["dataset=digits", "trainer.threads=1", "trainer.progress=none",
+            "trainer.histograms=false"]
+
+
+@pytest.fixture
+def cfg_train():
+    """Compose a quick digits run config: ``cfg_train("estimator=aqe", "bits=2")``."""
+    return lambda *overrides: compose_config(*FAST_CFG, *overrides)

@@ -8,14 +8,15 @@ import torch
 from torch import nn
 
 from qexp.cli import main
+from qexp.curves import Ramp
 from qexp.estimators.alpha_blend import AlphaBlend
 from qexp.estimators.base import EstimatorContext
+from qexp.estimators.model import QuantModel
 from qexp.quant.binary import BinaryQuantizer
+from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QLinear, quant_mode
-from qexp.quant.model import QuantModel
 from qexp.quant.uniform import UniformQuantizer
 from qexp.quant.wrap import LayerBits, attach_estimator, quantize_model
-from qexp.train.schedules import Ramp
 
 
 def _uniform(role, bits):
@@ -96,7 +97,8 @@ def test_alpha_one_trains_the_hard_network(body, bits, act, blend_act):
     est.step(1.0)
     assert float(est.alpha) == 1.0 and est.is_final_form()
     model.train()
-    y_train = model(x)  # also calibrates the activation ranges used below
+    with calibration(model):
+        y_train = model(x)  # the calibration phase: sets the activation ranges used below
     model.eval()
     with torch.no_grad():
         y_hard = model(x)
@@ -112,8 +114,9 @@ def test_alpha_zero_trains_latent_weights():
     x = torch.randn(32, 12)
     est.step(0.0)
     assert float(est.alpha) == 0.0 and not est.is_final_form()
-    with torch.no_grad():
+    with torch.no_grad(), calibration(model):
         y_train = model.train()(x)
+    with torch.no_grad():
         model.eval()
         with quant_mode(model, "latent"):
             y_latent = model(x)

@@ -6,16 +6,18 @@ import sys
 
 import pytest
 import torch
+from conftest import FAST_CFG, compose_config
 from torch import nn
 
 from qexp.cli import main
+from qexp.curves import Constant
 from qexp.estimators.aqe import AQE, stand_in
 from qexp.quant.base import Grid
 from qexp.quant.binary import BinaryQuantizer
+from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QLinear
 from qexp.quant.uniform import UniformQuantizer
 from qexp.train.inspect_levels import layer_table
-from qexp.train.schedules import Constant
 
 
 def reference_stand_in(x, grid, beta):
@@ -129,19 +131,15 @@ def test_training_forward_calibrates_activation_range_first():
     assert not bool(layer.a_quant.calibrated)
     x = torch.relu(torch.randn(16, 16))
     layer.train()
-    layer(x)  # QuantLayer.quant_input observes before calling the estimator
+    with calibration(layer):
+        layer(x)  # QuantLayer.quant_input observes before calling the estimator
     assert bool(layer.a_quant.calibrated) and float(layer.a_quant.range) > 0
 
 
 def test_beta_state_round_trips_and_defaults_follow_the_yaml():
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
     from qexp.train.build import instantiate
 
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=["estimator=aqe"])
+    cfg = compose_config("estimator=aqe")
     est = instantiate(cfg.estimator, "estimator")
     assert isinstance(est, AQE) and est.has_soft_forward
     curve = cfg.schedule.beta
@@ -157,29 +155,13 @@ def test_beta_state_round_trips_and_defaults_follow_the_yaml():
 
 def _train_digits(tmp_path, overrides):
     """A one-epoch digits run in process; returns the trained (best) model and a test batch."""
-    from hydra import compose, initialize_config_module
+    from qexp.train.run import build_run
 
-    from qexp.config.schema import register_schemas
-    from qexp.train.build import build_data, build_model
-    from qexp.train.trainer import Trainer
-
-    register_schemas()
-    base = [
-        "dataset=digits",
-        "trainer.epochs=1",
-        "trainer.progress=none",
-        "trainer.histograms=false",
-    ]
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=base + overrides)
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # what trainer.threads=1 does in run_training
-    data = build_data(cfg)
-    total = data.steps_per_epoch(int(cfg.trainer.batch_size))
-    model = build_model(cfg, data.info, torch.device("cpu"), total, tmp_path)
-    metrics = Trainer(cfg, model, data, tmp_path, torch.device("cpu")).fit()
-    x, _ = next(iter(data.eval_batches("test", 256, torch.device("cpu"))))
-    return model, x, metrics
+    cfg = compose_config(*FAST_CFG, "trainer.epochs=1", *overrides)
+    parts = build_run(cfg, tmp_path)
+    metrics = parts.trainer().fit()
+    x, _ = next(iter(parts.data.eval_batches("test", 256, torch.device("cpu"))))
+    return parts.model, x, metrics
 
 
 @pytest.mark.parametrize("quantizer", ["uniform", "binary"])

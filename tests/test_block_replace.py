@@ -8,13 +8,14 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAST, read_metrics, run_qexp
+from conftest import FAST, compose_config, read_metrics, run_qexp
 from torch import nn
 
 from qexp.estimators.base import EstimatorContext
 from qexp.estimators.block_replace import BlockReplace, kd_loss
+from qexp.estimators.model import QuantModel
 from qexp.models import ResNet20, SmallCNN
-from qexp.quant.model import QuantModel
+from qexp.quant.calibrate import set_observing
 from qexp.quant.uniform import UniformQuantizer
 from qexp.quant.wrap import LayerBits, attach_estimator, quantize_model
 
@@ -36,6 +37,7 @@ def _pair(make) -> tuple[QuantModel, nn.Module, BlockReplace]:
     ctx = EstimatorContext(total_steps=1, device=torch.device("cpu"), partner=partner)
     est.attach(model, ctx)
     model.train()
+    set_observing(model, "calibrate")  # every training forward observes, the first calibrates
     return model, partner, est
 
 
@@ -115,15 +117,7 @@ def test_loss_terms_and_buffer_restore():
     assert not any("partner" in k for k in model.state_dict())
 
 
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
-
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
+_compose = compose_config
 
 BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=8",
            "dataset=digits", "trainer.epochs=1", "trainer.threads=1", "trainer.progress=none",
@@ -131,20 +125,15 @@ BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=
 
 
 def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
-    from qexp.config.validate import validate_config
     from qexp.train import partner as partner_mod
-    from qexp.train import run as run_mod
-    from qexp.train.build import build_data, build_model
-    from qexp.train.trainer import Trainer
+    from qexp.train.run import build_run
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="qexp")
     cfg = _compose(*BR_ARGS)
-    validate_config(cfg)
-    data = build_data(cfg)
     cpu = torch.device("cpu")
-    rng = torch.get_rng_state()
-    model = build_model(cfg, data.info, cpu, total_steps=10, run_dir=tmp_path / "a")
+    parts = build_run(cfg, tmp_path / "a")
+    data, model = parts.data, parts.model
     assert "training the full-precision partner" in caplog.text
     partners = list((tmp_path / "cache" / "partners").iterdir())
     key_dirs = [p for p in partners if p.is_dir()]
@@ -154,7 +143,7 @@ def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     partner = model.estimator.partner
     assert not partner.training and not any(p.requires_grad for p in partner.parameters())
     snapshot = copy.deepcopy(partner.state_dict())
-    metrics = Trainer(cfg, model, data, tmp_path / "a", cpu).fit()
+    metrics = parts.trainer().fit()
     assert metrics["status"] == "completed"
     for k, v in partner.state_dict().items():
         torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)
@@ -164,10 +153,9 @@ def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     def no_training(*args, **kwargs):
         raise AssertionError("the cached partner was trained again")
 
-    monkeypatch.setattr(run_mod, "run_training", no_training)
     caplog.clear()
-    torch.set_rng_state(rng)
-    again = partner_mod.get_partner(cfg, data.info, cpu)
+    rng = torch.get_rng_state()
+    again = partner_mod.get_partner(cfg, data.info, cpu, train=no_training)
     assert "reusing the cached full-precision partner" in caplog.text
     assert best.stat().st_mtime_ns == mtime
     for k, v in again.state_dict().items():
@@ -175,7 +163,7 @@ def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
     # an explicit partner path works too
     explicit = _compose(*BR_ARGS, f"estimator.partner={key_dirs[0]}")
-    loaded = partner_mod.get_partner(explicit, data.info, cpu)
+    loaded = partner_mod.get_partner(explicit, data.info, cpu, train=no_training)
     for k, v in loaded.state_dict().items():
         torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)
 
@@ -230,7 +218,6 @@ def test_cli_block_replace_end_to_end(tmp_path):
 
 def test_unfinished_partner_with_other_settings_is_discarded(tmp_path, monkeypatch):
     from qexp.train import partner as partner_mod
-    from qexp.train import run as run_mod
     from qexp.train.checkpoint import save_checkpoint
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path))
@@ -239,29 +226,55 @@ def test_unfinished_partner_with_other_settings_is_discarded(tmp_path, monkeypat
     stale = tmp_path / "partners" / key / "checkpoints" / "last.pt"
     save_checkpoint({"config_hash": "from-other-settings"}, stale)
     calls = []
-    monkeypatch.setattr(run_mod, "run_training", lambda c, d: calls.append(d) or {})
-    assert partner_mod.cached_partner_dir(cfg) == tmp_path / "partners" / key
+    train = lambda c, d: calls.append(d) or {}  # noqa: E731
+    assert partner_mod.cached_partner_dir(cfg, train) == tmp_path / "partners" / key
     assert calls == [tmp_path / "partners" / key] and not stale.exists()
 
 
 def test_model_without_blocks_is_refused_before_any_partner_is_trained(monkeypatch):
-    from hydra import compose, initialize_config_module
-
-    import qexp.train.partner as partner_mod
-    from qexp.config.schema import register_schemas
+    import qexp.train.run as run_mod
     from qexp.data.base import DataInfo
     from qexp.errors import QexpError
-    from qexp.train.build import build_model
 
     def no_partner(*args, **kwargs):
         raise AssertionError("the partner must not be built for a model without blocks")
 
-    monkeypatch.setattr(partner_mod, "get_partner", no_partner)
-    register_schemas()
-    with initialize_config_module("qexp.conf", version_base=None):
-        cfg = compose("config", overrides=[
-            "estimator=block_replace", "model=mlp", "model.hidden=[32]", "dataset=digits",
-        ])
+    monkeypatch.setattr(run_mod, "get_partner", no_partner)
+    cfg = _compose("estimator=block_replace", "model=mlp", "model.hidden=[32]", "dataset=digits")
     info = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8)
     with pytest.raises(QexpError, match="no blocks"):
-        build_model(cfg, info, torch.device("cpu"), total_steps=10)
+        run_mod.build_model(cfg, info, torch.device("cpu"), total_steps=10)
+
+
+def test_partner_of_a_budget_run_is_full_precision_and_reused(tmp_path, monkeypatch):
+    """block_replace + dq_u3 under a memory budget: the partner carries no quantizer options
+    (so no budget it could never meet), completes, is cached, and a second run reuses it."""
+    from qexp.train import partner as partner_mod
+    from qexp.train.run import run_training
+
+    monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
+    budget = ["quantizer=dq_u3", "quantizer.weight_budget_kb=18", "bits=4"]
+    cfg = _compose(*BR_ARGS, *budget)
+    fp = partner_mod.partner_config(cfg)
+    assert set(fp.quantizer) == {"_target_", "name"}  # no budget, no quantizer options
+    assert (fp.w_bits, fp.a_bits, fp.layers.first_bits, fp.layers.last_bits) == (32, 32, None, None)
+    first = run_training(cfg, tmp_path / "a")
+    assert first["status"] == "completed"
+    key_dirs = [p for p in (tmp_path / "cache" / "partners").iterdir() if p.is_dir()]
+    assert len(key_dirs) == 1
+    record = read_metrics(key_dirs[0])
+    assert record["status"] == "completed" and record["reason"] is None
+    assert (key_dirs[0] / "checkpoints" / "best.pt").is_file()
+    # all weights in full precision: 4 bytes per weight, nothing like an 18 KB budget
+    assert all(row["w_bits"] == 32 for row in record["layers"])
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the cached partner was trained again")
+
+    second = _compose(*BR_ARGS, *budget, "estimator.w_kd=0.5")
+    real = partner_mod.cached_partner_dir
+    monkeypatch.setattr(
+        partner_mod, "cached_partner_dir", lambda c, train: real(c, no_training)
+    )
+    again = run_training(second, tmp_path / "b")
+    assert again["status"] == "completed"

@@ -6,11 +6,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, read_metrics
+from conftest import FAST, compose_config, read_metrics
 from torch import nn
 
 from qexp.errors import QexpError
 from qexp.quant.budget import BudgetPenalty, budget_from_node, measure_layers
+from qexp.quant.calibrate import calibration
 from qexp.quant.dq import DQU3Quantizer
 from qexp.quant.layers import quant_layers
 from qexp.quant.uniform import UniformQuantizer
@@ -43,7 +44,8 @@ def _net(bits: int = 4) -> nn.Module:
         last_bits=8,
     )
     net.train()
-    net(torch.randn(4, 1, 6, 6))  # initialises the quantizers
+    with calibration(net):
+        net(torch.randn(4, 1, 6, 6))  # the calibration phase initialises the quantizers
     return net
 
 
@@ -149,50 +151,35 @@ def test_bad_budget_options_are_one_line_errors(node, match):
 
 
 def test_validate_rejects_bad_budget_and_accepts_the_yaml():
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
     from qexp.config.validate import validate_config
 
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        for name in ("dq_u1", "dq_u2", "dq_u3", "dq_pow2", "lsq", "pact", "dorefa"):
-            validate_config(compose(config_name="config", overrides=[f"quantizer={name}"]))
-        bad = compose(
-            config_name="config", overrides=["quantizer=dq_u3", "quantizer.act_budget_mode=mean"]
-        )
+    for name in ("dq_u1", "dq_u2", "dq_u3", "dq_pow2", "lsq", "pact", "dorefa"):
+        validate_config(compose_config(f"quantizer={name}"))
+    bad = compose_config("quantizer=dq_u3", "quantizer.act_budget_mode=mean")
     with pytest.raises(QexpError, match="act_budget_mode"):
         validate_config(bad)
 
 
 def test_dq_u3_initialises_from_init_from_weights(tmp_path: Path):
     """Quantizer ranges come from the loaded weights, not from the random initial ones."""
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
     from qexp.data.base import DataInfo
-    from qexp.train.build import build_model
     from qexp.train.checkpoint import save_checkpoint
+    from qexp.train.run import build_model
 
-    register_schemas()
     info = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8)
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        src_cfg = compose(config_name="config", overrides=["bits=32", "dataset=digits"])
+    src_cfg = compose_config("bits=32", "dataset=digits")
     src = build_model(src_cfg, info, torch.device("cpu"), total_steps=1)
     with torch.no_grad():
         for p in src.parameters():
             p.mul_(3.0)  # distinct from any fresh initialisation
     save_checkpoint({"model": src.state_dict()}, tmp_path / "fp.pt")
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        cfg = compose(
-            config_name="config",
-            overrides=["quantizer=dq_u3", "dataset=digits", f"init_from={tmp_path / 'fp.pt'}"],
-        )
+    cfg = compose_config("quantizer=dq_u3", "dataset=digits", f"init_from={tmp_path / 'fp.pt'}")
     model = build_model(cfg, info, torch.device("cpu"), total_steps=1)
     body = [(n, m) for n, m in model.layers() if m.layer_role == "body"]
     assert body and not any(bool(m.w_quant.initialized) for _, m in body)
     model.train()
-    model(torch.randn(4, 1, 8, 8))
+    with calibration(model):
+        model(torch.randn(4, 1, 8, 8))
     src_weights = dict(src.net.named_parameters())
     for name, m in body:
         loaded = src_weights[f"{name}.weight"]
@@ -211,14 +198,9 @@ def _tb(run_dir: Path):
 
 def _train(run_dir: Path, *overrides: str) -> dict:
     """One `qexp train` run in this process (no interpreter start-up: keeps the tests fast)."""
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
     from qexp.train.run import run_training
 
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=[*FAST, *overrides])
+    cfg = compose_config(*FAST, *overrides)
     run_training(cfg, run_dir)
     return read_metrics(run_dir)
 
@@ -258,7 +240,7 @@ def test_unreachable_budget_reports_the_last_epoch_plainly(tmp_path: Path):
     run_dir = tmp_path / "r"
     # below even 2-bit body weights (16.7 KB)
     m = _train(run_dir, "quantizer=dq_u3", "quantizer.weight_budget_kb=5", "trainer.epochs=1")
-    assert m["status"].startswith("completed: budget not met (weights ")
-    assert "> 5.00 KB" in m["status"]
+    assert m["status"] == "completed"
+    assert m["reason"].startswith("budget not met (weights ") and "> 5.00 KB" in m["reason"]
     assert m["budget_met"] is False and m["best_epoch"] is None
     assert m["weight_kb"] > 5 and "test_acc" in m

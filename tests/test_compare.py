@@ -171,7 +171,7 @@ def write_budget_run(run_dir: Path, budget: int, seed: int, acc: float, kb: floa
     """A dq_u3 run with a .hydra/config.yaml that still describes it, as a real sweep leaves."""
     from omegaconf import OmegaConf
 
-    from qexp.train.trainer import config_fingerprint
+    from qexp.record import config_fingerprint
 
     cfg = OmegaConf.create(
         {

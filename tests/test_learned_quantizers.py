@@ -17,9 +17,10 @@ from qexp.train.inspect_levels import distinct_per_row
 
 
 def _set(q, signed: bool, **values: float) -> None:
-    """Mark ``q`` initialised with the given sign and parameter values."""
-    q.initialized.fill_(True)
+    """Mark ``q`` calibrated with the given sign and parameter values."""
+    q._set_calibrated()
     q.signed_state.fill_(int(signed))
+    q._sign = int(signed)
     with torch.no_grad():
         for name, v in values.items():
             getattr(q, name).fill_(v)
@@ -174,11 +175,13 @@ def test_u1_u2_u3_agree_on_equivalent_parameters(signed, bits):
         assert torch.unique(q.hard(x)).numel() <= 2**bits
 
 
-def test_weights_initialise_lazily_from_max_abs_at_the_initial_bits():
+def test_weights_initialise_from_max_abs_at_the_initial_bits_when_observed():
     q = DQU3Quantizer(4, "weight")
     assert q.bits == 4 and not bool(q.initialized)
     w = torch.randn(8, 16) * 0.3
-    q(w)
+    with pytest.raises(RuntimeError, match="calibration"):
+        q(w)  # no silent initialisation outside the calibration phase
+    q.observe(w)
     assert q.q_max.item() == pytest.approx(float(w.abs().max()))
     assert q.d.item() == pytest.approx(float(w.abs().max()) / 7)
     assert q.bits == 4
@@ -222,6 +225,7 @@ def test_pow2_parametrizations_are_honest(param, with_zero):
     q = DQPow2Quantizer(4, "weight", param=param, with_zero=with_zero)
     torch.manual_seed(1)
     w = torch.randn(16, 64) * 0.2
+    q.observe(w)
     out = q(w)
     assert q.bits == 4
     assert torch.unique(out).numel() <= 16

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -12,6 +13,7 @@ from torch import nn
 
 from qexp.estimators.base import EstimatorContext
 from qexp.estimators.quantnet import QuantNet, hard_level, soft_staircase
+from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QConv2d, QLinear, quant_layers
 from qexp.quant.uniform import UniformQuantizer
 from qexp.train.inspect_levels import layer_table
@@ -127,30 +129,15 @@ def test_staircase_tends_to_hard_levels():
         torch.testing.assert_close(soft_staircase(z, n, 500.0), hard, atol=1e-4, rtol=0)
 
 
-def _compose(*overrides: str):
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
-
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
-
-
 @pytest.mark.parametrize("bits", [1, 2])
-def test_deployed_levels_within_bits_and_loss_regularizer(bits):
-    from qexp.config.validate import validate_config
-    from qexp.train.build import build_data, build_model
-    from qexp.train.optim import build_optimizer
+def test_deployed_levels_within_bits_and_loss_regularizer(bits, cfg_train, tmp_path):
+    from qexp.train.run import build_run
 
-    cfg = _compose("estimator=quantnet", f"bits={bits}", "dataset=digits", "model.width=8",
-                   "estimator.embed_dim=2", "estimator.meta_lr=0.01")  # fmt: skip
-    validate_config(cfg)
-    torch.manual_seed(0)
-    data = build_data(cfg)
-    model = build_model(cfg, data.info, torch.device("cpu"), total_steps=5)
+    cfg = cfg_train("estimator=quantnet", f"bits={bits}", "model.width=8",
+                    "estimator.embed_dim=2", "estimator.meta_lr=0.01")  # fmt: skip
+    parts = build_run(cfg, tmp_path)
+    data, model, opt = parts.data, parts.model, parts.optimizer
     est = model.estimator
-    opt = build_optimizer(model, cfg.trainer)
     meta_group = [g for g in opt.param_groups if g["name"].startswith("estimator")]
     assert len(meta_group) == 1 and meta_group[0]["lr"] == 0.01
     assert meta_group[0]["weight_decay"] == 0.0
@@ -160,7 +147,8 @@ def test_deployed_levels_within_bits_and_loss_regularizer(bits):
         if step == 3:
             break
         est.step(step / 5)
-        loss, logits, logs = est.loss(model, x, y, F.cross_entropy)
+        with calibration(model) if step == 0 else contextlib.nullcontext():
+            loss, logits, logs = est.loss(model, x, y, F.cross_entropy)
         # loss = task + lambda * mean(1 - b~^2) (k bits: the staircase's normalized slope)
         assert loss.item() == pytest.approx(
             F.cross_entropy(logits, y).item() + est.reg_weight * logs["meta_reg"], rel=1e-5

@@ -55,7 +55,7 @@ from qexp.train import trainer
 _fit = trainer.Trainer.fit
 
 def fit(self):
-    if self.cfg.estimator.name == "clipped_ste":
+    if self.run.identity["estimator"] == "clipped_ste":
         raise RuntimeError("planted bug")
     return _fit(self)
 
@@ -298,7 +298,8 @@ def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
     for d in sweep.iterdir():
         if d.is_dir():
             by_estimator[d.name.split("-")[0]] = metrics(d)
-    assert by_estimator["clipped_ste"]["status"] == "failed: RuntimeError: planted bug"
+    assert by_estimator["clipped_ste"]["status"] == "failed"
+    assert by_estimator["clipped_ste"]["reason"] == "RuntimeError: planted bug"
     assert by_estimator["ste"]["status"] == "completed"  # ran after the crash
     assert summary(sweep) == {
         "fresh": 1,

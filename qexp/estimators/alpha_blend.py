@@ -24,9 +24,9 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from qexp.curves import Ramp
 from qexp.estimators.base import Estimator, EstimatorContext
 from qexp.quant.layers import QuantLayer
-from qexp.train.schedules import Ramp
 
 AlphaCurve = Callable[[float], float]
 
@@ -42,7 +42,7 @@ class AlphaBlend(Estimator):
 
     Args:
         alpha: the schedule of alpha over training progress (a curve such as
-            ``qexp.train.schedules.Ramp``; default: the cubic ramp with p0=0, p1=0.8). It must
+            ``qexp.curves.Ramp``; default: the cubic ramp with p0=0, p1=0.8). It must
             reach exactly 1 at progress 1, and a ramp's ``p1`` must be <= 1.
         blend_activations: blend each body layer's input the same way, with the same alpha;
             ``False`` keeps the base estimator (straight-through) for activations.

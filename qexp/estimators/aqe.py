@@ -25,10 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qexp.curves import Exponential
 from qexp.estimators.base import Estimator
 from qexp.quant.base import Grid, Quantizer
 from qexp.quant.layers import QuantLayer
-from qexp.train.schedules import Exponential
 
 BetaCurve = Callable[[float], float]
 
@@ -115,7 +115,7 @@ class AQE(Estimator):
 
     Args:
         beta: sharpness schedule over training progress (a curve such as
-            ``qexp.train.schedules.Exponential``; default 1 -> 200 over 90% of training).
+            ``qexp.curves.Exponential``; default 1 -> 200 over 90% of training).
         beta_max: cap on beta; ``None`` for no cap (and no switch to hard values).
         hard_after_beta_max: once the schedule reaches ``beta_max``, forward the hard
             quantizer's values in training. The backward stays the stand-in's exact derivative

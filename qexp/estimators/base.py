@@ -20,7 +20,7 @@ Seams for new methods (each a file here plus a YAML in conf/estimator/):
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,9 +44,6 @@ class EstimatorContext:
     run_dir: Path | None = None
     #: frozen full-precision model of the same architecture (set when ``needs_partner``)
     partner: nn.Module | None = None
-    #: the composed run config (read-only), for estimators that need more than their own options
-    config: Any = None
-    extras: dict[str, Any] = field(default_factory=dict)
 
 
 class Estimator(nn.Module):

@@ -31,11 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from qexp.curves import Curve
 from qexp.errors import QexpError
 from qexp.estimators.base import Criterion, Estimator, EstimatorContext
 from qexp.quant.base import Grid
 from qexp.quant.layers import QuantLayer
-from qexp.train.schedules import Curve
 
 
 def soft_staircase(z: Tensor, num_levels: int, gamma: Tensor | float) -> Tensor:

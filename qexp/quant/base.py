@@ -90,6 +90,9 @@ class Quantizer(nn.Module):
 
     #: whether the grid is signed (set by subclasses; activations may decide on first use)
     signed: bool = True
+    #: whether observation goes on through training after the calibration phase (running
+    #: statistics such as an EMA range); quantizers that only initialise from data say False
+    tracks_during_training: bool = False
 
     def __init__(self, bits: int, role: str = "weight") -> None:
         super().__init__()
@@ -97,6 +100,41 @@ class Quantizer(nn.Module):
             raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
         self.role = role
         self._bits = int(bits)
+        #: set by qexp.quant.calibrate: layers call ``observe`` only while this is on
+        self.observing = False
+        self._calib_flag: str | None = None
+        self._calibrated = True
+
+    # -- calibration state ------------------------------------------------------------------------
+    def _register_calibration(self, buffer: str, done: bool = False) -> None:
+        """Keep "has seen its calibration data" in the boolean buffer ``buffer`` (so checkpoints
+        restore it) with a Python mirror, so forwards check it without a device sync."""
+        self.register_buffer(buffer, torch.tensor(bool(done)))
+        self._calib_flag = buffer
+        self._calibrated = bool(done)
+        self.register_load_state_dict_post_hook(Quantizer._refresh_calibrated)
+
+    @staticmethod
+    def _refresh_calibrated(module: nn.Module, incompatible_keys: object) -> None:
+        if module._calib_flag is not None:
+            module._calibrated = bool(getattr(module, module._calib_flag))
+
+    def _set_calibrated(self) -> None:
+        """Record that calibration data has been seen (buffer and mirror)."""
+        if self._calib_flag is not None:
+            getattr(self, self._calib_flag).fill_(True)
+        self._calibrated = True
+
+    def is_calibrated(self) -> bool:
+        """Whether the quantizer has the data-derived state its grid needs."""
+        return self._calibrated
+
+    def _require_calibrated(self) -> None:
+        if not self._calibrated:
+            raise RuntimeError(
+                f"{type(self).__name__} ({self.role}, {self.bits} bits) has seen no data: run a "
+                "calibration pass first (qexp.quant.calibrate)"
+            )
 
     @property
     def bits(self) -> int:
@@ -132,7 +170,9 @@ class Quantizer(nn.Module):
         raise NotImplementedError
 
     def observe(self, x: Tensor) -> None:
-        """Update calibration state from a training batch (activations); default: nothing."""
+        """Update calibration state from values this quantizer sees (called by the layers only
+        while ``observing``: the calibration phase, and training for quantizers that
+        ``tracks_during_training``); default: nothing to calibrate."""
 
     def hard(self, x: Tensor) -> Tensor:
         """Values of ``x`` on the grid. Gradients through this are not meaningful."""

@@ -109,7 +109,7 @@ class _LearnedPrecision(Quantizer):
                 f"[b_min, b_max] = [{b_min}, {b_max}]"
             )
         self.b_min, self.b_max = int(b_min), b_max
-        self.register_buffer("initialized", torch.tensor(False))
+        self._register_calibration("initialized")
         self._register_sign(signed)
 
     # -- sign and bounds -------------------------------------------------------------------------
@@ -127,7 +127,7 @@ class _LearnedPrecision(Quantizer):
 
     def bits_tensor(self) -> Tensor:
         """Current integer bit width, with the gradient of the continuous bit width."""
-        if not bool(self.initialized):
+        if not self.is_calibrated():
             return torch.tensor(float(self._bits), device=self.initialized.device)
         b = self._bits_cont()
         return clamp_ste(ceil_ste(b - _BITS_EPS), float(self._b_lo()), float(self.b_max))
@@ -142,18 +142,18 @@ class _LearnedPrecision(Quantizer):
     @torch.no_grad()
     def _maybe_init(self, x: Tensor) -> None:
         self._decide_sign(x)
-        if bool(self.initialized):
+        if self.is_calibrated():
             return
         top = x.detach().abs().max() if self._is_signed() else x.detach().clamp(min=0).max()
         self._init_params(max(float(top), 1e-6))
-        self.initialized.fill_(True)
+        self._set_calibrated()
         self.clamp_()
 
     def _init_params(self, top: float) -> None:
         raise NotImplementedError
 
     def observe(self, x: Tensor) -> None:
-        self._maybe_init(x)
+        self._maybe_init(x)  # the calibration phase: init from the first values seen
 
 
 class _UniformDQ(_LearnedPrecision):
@@ -173,7 +173,7 @@ class _UniformDQ(_LearnedPrecision):
         return uniform_bits(q_max / d, self._is_signed())
 
     def grid(self, x: Tensor) -> Grid:
-        self._maybe_init(x)
+        self._require_calibrated()
         d, q_max = self._dq()
         n = int(torch.round(q_max / d).item())
         if self._is_signed():
@@ -181,7 +181,7 @@ class _UniformDQ(_LearnedPrecision):
         return Grid(offset=0.0, step=d, num_levels=n + 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._maybe_init(x)
+        self._require_calibrated()
         d, q_max = self._dq()
         return uniform_dq(x, d.to(x.dtype), q_max.to(x.dtype), self._is_signed())
 
@@ -436,7 +436,7 @@ class DQPow2Quantizer(_LearnedPrecision):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        self._maybe_init(x)
+        self._require_calibrated()
         e_min, e_max = (e.to(x.dtype) for e in self.exponents())
         lo, hi = torch.exp2(e_min), torch.exp2(e_max)
         if self.param != "p2":

@@ -8,15 +8,11 @@ reported accuracy is that of the truly quantized network.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qexp.quant.base import Quantizer
-
-if TYPE_CHECKING:
-    pass
 
 #: How a quantized layer computes its forward.
 #: - "auto": training -> the estimator's training forward; eval -> hard grid.
@@ -75,6 +71,8 @@ class QuantLayer:
         w = self.weight
         if self.w_quant is None or self.mode in ("off", "latent"):
             return w
+        if self.training and self.w_quant.observing:
+            self.w_quant.observe(w)
         if self._uses_estimator():
             est = self.__dict__["estimator"]
             return est.weight(self, w) if est is not None else self.w_quant(w)
@@ -98,7 +96,7 @@ class QuantLayer:
         if self.a_quant is None or self.mode == "off":
             return x
         if self._uses_estimator():
-            if self.training:
+            if self.training and self.a_quant.observing:
                 self.a_quant.observe(x)
             est = self.__dict__["estimator"]
             return est.activation(self, x) if est is not None else self.a_quant(x)

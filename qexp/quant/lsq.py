@@ -52,7 +52,7 @@ class LSQQuantizer(Quantizer):
             signed = True
         self.use_grad_scale = grad_scale
         self.step = nn.Parameter(torch.tensor(1.0))
-        self.register_buffer("initialized", torch.tensor(False))
+        self._register_calibration("initialized")
         self._register_sign(signed)
         if signed and bits < 2:
             raise ValueError("LSQ needs at least 2 bits for signed values (Q_P would be 0)")
@@ -76,23 +76,23 @@ class LSQQuantizer(Quantizer):
             self._decide_sign(x)
             if self._is_signed() and self.bits < 2:
                 raise ValueError("LSQ needs at least 2 bits for signed activations")
-        if not bool(self.initialized):
+        if not self.is_calibrated():
             _, q_p = self.q_range()
             s = 2 * x.detach().abs().mean() / math.sqrt(q_p)
             self.step.fill_(max(float(s), 1e-8))
-            self.initialized.fill_(True)
+            self._set_calibrated()
 
     def observe(self, x: Tensor) -> None:
-        self._maybe_init(x)
+        self._maybe_init(x)  # the calibration phase: init from the first values seen
 
     # -- maps ------------------------------------------------------------------------------------
     def grid(self, x: Tensor) -> Grid:
-        self._maybe_init(x)
+        self._require_calibrated()
         q_n, q_p = self.q_range()
         return Grid(offset=-float(q_n), step=self.step, num_levels=q_n + q_p + 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        self._maybe_init(x)
+        self._require_calibrated()
         q_n, q_p = self.q_range()
         n = x.numel() if self.role == "weight" else x[0].numel()
         g = 1.0 / math.sqrt(n * q_p) if self.use_grad_scale else 1.0

@@ -42,7 +42,7 @@ class PACTQuantizer(Quantizer):
         super().__init__(bits, role)
         self.alpha = nn.Parameter(torch.tensor(float(alpha_init or 1.0)))
         # Buffers so that a checkpoint restores the calibration state exactly.
-        self.register_buffer("initialized", torch.tensor(alpha_init is not None))
+        self._register_calibration("initialized", done=alpha_init is not None)
         self._register_sign(signed)
 
     @property
@@ -54,16 +54,16 @@ class PACTQuantizer(Quantizer):
     def observe(self, x: Tensor) -> None:
         """Decide the sign and (if not given) alpha from the first batch seen."""
         self._decide_sign(x)
-        if not bool(self.initialized):
+        if not self.is_calibrated():
             top = x.abs().max() if self._is_signed() else x.max()
             self.alpha.fill_(max(float(top), 1e-3))
-            self.initialized.fill_(True)
+            self._set_calibrated()
 
     def _levels(self) -> int:
         return 2**self.bits - 1 if not self._is_signed() else 2 ** (self.bits - 1) - 1
 
     def grid(self, x: Tensor) -> Grid:
-        self.observe(x)
+        self._require_calibrated()
         if self._is_signed():
             if self.bits < 2:
                 raise ValueError("signed PACT needs at least 2 bits")
@@ -73,7 +73,7 @@ class PACTQuantizer(Quantizer):
         return Grid(offset=0.0, step=self.alpha / n, num_levels=n + 1)
 
     def forward(self, x: Tensor) -> Tensor:
-        self.observe(x)
+        self._require_calibrated()
         a = self.alpha.to(x.dtype)
         lo = -a if self._is_signed() else torch.zeros_like(a)
         # where() rather than clamp(): the gradient of alpha is exactly 1 where x >= alpha

@@ -102,10 +102,12 @@ class UniformQuantizer(Quantizer):
         if role == "weight":
             self.signed = True if signed is None else bool(signed)
         else:
-            # Activation state lives in buffers so checkpoints restore it exactly.
+            # Activation state lives in buffers so checkpoints restore it exactly; the range
+            # is an EMA over training batches, so observation goes on through training.
             self.register_buffer("range", torch.tensor(0.0))
-            self.register_buffer("calibrated", torch.tensor(False))
+            self._register_calibration("calibrated")
             self._register_sign(signed)
+            self.tracks_during_training = True
 
     # -- range estimation -------------------------------------------------------------------
     def _estimate_range(self, x: Tensor) -> Tensor:
@@ -137,9 +139,9 @@ class UniformQuantizer(Quantizer):
             return
         self._decide_sign(x)
         rng = self._estimate_range(x)
-        if not bool(self.calibrated):
+        if not self.is_calibrated():
             self.range.copy_(rng)
-            self.calibrated.fill_(True)
+            self._set_calibrated()
         else:
             self.range.lerp_(rng, self.momentum)
 
@@ -164,9 +166,7 @@ class UniformQuantizer(Quantizer):
         if self.role == "weight":
             rng = channel_view(self._weight_range(x), x, self.per_channel)
             return grid_for_range(rng, self.bits, self.signed, self.signed_grid)
-        if not bool(self.calibrated):
-            # Evaluated before any training batch: calibrate on this batch instead of guessing.
-            self.observe(x)
+        self._require_calibrated()
         return grid_for_range(self.range, self.bits, self._is_signed(), self.signed_grid)
 
     def extra_repr(self) -> str:

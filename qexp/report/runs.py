@@ -19,6 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
+from qexp.record import RunRecord, RunStatus, config_fingerprint
+
 #: the columns every group is labelled with (from metrics.json)
 LABEL_KEYS = ("dataset", "model", "quantizer", "estimator", "w_bits", "a_bits")
 #: config keys that do not change a run's results, or that are averaged over (seed)
@@ -146,10 +150,6 @@ def _config_rest(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     path = run_dir / ".hydra" / "config.yaml"
     if path.is_file():
         try:
-            from omegaconf import OmegaConf
-
-            from qexp.train.trainer import config_fingerprint
-
             cfg = OmegaConf.load(path)
             if config_fingerprint(cfg) == metrics.get("config_hash"):
                 plain = OmegaConf.to_container(cfg, resolve=True)
@@ -175,11 +175,15 @@ def _check_metrics(run_dir: Path) -> Run | Skipped:
         return Skipped(run_dir, "metrics.json is not valid JSON (half-written?)")
     if not isinstance(metrics, dict):
         return Skipped(run_dir, "metrics.json is not a JSON object")
-    status = str(metrics.get("status", "no status"))
-    if not status.startswith("completed"):
-        if status == "running":
+    record = RunRecord.from_json(metrics)
+    if not record.completed:
+        status = record.status.value
+        if record.status is RunStatus.RUNNING:
             status = "running (still training, or cut off)"
+        elif record.reason:
+            status = f"{status}: {record.reason}"
         return Skipped(run_dir, f"status {status}")
+    metrics = record.to_json()
     acc = metrics.get("test_acc")
     if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
         return Skipped(run_dir, "metrics.json has no test_acc")

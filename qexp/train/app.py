@@ -12,7 +12,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from qexp.errors import QexpError
-from qexp.train.checkpoint import write_json
+from qexp.record import config_fingerprint, mark_failed
 from qexp.train.run import run_training
 from qexp.train.sweep import run_sweep_job
 
@@ -30,9 +30,7 @@ def hydra_main(cfg: DictConfig) -> float | None:
         else:
             metrics = run_training(cfg, run_dir)
     except QexpError as exc:
-        metrics_file = run_dir / "metrics.json"
-        if not metrics_file.exists():
-            write_json({"status": "failed", "error": str(exc)}, metrics_file)
+        mark_failed(run_dir, str(exc), config_fingerprint(cfg))
         if hc.mode == RunMode.MULTIRUN:
             log.error("%s", exc)
             return None

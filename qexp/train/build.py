@@ -1,4 +1,8 @@
-"""Builds a run's components from its composed config (Hydra ``_target_`` nodes)."""
+"""Builders of a run's components from their config nodes (Hydra ``_target_`` nodes).
+
+Each builder takes the node it needs, never the whole composed config: reading the composed
+config is the composition root's job (qexp.train.run).
+"""
 
 from __future__ import annotations
 
@@ -14,9 +18,10 @@ from torch import nn
 from qexp.data.base import DataInfo, DataModule
 from qexp.errors import QexpError
 from qexp.estimators.base import Estimator, EstimatorContext
+from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
-from qexp.quant.model import QuantModel
-from qexp.quant.wrap import LayerBits, QuantizerFactory, attach_estimator, quantize_model
+from qexp.quant.wrap import QuantizerFactory, attach_estimator
+from qexp.train.checkpoint import checkpoint_file, load_checkpoint
 
 log = logging.getLogger("qexp")
 
@@ -84,15 +89,15 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_data(cfg: DictConfig) -> DataModule:
-    """The run's data set."""
-    return instantiate(cfg.dataset, "dataset")
+def build_data(node: Any) -> DataModule:
+    """The data set of a ``dataset`` node."""
+    return instantiate(node, "dataset")
 
 
-def build_net(cfg: DictConfig, info: DataInfo) -> nn.Module:
-    """The plain float network of ``cfg.model`` sized for the data set."""
+def build_net(node: Any, info: DataInfo) -> nn.Module:
+    """The plain float network of a ``model`` node, sized for the data set."""
     return instantiate(
-        cfg.model,
+        node,
         "model",
         num_classes=info.num_classes,
         in_channels=info.in_channels,
@@ -100,45 +105,29 @@ def build_net(cfg: DictConfig, info: DataInfo) -> nn.Module:
     )
 
 
-def build_model(
-    cfg: DictConfig,
-    info: DataInfo,
-    device: torch.device,
-    total_steps: int,
-    run_dir: Path | None = None,
-) -> QuantModel:
-    """Build the network, swap in quantized layers, and attach the estimator."""
-    net = build_net(cfg, info)
-    quantize_model(
-        net,
-        body=quantizer_factory(cfg.quantizer, "quantizer"),
-        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
-        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
-        first_bits=cfg.layers.first_bits,
-        last_bits=cfg.layers.last_bits,
-    )
-    estimator: Estimator = instantiate(cfg.estimator, "estimator")
+def build_estimator(node: Any) -> Estimator:
+    """The estimator of an ``estimator`` node."""
+    estimator = instantiate(node, "estimator")
     if not isinstance(estimator, Estimator):
         raise QexpError(
             "estimator._target_ must build a qexp.estimators.Estimator, "
             f"got {type(estimator).__name__}"
         )
-    model = QuantModel(net, estimator).to(device)
-    if cfg.get("init_from"):
-        load_initial_weights(model, str(cfg.init_from))
-    estimator.check_model(net)
-    partner = None
-    if estimator.needs_partner:
-        from qexp.train.partner import get_partner
+    return estimator
 
-        partner = get_partner(cfg, info, device)
-    attach_estimator(net, estimator)
-    estimator.attach(
-        model,
-        EstimatorContext(
-            total_steps=total_steps, device=device, run_dir=run_dir, partner=partner, config=cfg
-        ),
-    )
+
+def wire_estimator(
+    model: QuantModel,
+    device: torch.device,
+    total_steps: int,
+    run_dir: Path | None = None,
+    partner: nn.Module | None = None,
+) -> QuantModel:
+    """Point the body layers of ``model`` at its estimator and let the estimator see the model
+    (and the frozen ``partner`` when it needs one); call after initial weights are loaded."""
+    attach_estimator(model.net, model.estimator)
+    ctx = EstimatorContext(total_steps=total_steps, device=device, run_dir=run_dir, partner=partner)
+    model.estimator.attach(model, ctx)
     return model.to(device)
 
 
@@ -148,8 +137,6 @@ def load_initial_weights(model: QuantModel, source: str) -> None:
     Only tensors whose names and shapes match are copied; quantizer and estimator state of
     this run are kept, so any estimator can start from a full-precision checkpoint.
     """
-    from qexp.train.checkpoint import checkpoint_file, load_checkpoint
-
     ckpt = load_checkpoint(checkpoint_file(Path(source), "init_from"))
     state = ckpt.get("model", ckpt)
     own = model.state_dict()

@@ -2,46 +2,19 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from qexp.errors import QexpError
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Write through ``write(file)`` to a temp file beside ``path``, fsync, then rename.
-
-    A crash at any point leaves either the old file or the new one, never a torn file.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from qexp.record import atomic_write
 
 
 def save_checkpoint(obj: dict[str, Any], path: Path) -> None:
     """Save ``obj`` (tensors, numbers, strings, lists, dicts) atomically."""
-    _atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def write_json(obj: Any, path: Path) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    data = (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode()
-    _atomic_write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

@@ -6,6 +6,9 @@ it once with the ordinary runner (bits=32, STE, same model, data, seed and train
 and caches it under ``$QEXP_CACHE/partners/<key>/`` (default cache root ``~/.cache/qexp``), with
 ``<key>`` a hash of everything that determines it. Every run of a sweep thus reuses one partner;
 concurrent jobs serialize on a lock file, so only the first one trains it.
+
+This module never calls the runner itself: the composition root passes its training function
+in (``train``), so no module below the root reaches back up into it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +29,12 @@ from torch import nn
 
 from qexp.data.base import DataInfo
 from qexp.errors import QexpError
+from qexp.record import config_fingerprint, read_record
 from qexp.train.build import build_net
 from qexp.train.checkpoint import checkpoint_file, load_checkpoint, rng_state, set_rng_state
+
+#: trains the run of a config in a run dir and returns its metrics (the root's run_training)
+TrainFn = Callable[[DictConfig, Path], dict[str, Any]]
 
 log = logging.getLogger("qexp")
 
@@ -56,8 +64,9 @@ def cache_root() -> Path:
 def partner_config(cfg: DictConfig) -> DictConfig:
     """The config of the full-precision run that trains ``cfg``'s partner.
 
-    Same model, data, seed, trainer and LR schedule; no quantizers anywhere (edge layers
-    included), plain STE, resumable (a job that died mid-training is continued by the next).
+    Same model, data, seed, trainer and LR schedule; full precision in every respect: no
+    quantizers anywhere (edge layers included), no quantizer options and so no memory budget,
+    plain STE; resumable (a job that died mid-training is continued by the next).
     ``estimator.partner_epochs``, when set, replaces ``trainer.epochs``.
     """
     plain = OmegaConf.to_container(cfg, resolve=True)
@@ -70,6 +79,8 @@ def partner_config(cfg: DictConfig) -> DictConfig:
         plain["trainer"]["epochs"] = int(epochs)
     plain["trainer"]["histograms"] = False
     plain["estimator"] = {"_target_": "qexp.estimators.ste.STE", "name": "ste"}
+    # The run's quantizer options (budgets above all) must not leak into a float network.
+    plain["quantizer"] = {"_target_": "qexp.quant.uniform.UniformQuantizer", "name": "none"}
     return OmegaConf.create(plain)
 
 
@@ -91,31 +102,23 @@ def partner_key(fp_cfg: DictConfig) -> tuple[str, dict[str, Any]]:
 
 def _completed(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a finished partner run."""
-    metrics = run_dir / "metrics.json"
-    if not (run_dir / "checkpoints" / "best.pt").is_file() or not metrics.is_file():
-        return False
-    try:
-        return json.loads(metrics.read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    record = read_record(run_dir)
+    return record is not None and record.completed and (run_dir / "checkpoints/best.pt").is_file()
 
 
 def _discard_foreign_partial(run_dir: Path, fp_cfg: DictConfig) -> None:
     """Delete an unfinished partner run whose config differs from ``fp_cfg`` in settings that
     do not change the partner (e.g. the LP run's quantizer options), which the trainer would
     refuse to resume; a matching one is resumed instead."""
-    from qexp.train.trainer import config_fingerprint
-
     last = run_dir / "checkpoints" / "last.pt"
     if last.is_file() and load_checkpoint(last).get("config_hash") != config_fingerprint(fp_cfg):
         log.info("discarding an unfinished partner run with other settings in %s", run_dir)
         shutil.rmtree(run_dir / "checkpoints")
 
 
-def cached_partner_dir(cfg: DictConfig) -> Path:
-    """Train the partner of ``cfg`` into the cache unless it is there; return its run dir."""
-    from qexp.train.run import run_training  # late: run imports build, which imports us
-
+def cached_partner_dir(cfg: DictConfig, train: TrainFn) -> Path:
+    """Train the partner of ``cfg`` into the cache with ``train`` unless it is there; return its
+    run dir."""
     fp_cfg = partner_config(cfg)
     key, keyed = partner_key(fp_cfg)
     run_dir = cache_root() / "partners" / key
@@ -132,7 +135,7 @@ def cached_partner_dir(cfg: DictConfig) -> Path:
                 _discard_foreign_partial(run_dir, fp_cfg)
                 (run_dir / "partner.json").write_text(json.dumps(keyed, indent=2) + "\n")
                 try:
-                    metrics = run_training(fp_cfg, run_dir)
+                    metrics = train(fp_cfg, run_dir)
                 except QexpError as exc:
                     raise QexpError(f"training the full-precision partner failed: {exc}") from None
                 log.info(
@@ -159,7 +162,7 @@ def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:
     if quant:
         log.warning("partner %s comes from a quantized run: using its latent weights", path)
         state = {k: v for k, v in state.items() if k not in set(quant)}
-    net = build_net(cfg, info)
+    net = build_net(cfg.model, info)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
@@ -167,8 +170,11 @@ def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:
     return net
 
 
-def get_partner(cfg: DictConfig, info: DataInfo, device: torch.device) -> nn.Module:
-    """The run's frozen full-precision partner, in eval mode, on ``device``.
+def get_partner(
+    cfg: DictConfig, info: DataInfo, device: torch.device, train: TrainFn
+) -> nn.Module:
+    """The run's frozen full-precision partner, in eval mode, on ``device``; ``train`` trains
+    it when it is neither given (``estimator.partner``) nor cached.
 
     The global RNG state is restored afterwards, so whether the partner was trained, loaded
     from the cache or from ``estimator.partner``, the run itself sees the same random numbers.
@@ -176,7 +182,7 @@ def get_partner(cfg: DictConfig, info: DataInfo, device: torch.device) -> nn.Mod
     saved = rng_state()
     try:
         source = cfg.estimator.get("partner")
-        run_dir = Path(str(source)).expanduser() if source else cached_partner_dir(cfg)
+        run_dir = Path(str(source)).expanduser() if source else cached_partner_dir(cfg, train)
         net = load_partner(cfg, info, run_dir)
     finally:
         set_rng_state(saved)

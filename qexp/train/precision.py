@@ -1,6 +1,7 @@
 """The trainer's seam for bit widths and memory budgets.
 
-One object per run, built from the quantizer group's budget keys (qexp.quant.budget). It adds
+One object per run, built by the composition root from the quantizer group's budget keys
+(qexp.quant.budget). It adds
 the budget penalty to each step's loss, logs each layer's bit widths and the model's sizes to
 TensorBoard, tells the trainer whether the network meets its budget (only such epochs can be
 the reported best), and adds the per-layer table (as text and as a bar chart) and the sizes to
@@ -12,12 +13,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.utils.tensorboard import SummaryWriter
 
-from qexp.data.base import DataInfo
-from qexp.quant.budget import BudgetPenalty, budget_from_node, measure_layers
+from qexp.quant.budget import BudgetPenalty, measure_layers
 from qexp.quant.layers import quant_layers
 
 _KB = 8 * 1024
@@ -38,16 +37,6 @@ class PrecisionMonitor:
         self.budget = budget
         budget.bind(measure_layers(net, example))
         self._last_penalty: Tensor | None = None
-
-    @classmethod
-    def from_config(
-        cls, cfg: DictConfig, net: nn.Module, info: DataInfo, device: torch.device
-    ) -> PrecisionMonitor:
-        """Build from the run config; the example input is a zero image of the data set's shape."""
-        node = OmegaConf.to_container(cfg.quantizer, resolve=True)
-        budget = budget_from_node(node if isinstance(node, dict) else None)
-        example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
-        return cls(net, budget, example)
 
     # -- per step --------------------------------------------------------------------------------
     def penalty(self) -> Tensor | float:

@@ -1,18 +1,45 @@
-"""One run: validate the config, build the components, train, test."""
+"""The composition root: the one place that reads a run's composed config and assembles it.
+
+``build_run`` turns the config into ready parts (data, quantized model with its estimator and
+partner, optimizer, LR curve, precision monitor, typed trainer settings, run identity);
+``run_training`` hands them to the :class:`~qexp.train.trainer.Trainer`. Everything below this
+module gets only the parts it needs, never the config; the full-precision partner is trained
+through ``run_training`` itself, passed down as a function, so nothing calls back up here.
+"""
 
 from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from qexp.config.schema import TrainerConfig
 from qexp.config.validate import validate_config
-from qexp.train.build import build_data, build_model, resolve_device
-from qexp.train.trainer import Trainer
+from qexp.curves import Curve
+from qexp.data.base import DataInfo, DataModule
+from qexp.estimators.model import QuantModel
+from qexp.quant.budget import budget_from_node
+from qexp.quant.wrap import LayerBits, quantize_model
+from qexp.record import config_fingerprint
+from qexp.train.build import (
+    build_data,
+    build_estimator,
+    build_net,
+    instantiate,
+    load_initial_weights,
+    quantizer_factory,
+    resolve_device,
+    wire_estimator,
+)
+from qexp.train.optim import build_optimizer
+from qexp.train.partner import get_partner
+from qexp.train.precision import PrecisionMonitor
+from qexp.train.trainer import RunInfo, Trainer
 
 log = logging.getLogger("qexp")
 
@@ -23,16 +50,108 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and test the run described by ``cfg`` in ``run_dir``; return its metrics."""
+def trainer_settings(cfg: DictConfig) -> TrainerConfig:
+    """The ``trainer`` node as the typed :class:`TrainerConfig`."""
+    node = OmegaConf.to_container(cfg.trainer, resolve=True)
+    assert isinstance(node, dict)
+    return TrainerConfig(**node)
+
+
+def run_identity(cfg: DictConfig, settings: TrainerConfig) -> dict[str, Any]:
+    """The fields that say which run this is; they head its ``metrics.json``."""
+    return {
+        "estimator": cfg.estimator.name,
+        "quantizer": cfg.quantizer.name,
+        "model": cfg.model.name,
+        "dataset": cfg.dataset.name,
+        "w_bits": int(cfg.w_bits),
+        "a_bits": int(cfg.a_bits),
+        "seed": int(cfg.seed),
+        "epochs": int(settings.epochs),
+        "lr": float(settings.lr),
+        "optimizer": settings.optimizer,
+        "batch_size": int(settings.batch_size),
+        "first_bits": cfg.layers.first_bits,
+        "last_bits": cfg.layers.last_bits,
+        "tag": cfg.get("tag"),
+    }
+
+
+def build_model(
+    cfg: DictConfig,
+    info: DataInfo,
+    device: torch.device,
+    total_steps: int,
+    run_dir: Path | None = None,
+) -> QuantModel:
+    """The quantized network of ``cfg`` with its estimator attached (and its partner, trained
+    or loaded first when the estimator needs one)."""
+    net = build_net(cfg.model, info)
+    quantize_model(
+        net,
+        body=quantizer_factory(cfg.quantizer, "quantizer"),
+        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
+        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
+        first_bits=cfg.layers.first_bits,
+        last_bits=cfg.layers.last_bits,
+    )
+    estimator = build_estimator(cfg.estimator)
+    model = QuantModel(net, estimator).to(device)
+    if cfg.get("init_from"):
+        load_initial_weights(model, str(cfg.init_from))
+    estimator.check_model(net)  # before any costly preparation such as training a partner
+    partner = get_partner(cfg, info, device, run_training) if estimator.needs_partner else None
+    return wire_estimator(model, device, total_steps, run_dir, partner)
+
+
+@dataclass
+class RunParts:
+    """Everything a :class:`Trainer` needs, assembled from one config."""
+
+    settings: TrainerConfig
+    model: QuantModel
+    data: DataModule
+    optimizer: torch.optim.Optimizer
+    lr_curve: Curve
+    precision: PrecisionMonitor
+    run: RunInfo
+    device: torch.device
+    resume: bool
+
+    def trainer(self) -> Trainer:
+        """The trainer of these parts."""
+        return Trainer(
+            self.settings,
+            self.model,
+            self.data,
+            self.optimizer,
+            self.lr_curve,
+            self.precision,
+            self.run,
+            self.device,
+            resume=self.resume,
+        )
+
+
+def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
+    """Validate ``cfg`` and assemble the parts of its run in ``run_dir``."""
     validate_config(cfg)
-    if cfg.trainer.threads is not None:
-        torch.set_num_threads(int(cfg.trainer.threads))
-    device = resolve_device(cfg.trainer.device)
+    settings = trainer_settings(cfg)
+    if settings.threads is not None:
+        torch.set_num_threads(int(settings.threads))
+    device = resolve_device(settings.device)
     seed_everything(int(cfg.seed))
-    data = build_data(cfg)
-    total_steps = int(cfg.trainer.epochs) * data.steps_per_epoch(int(cfg.trainer.batch_size))
+    data = build_data(cfg.dataset)
+    total_steps = int(settings.epochs) * data.steps_per_epoch(int(settings.batch_size))
     model = build_model(cfg, data.info, device, total_steps, run_dir)
+    optimizer = build_optimizer(model, settings)
+    lr_curve = instantiate(cfg.schedule.lr, "schedule.lr")
+    quantizer_node = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    budget = budget_from_node(quantizer_node if isinstance(quantizer_node, dict) else None)
+    info = data.info
+    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
+    precision = PrecisionMonitor(model.net, budget, example)
+    run = RunInfo(run_dir, int(cfg.seed), config_fingerprint(cfg), run_identity(cfg, settings))
     log.info(
         "run %s: %s/%s on %s, w%d a%d (first layer %s bits, last %s), %s, %d steps",
         run_dir,
@@ -46,4 +165,11 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         device,
         total_steps,
     )
-    return Trainer(cfg, model, data, run_dir, device).fit()
+    return RunParts(
+        settings, model, data, optimizer, lr_curve, precision, run, device, bool(cfg.resume)
+    )
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test the run described by ``cfg`` in ``run_dir``; return its metrics."""
+    return build_run(cfg, run_dir).trainer().fit()

@@ -17,7 +17,6 @@ sweep tells this sweep's markers apart from those left by earlier invocations in
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -31,6 +30,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from qexp.errors import QexpError
+from qexp.record import config_fingerprint, mark_failed, read_json, read_record, write_json
+from qexp.train.run import run_training
 
 log = logging.getLogger("qexp")
 
@@ -83,21 +84,6 @@ def launcher_threads(launcher: Mapping[str, Any] | None, cpus: int | None = None
 
 
 # -- reading run dirs ----------------------------------------------------------------------
-def read_json(path: Path) -> dict[str, Any] | None:
-    """The JSON object in ``path``; None if missing, unreadable or not an object."""
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
-def _write_json(obj: Any, path: Path) -> None:
-    from qexp.train.checkpoint import write_json  # lazy: keeps the callback import light
-
-    write_json(obj, path)
-
-
 def _sweep_dir(hc: Any) -> Path:
     """The sweep dir as an absolute path (relative ones are relative to the launch dir)."""
     path = Path(str(hc.sweep.dir))
@@ -117,15 +103,15 @@ def plan_job(fingerprint: str, run_dir: Path) -> str:
     Raises QexpError when the dir already holds a run of another config: training over it
     would destroy those results, and resuming it would mix two configs.
     """
-    metrics = read_json(run_dir / "metrics.json")
-    old_hash = metrics.get("config_hash") if metrics else None
+    record = read_record(run_dir)
+    old_hash = record.config_hash if record else None
     if old_hash is not None and old_hash != fingerprint:
         raise QexpError(
             f"{run_dir} already holds a run with a different config (config_hash {old_hash}, "
             f"this job {fingerprint}): point hydra.sweep.dir at a new folder, or delete that "
             "run dir"
         )
-    if metrics and str(metrics.get("status", "")).startswith("completed"):
+    if record is not None and record.completed:
         return "skipped"
     if (run_dir / "checkpoints" / "last.pt").is_file():
         return "resumed"
@@ -149,19 +135,9 @@ class _Marker:
     def write(self, **fields: Any) -> None:
         self.data.update(fields)
         try:
-            _write_json(self.data, self.path)
+            write_json(self.data, self.path)
         except OSError as exc:  # a marker must never fail the job it describes
             log.warning("could not write %s: %s", self.path, exc)
-
-
-def _record_failure(run_dir: Path, status: str, error: str) -> None:
-    """Mark metrics.json of a run that broke off as failed, keeping what it already holds."""
-    path = run_dir / "metrics.json"
-    metrics = read_json(path) or {}
-    if str(metrics.get("status", "")).startswith(("completed", "failed")):
-        return  # the trainer already wrote the final word
-    metrics.update(status=status, error=error)
-    _write_json(metrics, path)
 
 
 def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
@@ -171,9 +147,6 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
     usual handling; any other exception is recorded in metrics.json as ``failed: ...`` and
     turned into a QexpError, so one broken job never stops the others.
     """
-    from qexp.train.run import run_training
-    from qexp.train.trainer import config_fingerprint
-
     marker = _Marker(run_dir, hc)
     planned = None
     try:
@@ -181,7 +154,8 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
         marker.data["config_hash"] = fingerprint
         planned = plan_job(fingerprint, run_dir)
         if planned == "skipped":
-            metrics = read_json(run_dir / "metrics.json") or {}
+            record = read_record(run_dir)
+            metrics = record.to_json() if record else {}
             log.info("%s: already completed with this config, skipping", run_dir)
             marker.write(outcome="skipped", status=metrics.get("status"), ended_at=time.time())
             return metrics
@@ -195,13 +169,13 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
         metrics = run_training(cfg, run_dir)
     except QexpError as exc:
         if planned is not None:  # a failure inside training, not a refusal to touch the dir
-            _record_failure(run_dir, f"failed: {str(exc)[:300]}", str(exc))
+            mark_failed(run_dir, str(exc)[:300], marker.data.get("config_hash"))
         marker.write(outcome="failed", error=str(exc), ended_at=time.time())
         raise
     except Exception as exc:
         log.exception("job in %s failed", run_dir)
         error = _one_line(exc)
-        _record_failure(run_dir, f"failed: {error}", error)
+        mark_failed(run_dir, error, marker.data.get("config_hash"))
         marker.write(
             outcome="failed",
             error=error,
@@ -210,11 +184,11 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
         )
         raise QexpError(f"{run_dir}: {error}") from exc
     status = str(metrics.get("status", ""))
-    outcome = planned if status.startswith("completed") else "failed"
+    outcome = planned if status == "completed" else "failed"
     marker.write(
         outcome=outcome,
         status=status,
-        error=None if outcome != "failed" else status,
+        error=None if outcome != "failed" else metrics.get("reason") or status,
         ended_at=time.time(),
     )
     return metrics
@@ -279,13 +253,13 @@ class SweepSummary(Callback):
         self.sweep_id = uuid.uuid4().hex
         sweep_dir = _sweep_dir(config.hydra)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        _write_json({"id": self.sweep_id, "started_at": time.time()}, sweep_dir / SWEEP_ID_FILE)
+        write_json({"id": self.sweep_id, "started_at": time.time()}, sweep_dir / SWEEP_ID_FILE)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = _sweep_dir(config.hydra)
         summary = summarize(sweep_dir, self.sweep_id)
         try:
-            _write_json(summary, sweep_dir / SUMMARY_FILE)
+            write_json(summary, sweep_dir / SUMMARY_FILE)
         except OSError as exc:
             log.warning("could not write the sweep summary: %s", exc)
         print(format_summary(summary), flush=True)

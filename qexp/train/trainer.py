@@ -1,56 +1,56 @@
-"""The one training loop that every configuration runs through."""
+"""The one training loop that every configuration runs through.
+
+The trainer gets its parts ready-made from the composition root (qexp.train.run): the model
+with its estimator, the data, the optimizer, the LR curve, the precision monitor, the typed
+trainer settings and the run's identity. It never reads the composed config.
+"""
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import logging
 import math
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 
+from qexp.config.schema import TrainerConfig
+from qexp.curves import Curve
 from qexp.data.base import DataModule
 from qexp.errors import QexpError
+from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
+from qexp.quant.calibrate import calibration, set_observing
 from qexp.quant.layers import quant_mode
-from qexp.quant.model import QuantModel
-from qexp.train.build import instantiate
-from qexp.train.checkpoint import (
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-    write_json,
-)
+from qexp.record import RunRecord, RunStatus, write_record
+from qexp.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from qexp.train.inspect_levels import layer_table, weight_kb
-from qexp.train.optim import build_optimizer, set_lr
+from qexp.train.optim import set_lr
 from qexp.train.precision import PrecisionMonitor
 
 log = logging.getLogger("qexp")
 
-#: keys that may differ between a run and its resumption
-_RESUME_FREE_KEYS = ("resume", "trainer.device", "trainer.threads", "trainer.progress")
+#: identity fields shown as TensorBoard hparams
+HPARAM_KEYS = (
+    "estimator", "quantizer", "model", "dataset", "w_bits", "a_bits", "seed", "lr", "epochs",
+)
 
 
-def config_fingerprint(cfg: DictConfig) -> str:
-    """Hash of the resolved config minus keys that don't change results (resume, device...)."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
-    for key in _RESUME_FREE_KEYS:
-        node, *rest = key.split(".")
-        if rest:
-            plain.get(node, {}).pop(rest[0], None)
-        else:
-            plain.pop(node, None)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+@dataclass
+class RunInfo:
+    """Who the run is: where it writes, its seed, its config fingerprint, and the identity
+    fields (estimator, quantizer, model, bits, ...) that head its ``metrics.json``."""
+
+    run_dir: Path
+    seed: int
+    fingerprint: str
+    identity: dict[str, Any] = field(default_factory=dict)
 
 
 class NonFiniteLoss(QexpError):
@@ -61,33 +61,40 @@ class Trainer:
     """Trains, validates, checkpoints and finally tests one quantized model.
 
     Args:
-        cfg: the composed run config.
+        settings: the typed trainer settings (epochs, batch size, AMP, logging...).
         model: the quantized model with its estimator attached.
         data: the data set.
-        run_dir: where checkpoints, metrics.json and TensorBoard events go.
+        optimizer: the optimizer over the model's parameter groups (each with ``base_lr``).
+        lr_curve: LR multiplier as a function of training progress.
+        precision: the budget penalty, bit-width logging and budget checks.
+        run: the run's identity and dir.
         device: where to train.
+        resume: continue from the run dir's last checkpoint when there is one.
     """
 
     def __init__(
         self,
-        cfg: DictConfig,
+        settings: TrainerConfig,
         model: QuantModel,
         data: DataModule,
-        run_dir: Path,
+        optimizer: torch.optim.Optimizer,
+        lr_curve: Curve,
+        precision: PrecisionMonitor,
+        run: RunInfo,
         device: torch.device,
+        resume: bool = False,
     ) -> None:
-        self.cfg, self.model, self.data, self.device = cfg, model, data, device
-        self.tcfg = cfg.trainer
-        self.run_dir = run_dir
-        self.ckpt_dir = run_dir / "checkpoints"
-        self.epochs = int(self.tcfg.epochs)
-        self.steps_per_epoch = data.steps_per_epoch(int(self.tcfg.batch_size))
+        self.tcfg, self.model, self.data, self.device = settings, model, data, device
+        self.optimizer, self.lr_curve, self.precision = optimizer, lr_curve, precision
+        self.run, self.resume = run, resume
+        self.run_dir = run.run_dir
+        self.ckpt_dir = run.run_dir / "checkpoints"
+        self.epochs = int(settings.epochs)
+        self.steps_per_epoch = data.steps_per_epoch(int(settings.batch_size))
         self.total_steps = self.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(model, self.tcfg)
-        self.lr_curve = instantiate(cfg.schedule.lr, "schedule.lr")
-        self.fingerprint = config_fingerprint(cfg)
-        use_amp = bool(self.tcfg.amp) and device.type == "cuda"
-        self.amp_dtype = getattr(torch, self.tcfg.amp_dtype) if use_amp else None
+        self.fingerprint = run.fingerprint
+        use_amp = bool(settings.amp) and device.type == "cuda"
+        self.amp_dtype = getattr(torch, settings.amp_dtype) if use_amp else None
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=use_amp and self.amp_dtype == torch.float16
         )
@@ -100,8 +107,6 @@ class Trainer:
         self.samples = 0
         self.history: list[dict[str, float]] = []
         self.quantizers = [m for m in model.net.modules() if isinstance(m, Quantizer)]
-        # memory budget penalty, per-layer bit logging and budget checks (qexp/train/precision.py)
-        self.precision = PrecisionMonitor.from_config(cfg, model.net, data.info, device)
 
     # -- helpers ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -113,30 +118,11 @@ class Trainer:
         mode = self.tcfg.progress
         return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
 
-    def _run_info(self) -> dict[str, Any]:
-        c = self.cfg
-        return {
-            "estimator": c.estimator.name,
-            "quantizer": c.quantizer.name,
-            "model": c.model.name,
-            "dataset": c.dataset.name,
-            "w_bits": int(c.w_bits),
-            "a_bits": int(c.a_bits),
-            "seed": int(c.seed),
-            "epochs": self.epochs,
-            "lr": float(self.tcfg.lr),
-            "optimizer": self.tcfg.optimizer,
-            "batch_size": int(self.tcfg.batch_size),
-            "first_bits": c.layers.first_bits,
-            "last_bits": c.layers.last_bits,
-            "tag": c.get("tag"),
-            "config_hash": self.fingerprint,
-        }
-
-    def _write_metrics(self, status: str, **extra: Any) -> None:
-        metrics = {
-            **self._run_info(),
-            "status": status,
+    def _write_metrics(
+        self, status: RunStatus, reason: str | None = None, **extra: Any
+    ) -> RunRecord:
+        data = {
+            **self.run.identity,
             "epochs_done": self.epoch,
             "best_val_acc": self.best_val if self.best_val >= 0 else None,
             "best_epoch": self.best_epoch + 1 if self.best_epoch >= 0 else None,
@@ -145,7 +131,9 @@ class Trainer:
             "history": self.history,
             **extra,
         }
-        write_json(metrics, self.run_dir / "metrics.json")
+        record = RunRecord(status, reason, self.fingerprint, data)
+        write_record(self.run_dir, record)
+        return record
 
     # -- checkpoints ---------------------------------------------------------------------------
     def _state(self) -> dict[str, Any]:
@@ -215,7 +203,7 @@ class Trainer:
         win_correct = torch.zeros((), device=self.device, dtype=torch.long)
         win_seen = 0
         batches = self.data.train_batches(
-            int(self.tcfg.batch_size), self.epoch, int(self.cfg.seed), self.device
+            int(self.tcfg.batch_size), self.epoch, self.run.seed, self.device
         )
         bar = None
         if self._progress_bar():
@@ -233,7 +221,10 @@ class Trainer:
             for k, v in est.step(progress).items():
                 writer.add_scalar(f"estimator/{k}", v, self.step)
             lr = set_lr(opt, self.lr_curve(progress))
-            with self._autocast():
+            # The first step of a fresh run is the calibration phase: quantizers take their
+            # data-derived state from this batch (qexp.quant.calibrate).
+            calib = calibration(model) if self.step == 0 else contextlib.nullcontext()
+            with calib, self._autocast():
                 loss, logits, extra = est.loss(model, x, y, F.cross_entropy)
             loss = loss + self.precision.penalty()
             opt.zero_grad(set_to_none=True)
@@ -304,11 +295,13 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         """Train (or resume), then test the best-validation model; return the metrics."""
-        if self.cfg.get("resume"):
+        if self.resume:
             self._resume()
+        if self.step > 0:  # calibrated before the checkpoint: only the trackers observe
+            set_observing(self.model, "train")
         writer = SummaryWriter(str(self.run_dir), purge_step=self.step if self.step else None)
         try:
-            self._write_metrics("running")
+            self._write_metrics(RunStatus.RUNNING)
             while self.epoch < self.epochs:
                 t_epoch = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(writer)
@@ -349,11 +342,11 @@ class Trainer:
                 )
                 self.epoch += 1
                 save_checkpoint(self._state(), self.ckpt_dir / "last.pt")
-                self._write_metrics("running")
+                self._write_metrics(RunStatus.RUNNING)
                 writer.flush()
             metrics = self._final_test(writer)
         except NonFiniteLoss as exc:
-            self._write_metrics("failed", error=str(exc))
+            self._write_metrics(RunStatus.FAILED, str(exc))
             raise
         finally:
             writer.close()
@@ -381,32 +374,20 @@ class Trainer:
         kb = weight_kb(table)
         writer.add_scalar("test/acc", test_acc, self.step)
         writer.add_scalar("test/acc_latent", test_acc_latent, self.step)
-        info = self._run_info()
-        hparams = {
-            k: info[k]
-            for k in (
-                "estimator",
-                "quantizer",
-                "model",
-                "dataset",
-                "w_bits",
-                "a_bits",
-                "seed",
-                "lr",
-                "epochs",
-            )
-        }
+        hparams = {k: self.run.identity[k] for k in HPARAM_KEYS}
         writer.add_hparams(
             hparams, {"hparam/test_acc": test_acc}, run_name=".", global_step=self.step
         )
-        status = "completed" if honest else "failed: levels exceed bit width"
-        unmet = self.precision.unmet()  # no epoch met the budget: the last one is reported
-        if honest and unmet:
-            status = f"completed: {unmet}"
+        status, reason = RunStatus.COMPLETED, None
+        if not honest:
+            status, reason = RunStatus.FAILED, "levels exceed bit width"
+        elif self.precision.unmet():  # no epoch met the budget: the last one is reported
+            reason = self.precision.unmet()
         extra.update(self.precision.final(writer, table, self.step))
         extra.update(self.model.estimator.state_summary())
-        self._write_metrics(
+        record = self._write_metrics(
             status,
+            reason,
             test_acc=test_acc,
             test_acc_latent=test_acc_latent,
             weight_kb=round(kb, 3),
@@ -419,4 +400,4 @@ class Trainer:
             test_acc_latent,
             kb,
         )
-        return json.loads((self.run_dir / "metrics.json").read_text())
+        return record.to_json()

@@ -41,8 +41,9 @@ def fast_args() -> list[str]:
     return list(FAST)
 
 
-def compose_config(*overrides: str) -> DictConfig:
-    """The composed run config of `qexp train OVERRIDES` (Hydra's compose API, no run dir)."""
+def compose_config(*overrides: str, with_hydra: bool = False) -> DictConfig:
+    """The composed run config of `qexp train OVERRIDES` (Hydra's compose API, no run dir);
+    ``with_hydra`` keeps the ``hydra`` node (launcher, sweeper, dirs)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -50,8 +51,11 @@ def compose_config(*overrides: str) -> DictConfig:
 
     register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        return compose(config_name="config", overrides=list(overrides))
+    try:
+        with initialize_config_module(config_module="qexp.conf", version_base=None):
+            return compose("config", list(overrides), return_hydra_config=with_hydra)
+    finally:
+        GlobalHydra.instance().clear()
 
 
 #: the run-config counterpart of FAST (Hydra overrides of a quick digits run)

@@ -5,6 +5,7 @@ import sys
 
 import pytest
 import torch
+from conftest import compose_config
 from torch import nn
 
 from qexp.cli import main
@@ -135,14 +136,9 @@ def test_curves_hit_zero_at_p0_and_one_at_p1(shape):
 
 
 def test_default_yaml_curve_and_validation():
-    from hydra import compose, initialize_config_module
-
-    from qexp.config.schema import register_schemas
     from qexp.train.build import instantiate
 
-    register_schemas()
-    with initialize_config_module(config_module="qexp.conf", version_base=None):
-        cfg = compose(config_name="config", overrides=["estimator=alpha_blend"])
+    cfg = compose_config("estimator=alpha_blend")
     est = instantiate(cfg.estimator, "estimator")
     assert isinstance(est, AlphaBlend) and not est.blend_activations
     curve = est.alpha_curve
@@ -193,7 +189,7 @@ def test_cli_alpha_blend_end_to_end(tmp_path, monkeypatch):
     assert main(args) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert 0.0 <= metrics["test_acc"] <= 1.0
+    assert metrics["test_acc"] >= 0.2  # 10 classes: twice chance after 2 short epochs
     assert metrics["alpha"] == 1.0 and metrics["best_epoch"] == 2
     acc, tags = _scalar_tags(run_dir)
     assert "estimator/alpha" in tags

@@ -193,8 +193,9 @@ def test_cli_aqe_end_to_end(tmp_path, monkeypatch):
     assert main(args) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"
-    assert 0.0 <= metrics["test_acc"] <= 1.0
-    assert "test_acc_soft" in metrics and "soft_hard_gap" in metrics
+    assert metrics["test_acc"] >= 0.2  # 10 classes: twice chance after 2 short epochs
+    # at the end of training the sharpened stand-in and the deployed network nearly agree
+    assert abs(metrics["test_acc_soft"] - metrics["test_acc"]) <= 0.15
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(run_dir))

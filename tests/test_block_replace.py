@@ -202,7 +202,7 @@ def test_cli_block_replace_end_to_end(tmp_path):
              "trainer.epochs=2", *FAST, f"hydra.run.dir={tmp_path / 'a'}", cwd=tmp_path,
              env=env)  # fmt: skip
     m = read_metrics(tmp_path / "a")
-    assert m["status"] == "completed" and 0.0 <= m["test_acc"] <= 1.0
+    assert m["status"] == "completed" and m["test_acc"] >= 0.2  # twice chance
     # Second run, QuantNet as the base estimator and 1 epoch, but a partner trained for 2 epochs
     # (the same key): reuses the cached partner, and logs the soft/hard gap of its base.
     proc = run_qexp("train", "estimator=block_replace", "bits=1", "model=small_cnn",

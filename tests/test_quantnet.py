@@ -177,8 +177,9 @@ def test_cli_quantnet_one_bit_end_to_end(tmp_path):
              f"hydra.run.dir={run_dir}", cwd=tmp_path)  # fmt: skip
     m = read_metrics(run_dir)
     assert m["status"] == "completed", json.dumps(m)[:500]
-    assert 0.0 <= m["test_acc"] <= 1.0
-    assert m["soft_hard_gap"] == pytest.approx(m["test_acc_soft"] - m["test_acc"])
+    assert m["test_acc"] >= 0.2  # 10 classes: twice chance after 2 short epochs
+    # gamma annealed to 100: the soft meta quantizer and its hard decisions nearly agree
+    assert abs(m["test_acc_soft"] - m["test_acc"]) <= 0.1
     assert m["gamma"] == pytest.approx(100.0)
     body = [r for r in m["layers"] if r["role"] == "body"]
     assert all(r["levels"]["weight"] <= 2 for r in body)

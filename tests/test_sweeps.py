@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 
 from qexp.train.sweep import MARKER, SUMMARY_FILE, available_cpus, launcher_threads, plan_job
 
@@ -129,23 +130,8 @@ def test_plan_job(tmp_path):
 
 
 def test_presets_compose():
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from qexp.config.schema import register_schemas
-
-    register_schemas()
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_module(config_module="qexp.conf", version_base=None):
-            cfg = compose(
-                "config",
-                ["+experiment=estimators_vs_bits", "hydra/launcher=slurm"],
-                return_hydra_config=True,
-            )
-            local = compose("config", ["hydra/launcher=local"], return_hydra_config=True)
-    finally:
-        GlobalHydra.instance().clear()
+    cfg = compose_config("+experiment=estimators_vs_bits", "hydra/launcher=slurm", with_hydra=True)
+    local = compose_config("hydra/launcher=local", with_hydra=True)
     hc = cfg.hydra
     assert hc.sweep.dir == "multirun/estimators_vs_bits"
     assert hc.launcher._target_.endswith("SlurmLauncher")

@@ -58,6 +58,8 @@ STALE_S = 120.0
 #: a takeover in progress (the .break file) older than this was cut off: remove it
 BREAK_STALE_S = 30.0
 _ATTEMPTS = 20
+#: how long a lock file that cannot be parsed yet may still be in the middle of being written
+_WRITING_GRACE_S = 2.0
 
 
 class RunDirHeld(QexpError):
@@ -177,11 +179,12 @@ class RunDirLock:
         return _fs_now(self.run_dir) - mtime < self.stale_s
 
     def _held_error(self, holder: Holder | None, mtime: float) -> RunDirHeld:
-        age = max(0.0, _fs_now(self.run_dir) - mtime)
+        same_machine = holder is not None and holder.machine == machine_id()
+        age = 0.0 if same_machine else max(0.0, _fs_now(self.run_dir) - mtime)
         if holder is None:
             who = f"another process (unreadable {self.path}, touched {age:.0f} s ago)"
             todo = f"if no run uses it, delete {self.path}"
-        elif holder.machine == machine_id():
+        elif same_machine:
             who = holder.describe()
             todo = f"wait for it to finish or stop it (kill {holder.pid})"
         else:
@@ -237,7 +240,7 @@ class RunDirLock:
                 if holder is None and self._alive(None, mtime):
                     # a fresh lock still being written: give its writer a moment
                     unreadable_since = unreadable_since or time.monotonic()
-                    if time.monotonic() - unreadable_since < 2.0:
+                    if time.monotonic() - unreadable_since < _WRITING_GRACE_S:
                         time.sleep(0.1)
                         continue
                 if self._alive(holder, mtime):

@@ -227,6 +227,17 @@ class RunDirLock:
     # -- taking and giving back -------------------------------------------------------------
     def acquire(self) -> RunDirLock:
         """Take the lock; raise RunDirHeld naming the holder if a live process has it."""
+        try:
+            return self._acquire()
+        except RunDirHeld:
+            raise
+        except OSError as exc:
+            raise QexpError(
+                f"cannot lock run dir {self.run_dir} ({exc.strerror or exc}): choose a writable "
+                "hydra.run.dir (or hydra.sweep.dir)"
+            ) from None
+
+    def _acquire(self) -> RunDirLock:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         unreadable_since = None
         for _ in range(_ATTEMPTS):
@@ -377,6 +388,6 @@ class LockRunDir(Callback):
         run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
         try:
             take_run_dir(run_dir)
-        except RunDirHeld as exc:
+        except QexpError as exc:
             print(f"qexp: error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -64,6 +64,14 @@ def test_lock_names_its_holder_and_is_gone_after_release(tmp_path):
     assert not (tmp_path / "run" / LOCK_NAME).exists()
 
 
+def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
+    from qexp.errors import QexpError
+
+    (tmp_path / "file").write_text("")
+    with pytest.raises(QexpError, match="cannot lock run dir .*writable hydra.run.dir"):
+        RunDirLock(tmp_path / "file").acquire()
+
+
 def test_lock_of_a_dead_process_on_this_machine_is_taken_over(tmp_path):
     write_lock(tmp_path, pid=dead_pid(), pid_start=None)
     with RunDirLock(tmp_path) as lock:

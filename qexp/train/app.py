@@ -28,9 +28,12 @@ def hydra_main(cfg: DictConfig) -> float | None:
     try:
         with hold_run_dir(run_dir):  # one writer per run dir (qexp/rundir_lock.py)
             return _run_job(cfg, run_dir, hc)
-    except RunDirHeld as exc:  # nothing is written into a dir another process holds
+    except QexpError as exc:  # from the lock (_run_job handles its own): the dir is not ours
         if hc.mode == RunMode.MULTIRUN:
-            record_held(run_dir, hc, str(exc))
+            if isinstance(exc, RunDirHeld):
+                record_held(run_dir, hc, str(exc))
+            else:
+                log.error("%s", exc)
             return None
         print(f"qexp: error: {exc}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -243,17 +243,17 @@ def test_resume_takes_over_the_lock_of_a_killed_run(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_rerun_skips_a_job_held_by_a_running_one(tmp_path):
+    # sweep 1 pauses in its first job; the same sweep run again meanwhile must leave that job
+    # alone, train the other one, and not relabel sweep 1's jobs as its own
     sweep = tmp_path / "sweep"
-    common = [*ARGS, "estimator=ste", f"hydra.sweep.dir={sweep}"]
-    first, go = start_paused(tmp_path, "train", "-m", *common, "bits=1")
+    command = ["train", "-m", *ARGS, "estimator=ste", "bits=1,2", f"hydra.sweep.dir={sweep}"]
+    first, go = start_paused(tmp_path, *command)
     try:
         (held_dir,) = [p for p in sweep.iterdir() if p.is_dir()]
         before = {k: v for k, v in snapshot(held_dir).items() if not k.startswith(".hydra")}
-        rerun = run_qexp("train", "-m", *common, "bits=1,2", cwd=tmp_path)
-        assert "held           1" in rerun.stdout and "completed      1" in rerun.stdout
-        assert f"held: {held_dir.name}: run dir {held_dir} is in use by pid {first.pid}" in (
-            rerun.stdout
-        )
+        rerun = run_qexp(*command, cwd=tmp_path).stdout
+        assert "held           1" in rerun and "completed      1" in rerun
+        assert f"held: {held_dir.name}: run dir {held_dir} is in use by pid {first.pid}" in rerun
         counts = json.loads((sweep / "sweep_summary.json").read_text())["counts"]
         assert counts["held"] == 1 and counts["fresh"] == 1
         # qexp wrote nothing there (Hydra rewrote .hydra/ and appended to train.log: README)
@@ -262,7 +262,8 @@ def test_sweep_rerun_skips_a_job_held_by_a_running_one(tmp_path):
         assert after == before
     finally:
         out = finish(first, go)
-    assert "completed      1" in out
+    # sweep 1 finishes its first job and finds its second one completed by the re-run
+    assert "2 jobs" in out and "completed      1" in out and "skipped        1" in out
     assert read_metrics(held_dir)["status"] == "completed"
     assert json.loads((held_dir / "sweep_job.json").read_text())["outcome"] == "fresh"
 

@@ -41,6 +41,9 @@ log = logging.getLogger("qexp")
 MARKER = "sweep_job.json"
 #: written into the sweep dir when a sweep starts; jobs copy its id into their marker
 SWEEP_ID_FILE = ".qexp_sweep.json"
+#: the sweep id again, in the environment the jobs inherit (joblib workers, submitit jobs): a
+#: second sweep started in the same dir rewrites SWEEP_ID_FILE, and must not relabel our jobs
+SWEEP_ID_ENV = "QEXP_SWEEP_ID"
 #: the end-of-sweep summary, written into the sweep dir as well as printed
 SUMMARY_FILE = "sweep_summary.json"
 #: in the sweep dir: one record per job that found its run dir held by another live process
@@ -100,6 +103,13 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text[:limit]
 
 
+def current_sweep_id(hc: Any) -> str | None:
+    """The id of the sweep this job belongs to."""
+    if os.environ.get(SWEEP_ID_ENV):
+        return os.environ[SWEEP_ID_ENV]
+    return (read_json(_sweep_dir(hc) / SWEEP_ID_FILE) or {}).get("id")
+
+
 # -- the job side ---------------------------------------------------------------------------
 def plan_job(fingerprint: str, run_dir: Path) -> str:
     """What a sweep job must do in ``run_dir``: "skipped", "resumed" or "fresh".
@@ -127,9 +137,8 @@ class _Marker:
 
     def __init__(self, run_dir: Path, hc: Any) -> None:
         self.path = run_dir / MARKER
-        sweep = read_json(_sweep_dir(hc) / SWEEP_ID_FILE) or {}
         self.data: dict[str, Any] = {
-            "sweep_id": sweep.get("id"),
+            "sweep_id": current_sweep_id(hc),
             "job_num": int(hc.job.num) if hc.job.get("num") is not None else None,
             "overrides": list(hc.overrides.task),
             "outcome": "running",
@@ -203,7 +212,7 @@ def record_held(run_dir: Path, hc: Any, reason: str) -> None:
     dir: that one has a writer already)."""
     log.warning("%s", reason)
     sweep_dir = _sweep_dir(hc)
-    sweep_id = (read_json(sweep_dir / SWEEP_ID_FILE) or {}).get("id")
+    sweep_id = current_sweep_id(hc)
     job_num = int(hc.job.num) if hc.job.get("num") is not None else 0
     record = {
         "sweep_id": sweep_id,
@@ -287,6 +296,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_id = uuid.uuid4().hex
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
         sweep_dir = _sweep_dir(config.hydra)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         write_json({"id": self.sweep_id, "started_at": time.time()}, sweep_dir / SWEEP_ID_FILE)

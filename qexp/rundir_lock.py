@@ -169,6 +169,7 @@ class RunDirLock:
         self.stale_s = stale_s
         self.holder: Holder | None = None
         self.lost = False  # set when another process took the lock from under us
+        self.took_over: str | None = None  # whose stale lock this one replaced
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -215,8 +216,7 @@ class RunDirLock:
                 now[0] == seen[0] if seen[0] is not None else now[0] is None and now[1] == seen[1]
             )
             if same:
-                who = seen[0].describe() if seen[0] else "an unreadable lock"
-                log.warning("run dir %s: taking over the stale lock of %s", self.run_dir, who)
+                self.took_over = seen[0].describe() if seen[0] else "an unreadable lock"
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self.path)
         finally:
@@ -364,6 +364,8 @@ def hold_run_dir(run_dir: Path | str) -> Iterator[RunDirLock]:
     where nobody else handles it, so that the lock is given back instead of left to go stale.
     """
     lock = take_run_dir(run_dir)
+    if lock.took_over:  # logged here, where the run's log file is open
+        log.warning("run dir %s: took over the stale lock of %s", lock.run_dir, lock.took_over)
     sigterm = None
     main = threading.current_thread() is threading.main_thread()
     if main and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:

@@ -73,9 +73,11 @@ def test_a_run_dir_that_cannot_be_created_is_one_line(tmp_path):
 
 
 def test_lock_of_a_dead_process_on_this_machine_is_taken_over(tmp_path):
-    write_lock(tmp_path, pid=dead_pid(), pid_start=None)
+    pid = dead_pid()
+    write_lock(tmp_path, pid=pid, pid_start=None)
     with RunDirLock(tmp_path) as lock:
         assert read_lock(tmp_path / LOCK_NAME)[0].token == lock.holder.token
+        assert lock.took_over.startswith(f"pid {pid} on ")
 
 
 def test_reused_pid_does_not_keep_a_lock_alive(tmp_path):
@@ -233,11 +235,11 @@ def test_resume_takes_over_the_lock_of_a_killed_run(tmp_path):
     os.kill(first.pid, signal.SIGKILL)
     first.communicate()
     assert read_lock(run_dir / LOCK_NAME)[0].pid == first.pid  # left behind
-    proc = run_qexp("train", *ARGS, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
-    assert f"taking over the stale lock of pid {first.pid}" in proc.stdout + proc.stderr
+    run_qexp("train", *ARGS, "resume=true", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     m = read_metrics(run_dir)
     assert m["status"] == "completed" and [h["epoch"] for h in m["history"]] == [1, 2]
-    assert "resumed" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert f"took over the stale lock of pid {first.pid}" in log and "resumed" in log
     assert not (run_dir / LOCK_NAME).exists()
 
 

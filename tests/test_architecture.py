@@ -24,6 +24,7 @@ LAYERS = {
     "qexp.report": 2,
     "qexp.curves": 1,
     "qexp.record": 1,
+    "qexp.rundir_lock": 1,
     "qexp.errors": 1,
     "qexp": 0,
 }

@@ -201,6 +201,7 @@ def test_sweep_runs_every_job_and_resumes_the_cut_off_one(joblib_sweep):
         "fresh": 7,
         "resumed": 1,
         "skipped": 0,
+        "held": 0,
         "failed": 0,
         "unfinished": 0,
     }
@@ -291,6 +292,7 @@ def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
         "fresh": 1,
         "resumed": 0,
         "skipped": 0,
+        "held": 0,
         "failed": 1,
         "unfinished": 0,
     }

@@ -153,6 +153,8 @@ def check_component(key: str, node: Any) -> None:
         if isinstance(value, dict) and "_target_" in value:
             check_component(f"{key}.{opt}", value)
         elif hint is not None and not _matches(value, hint):
+            if typing.get_origin(hint) is typing.Literal:
+                raise QexpError(f"{key}.{opt}={value!r} is not allowed: use {_type_name(hint)}")
             raise QexpError(
                 f"{key}.{opt}={value!r} has the wrong type: {label} expects {_type_name(hint)}"
             )
@@ -163,6 +165,8 @@ def _matches(value: Any, hint: Any) -> bool:
     origin = typing.get_origin(hint)
     if hint is Any:
         return True
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
     if origin in (Union, types.UnionType):
         return any(_matches(value, a) for a in typing.get_args(hint))
     if hint is type(None):
@@ -185,4 +189,6 @@ def _matches(value: Any, hint: Any) -> bool:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(str(a) for a in typing.get_args(hint))
     return str(hint).replace("typing.", "").replace("<class '", "").replace("'>", "")

@@ -6,6 +6,7 @@ import abc
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,6 +51,10 @@ class DataModule(abc.ABC):
     @abc.abstractmethod
     def eval_batches(self, split: str, batch_size: int, device: torch.device) -> Iterator[Batch]:
         """Batches of split "val" or "test" in a fixed order, without augmentation."""
+
+    def data_report(self) -> dict[str, Any]:
+        """Facts about the data a run's metrics.json records (e.g. images left out); none here."""
+        return {}
 
     def steps_per_epoch(self, batch_size: int) -> int:
         """Number of train batches per epoch (the last one may be partial)."""

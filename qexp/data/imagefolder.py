@@ -9,6 +9,14 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from qexp.data.bad_images import (
+    BadImageRule,
+    BadImages,
+    Unreadable,
+    collate_readable,
+    load_or_flag,
+    scan,
+)
 from qexp.data.base import (
     Batch,
     DataInfo,
@@ -55,7 +63,9 @@ class _View(Dataset):
 
     def __getitem__(self, k: int) -> tuple[torch.Tensor, int]:
         path, target = self.samples[self.indices[k]]
-        image = self.loader(path)
+        image = load_or_flag(self.loader, path)
+        if isinstance(image, Unreadable):
+            return image  # the main process applies dataset.bad_images (qexp/data/bad_images.py)
         if self.seed is None:
             return self.transform(image), target
         with torch.random.fork_rng(devices=[]):
@@ -75,6 +85,10 @@ class ImageFolderData(DataModule):
         workers: DataLoader worker processes (0 loads in the main process).
         subset: use only the first N training images after the split.
         name: data-set name reported in DataInfo (default "imagefolder").
+        bad_images: what to do with files PIL cannot read: "error" (stop, naming the file) or
+            "skip" (leave them out, logged and counted in metrics.json).
+        scan_images: check every file the run uses before training (PIL verify, no decoding);
+            False finds unreadable files only when they are loaded.
     """
 
     def __init__(
@@ -86,10 +100,13 @@ class ImageFolderData(DataModule):
         workers: int = 4,
         subset: int | None = None,
         name: str | None = None,
+        bad_images: BadImageRule = "error",
+        scan_images: bool = True,
     ) -> None:
         from torchvision import datasets, transforms  # slow import, only needed here
 
         check_subset(subset)
+        self.bad = BadImages(bad_images)
         if root is None or not str(root).strip():
             raise QexpError("dataset.root is required: set dataset.root=FOLDER (with train/, val/)")
         root_path = Path(root).expanduser()
@@ -112,13 +129,18 @@ class ImageFolderData(DataModule):
         keep, carved = split_indices(len(train_ds), val_size, split_seed, "dataset.val_size")
         if subset is not None:
             keep = keep[:subset]
-        self._train_idx = keep.tolist()
-        self._val_idx = carved.tolist()
         self._train_samples = train_ds.samples
         self._test_samples = test_ds.samples
         self._loader = train_ds.loader
         self.workers = int(workers)
         self.root = root_path
+        self._train_idx = keep.tolist()
+        self._val_idx = carved.tolist()
+        self._test_idx = list(range(len(self._test_samples)))
+        if scan_images:
+            self._leave_out_unreadable()
+        if not self._train_idx:
+            raise QexpError(f"no readable training images under {root_path}/train")
 
         normalize = transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)
         self.train_transform = transforms.Compose(
@@ -146,7 +168,25 @@ class ImageFolderData(DataModule):
         self.classes = list(train_ds.classes)
         self.num_train = len(self._train_idx)
         self.num_val = len(self._val_idx)
-        self.num_test = len(self._test_samples)
+        self.num_test = len(self._test_idx)
+
+    def _leave_out_unreadable(self) -> None:
+        """Scan the files this run uses; apply dataset.bad_images to the unreadable ones."""
+        parts = [
+            (self._train_samples, self._train_idx),
+            (self._train_samples, self._val_idx),
+            (self._test_samples, self._test_idx),
+        ]
+        paths = [samples[i][0] for samples, idx in parts for i in idx]
+        drop = self.bad.after_scan(scan(paths, threads=min(32, 4 * max(1, self.workers))))
+        if drop:
+            self._train_idx, self._val_idx, self._test_idx = (
+                [i for i in idx if samples[i][0] not in drop] for samples, idx in parts
+            )
+
+    def data_report(self) -> dict[str, Any]:
+        """Unreadable images left out so far (dataset.bad_images=skip), for metrics.json."""
+        return {"bad_images": self.bad.report()}
 
     def _batches(
         self, view: _View, batch_size: int, device: torch.device, loader_seed: int
@@ -161,8 +201,12 @@ class ImageFolderData(DataModule):
             # DataLoader draws a worker base seed even with 0 workers; give it its own generator
             # so the global RNG (dropout, init) is not advanced by data loading.
             generator=torch.Generator().manual_seed(loader_seed),
+            collate_fn=collate_readable,
         )
-        for x, y in loader:
+        for x, y, unreadable in loader:
+            self.bad.after_load(unreadable)
+            if x is None:
+                continue  # every image of this batch was left out
             yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
     def train_batches(
@@ -184,8 +228,9 @@ class ImageFolderData(DataModule):
                 self._train_samples, self._loader, self._val_idx, self.eval_transform, None
             )
         else:
-            indices = list(range(self.num_test))
-            view = _View(self._test_samples, self._loader, indices, self.eval_transform, None)
+            view = _View(
+                self._test_samples, self._loader, self._test_idx, self.eval_transform, None
+            )
         return self._batches(view, batch_size, device, 0)
 
     def __repr__(self) -> str:

@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from qexp.config.launcher import check_launcher
 from qexp.config.validate import validate_config
 from qexp.errors import QexpError
 
@@ -58,6 +59,12 @@ def _one_line(exc: Exception, override_keys: list[str], base: DictConfig | None)
             )
         return text.splitlines()[0]
     m = re.search(r"Could not override '([^']+)'", text)
+    if m and m.group(1).startswith("hydra.launcher."):
+        return (
+            f"{m.group(1)} is not an option of the launcher in use: check the spelling, or pick "
+            "the launcher first (hydra/launcher=local | slurm | joblib | submitit_local | "
+            "submitit_slurm)"
+        )
     if m:
         key = m.group(1)
         hint = ""
@@ -133,6 +140,7 @@ def check_command_line(argv: list[str]) -> None:
                 base = compose(config_name="config", overrides=extra)
             except Exception:
                 base = None
+            check_hydra_options(args.overrides, extra, base)
             for job in _jobs(overrides, args.multirun, extra):
                 try:
                     cfg = compose(config_name="config", overrides=job + extra)
@@ -144,6 +152,24 @@ def check_command_line(argv: list[str]) -> None:
                 dry_build(cfg)
     finally:
         GlobalHydra.instance().clear()
+
+
+def check_hydra_options(overrides: list[str], extra: list[str], base: DictConfig | None) -> None:
+    """Compose the Hydra config once (sweeps left out) and check the launcher's values, so a
+    bad launcher option ends in one line before any job starts."""
+    from hydra import compose
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:
+        return  # a malformed override: reported with the jobs' checks
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+    try:
+        cfg = compose(config_name="config", overrides=fixed + extra, return_hydra_config=True)
+    except Exception as exc:
+        raise QexpError(_one_line(exc, fixed, base)) from None
+    check_launcher(cfg.hydra.get("launcher"))
 
 
 def dry_build(cfg: DictConfig) -> None:

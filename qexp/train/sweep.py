@@ -6,7 +6,9 @@ already holds:
 
 * ``metrics.json`` says ``completed...`` with the job's own config hash -> **skipped** (no work);
 * ``checkpoints/last.pt`` exists -> **resumed** (same path as ``resume=true``);
-* otherwise -> **fresh**.
+* otherwise -> **fresh**;
+* another live process holds the run dir's lock (qexp/rundir_lock.py) -> **held**: the job
+  touches nothing there and records itself under ``<sweep dir>/.qexp_held/`` instead.
 
 Each job leaves a small marker (:data:`MARKER`) in its run dir saying what it did. Jobs may run
 in other processes or on other machines (joblib, submitit), so the end-of-sweep summary
@@ -39,10 +41,15 @@ log = logging.getLogger("qexp")
 MARKER = "sweep_job.json"
 #: written into the sweep dir when a sweep starts; jobs copy its id into their marker
 SWEEP_ID_FILE = ".qexp_sweep.json"
+#: the sweep id again, in the environment the jobs inherit (joblib workers, submitit jobs): a
+#: second sweep started in the same dir rewrites SWEEP_ID_FILE, and must not relabel our jobs
+SWEEP_ID_ENV = "QEXP_SWEEP_ID"
 #: the end-of-sweep summary, written into the sweep dir as well as printed
 SUMMARY_FILE = "sweep_summary.json"
+#: in the sweep dir: one record per job that found its run dir held by another live process
+HELD_DIR = ".qexp_held"
 
-OUTCOMES = ("fresh", "resumed", "skipped", "failed")
+OUTCOMES = ("fresh", "resumed", "skipped", "held", "failed")
 
 
 # -- threads ---------------------------------------------------------------------------------
@@ -96,6 +103,13 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     return text[:limit]
 
 
+def current_sweep_id(hc: Any) -> str | None:
+    """The id of the sweep this job belongs to."""
+    if os.environ.get(SWEEP_ID_ENV):
+        return os.environ[SWEEP_ID_ENV]
+    return (read_json(_sweep_dir(hc) / SWEEP_ID_FILE) or {}).get("id")
+
+
 # -- the job side ---------------------------------------------------------------------------
 def plan_job(fingerprint: str, run_dir: Path) -> str:
     """What a sweep job must do in ``run_dir``: "skipped", "resumed" or "fresh".
@@ -123,9 +137,8 @@ class _Marker:
 
     def __init__(self, run_dir: Path, hc: Any) -> None:
         self.path = run_dir / MARKER
-        sweep = read_json(_sweep_dir(hc) / SWEEP_ID_FILE) or {}
         self.data: dict[str, Any] = {
-            "sweep_id": sweep.get("id"),
+            "sweep_id": current_sweep_id(hc),
             "job_num": int(hc.job.num) if hc.job.get("num") is not None else None,
             "overrides": list(hc.overrides.task),
             "outcome": "running",
@@ -194,6 +207,37 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
     return metrics
 
 
+def record_held(run_dir: Path, hc: Any, reason: str) -> None:
+    """Record a job whose run dir another live process holds (in the sweep dir, not the run
+    dir: that one has a writer already)."""
+    log.warning("%s", reason)
+    sweep_dir = _sweep_dir(hc)
+    sweep_id = current_sweep_id(hc)
+    job_num = int(hc.job.num) if hc.job.get("num") is not None else 0
+    record = {
+        "sweep_id": sweep_id,
+        "run_dir": str(run_dir),
+        "overrides": list(hc.overrides.task),
+        "outcome": "held",
+        "error": reason,
+        "ended_at": time.time(),
+    }
+    try:
+        write_json(record, sweep_dir / HELD_DIR / f"{sweep_id}-{job_num}.json")
+    except OSError as exc:
+        log.warning("could not record the held job %s: %s", run_dir, exc)
+
+
+def collect_held(sweep_dir: Path, sweep_id: str | None) -> list[tuple[Path, dict[str, Any]]]:
+    """(run dir, record) of every job of sweep ``sweep_id`` that found its run dir held."""
+    found = []
+    for path in sorted((sweep_dir / HELD_DIR).glob("*.json")):
+        data = read_json(path)
+        if data is not None and (sweep_id is None or data.get("sweep_id") == sweep_id):
+            found.append((Path(str(data.get("run_dir"))), data))
+    return found
+
+
 # -- the sweep side -------------------------------------------------------------------------
 def collect_markers(sweep_dir: Path, sweep_id: str | None) -> list[tuple[Path, dict[str, Any]]]:
     """(run dir, marker) of every job of sweep ``sweep_id`` under ``sweep_dir``."""
@@ -207,14 +251,14 @@ def collect_markers(sweep_dir: Path, sweep_id: str | None) -> list[tuple[Path, d
 
 def summarize(sweep_dir: Path, sweep_id: str | None) -> dict[str, Any]:
     """Counts per outcome plus the runs that failed or never finished."""
-    markers = collect_markers(sweep_dir, sweep_id)
+    markers = collect_markers(sweep_dir, sweep_id) + collect_held(sweep_dir, sweep_id)
     counts = dict.fromkeys((*OUTCOMES, "unfinished"), 0)
     problems = []
     for run_dir, data in markers:
         outcome = data.get("outcome")
         key = outcome if outcome in counts else "unfinished"
         counts[key] += 1
-        if key in ("failed", "unfinished"):
+        if key in ("failed", "unfinished", "held"):
             rel = os.path.relpath(run_dir, sweep_dir)
             problems.append({"run_dir": rel, "outcome": key, "error": data.get("error")})
     return {
@@ -234,6 +278,7 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"  completed   {c['fresh']:4d}   trained from scratch",
         f"  resumed     {c['resumed']:4d}   continued from checkpoints/last.pt and completed",
         f"  skipped     {c['skipped']:4d}   already completed with the same config",
+        f"  held        {c['held']:4d}   run dir in use by another live process: not touched",
         f"  failed      {c['failed']:4d}",
     ]
     if c["unfinished"]:
@@ -251,6 +296,7 @@ class SweepSummary(Callback):
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         self.sweep_id = uuid.uuid4().hex
+        os.environ[SWEEP_ID_ENV] = self.sweep_id
         sweep_dir = _sweep_dir(config.hydra)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         write_json({"id": self.sweep_id, "started_at": time.time()}, sweep_dir / SWEEP_ID_FILE)

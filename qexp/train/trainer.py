@@ -129,6 +129,7 @@ class Trainer:
             "train_time_s": round(self.train_time, 3),
             "samples_per_s": round(self.samples / self.train_time, 1) if self.train_time else None,
             "history": self.history,
+            **self.data.data_report(),
             **extra,
         }
         record = RunRecord(status, reason, self.fingerprint, data)

@@ -116,7 +116,9 @@ class AQE(Estimator):
 
     Args:
         beta: sharpness schedule over training progress (a curve such as
-            ``qexp.curves.Exponential``; default 1 -> 200 over 90% of training).
+            ``qexp.curves.Exponential``; default 1 -> 20 over 90% of training, chosen
+            so the stand-in's gradients stay within about 10x of STE's, see
+            conf/estimator/aqe.yaml).
         beta_max: cap on beta; ``None`` for no cap (and no switch to hard values).
         hard_after_beta_max: once the schedule reaches ``beta_max``, forward the hard
             quantizer's values in training. The backward stays the stand-in's exact derivative
@@ -140,7 +142,7 @@ class AQE(Estimator):
     def __init__(
         self,
         beta: BetaCurve | None = None,
-        beta_max: float | None = 200.0,
+        beta_max: float | None = 20.0,
         hard_after_beta_max: bool = True,
         activations: str = "stand_in",
     ) -> None:
@@ -149,7 +151,7 @@ class AQE(Estimator):
             raise ValueError(f"activations must be stand_in | ste, got {activations!r}")
         self.activations = activations
         if beta is None:
-            beta = Exponential(start=1.0, end=200.0, p0=0.0, p1=0.9)
+            beta = Exponential(start=1.0, end=20.0, p0=0.0, p1=0.9)
         if not callable(beta):
             raise ValueError(f"beta must be a curve of training progress, got {beta!r}")
         if beta_max is not None and beta_max <= 0:

@@ -476,9 +476,10 @@ class DQPow2Quantizer(_LearnedPrecision):
         lo, hi = torch.exp2(e_min), torch.exp2(e_max)
         a = x.abs() if self._is_signed() else x.clamp(min=0)
         if self.ste == "log":
-            # clamped to the range (detached bounds) so log2 never sees 0; the branch is used
-            # only inside the range, where the clamp is the identity
-            inner = a.clamp(min=lo.detach(), max=hi.detach())
+            # kept in the range (detached bounds) so log2 never sees 0; the branch is used only
+            # inside the range, where this is the identity (where(), not clamp(): clamp's
+            # gradient is halved at a bound)
+            inner = torch.where(a < lo, lo.detach(), torch.where(a > hi, hi.detach(), a))
             mid = torch.exp2(round_ste(torch.log2(inner)))
         else:
             if self.param != "p2":

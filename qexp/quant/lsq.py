@@ -6,11 +6,12 @@ ReLU) ``Q_N = 0``, ``Q_P = 2^b - 1``. Gradients: ``dv_hat/dv = 1`` inside the ra
 ``dv_hat/ds = round(v/s) - v/s`` inside, ``-Q_N`` below, ``Q_P`` above, scaled by
 ``g = 1 / sqrt(N Q_P)``.
 
-Where "inside" is decided: by default on ``v / s`` itself (the paper: clip, then round, as
-lsq-net does). ``clip_first=False`` decides it on ``round(v / s)`` (round, then clamp), as
-PyTorch's op ``torch._fake_quantize_learnable_per_tensor_affine`` does; the values are the same,
-but for ``v / s`` within half a step beyond an end the step's gradient is then ``Q_P - v/s``
-(or ``-Q_N - v/s``) instead of ``Q_P`` (``-Q_N``), and the input still gets a gradient there.
+Where "inside" is decided: by default on ``v / s`` itself, ``-Q_N < v/s < Q_P`` (the paper:
+clip, then round, as lsq-net does; the ends themselves count as clipped). With
+``clip_first=False`` it is decided on ``round(v / s)`` (round, then clamp), as PyTorch's op
+``torch._fake_quantize_learnable_per_tensor_affine`` does: the values are the same, but within
+half a step beyond an end the step's gradient is then ``Q_P - v/s`` (or ``-Q_N - v/s``)
+instead of ``Q_P`` (``-Q_N``), and the input still gets a gradient there.
 """
 
 from __future__ import annotations
@@ -109,8 +110,10 @@ class LSQQuantizer(Quantizer):
         v = torch.round(xs).detach()
         # Inside/outside by an explicit mask, on x / s (paper) or on its rounding (torch's op):
         # clamping ``round_ste(x / s)`` would misjudge ties through float error.
-        t = xs.detach() if self.clip_first else v
-        inside = (t >= -q_n) & (t <= q_p)
+        if self.clip_first:  # the paper: inside is -Q_N < v/s < Q_P, the ends count as clipped
+            inside = (xs.detach() > -q_n) & (xs.detach() < q_p)
+        else:  # torch's op: -Q_N <= round(v/s) <= Q_P
+            inside = (v >= -q_n) & (v <= q_p)
         q_in = (xs + (v - xs).detach()) * s  # gradients: 1 to x, round(x/s) - x/s to s
         q_out = v.clamp(-q_n, q_p) * s  # gradients: 0 to x, -Q_N or Q_P to s
         return torch.where(inside, q_in, q_out)
@@ -121,6 +124,6 @@ class LSQQuantizer(Quantizer):
 
     def extra_repr(self) -> str:
         return (
-            f"bits={self.bits}, role={self.role}, step={float(self.step):.4g}, "
+            f"bits={self.bits}, role={self.role}, step={float(self.step.detach()):.4g}, "
             f"clip_first={self.clip_first}"
         )

@@ -4,9 +4,10 @@
 ``y_q = round(y (2^k - 1) / alpha) alpha / (2^k - 1)``. The rounding is straight-through, so
 ``dy_q/dx = 1`` on [0, alpha) and 0 elsewhere, and ``dy_q/dalpha = 1`` where ``x >= alpha``, 0
 elsewhere (the paper's gradient): every x passes its gradient to exactly one of the two.
-x = 0 counts as inside, as in the clip's derivative (torch.clamp passes the gradient at its
-bounds): after a ReLU the ReLU's own backward gives 0 there anyway, and where PACT replaces
-the ReLU (its clip is the activation) units at exactly 0 are not cut off from learning.
+x = 0 counts as inside (qexp's choice; the paper's STE passes the gradient on the clip's
+range): after a ReLU the ReLU's own backward gives 0 there anyway, so training is the same,
+and where PACT's clip is itself the activation, units at exactly 0 are not cut off from
+learning.
 Signed inputs (e.g. hardtanh networks) use clip(x, -alpha, alpha) on a symmetric grid instead,
 with ``dy_q/dx = 1`` on (-alpha, alpha) and ``dy_q/dalpha = -1`` where ``x <= -alpha``.
 """

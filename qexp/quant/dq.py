@@ -408,8 +408,8 @@ class DQPow2Quantizer(_LearnedPrecision):
             raise ValueError(f"param must be p1 | p2 | p3, got {param!r}")
         if ste not in ("log", "linear"):
             raise ValueError(f"ste must be log | linear, got {ste!r}")
-        self.ste = ste
         super().__init__(bits, role, signed, b_min, b_max)
+        self.ste = ste
         self.param = param
         self.with_zero = with_zero
         if param in ("p1", "p2"):

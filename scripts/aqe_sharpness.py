@@ -24,9 +24,10 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 from qexp.config.schema import register_schemas
+from qexp.quant.calibrate import calibrate
 from qexp.quant.layers import quant_layers
-from qexp.train.build import build_data, build_model
-from qexp.train.run import run_training
+from qexp.train.build import build_data
+from qexp.train.run import build_model, run_training
 
 COMMON = ["dataset=digits", "trainer.threads=1", "trainer.progress=none", "trainer.histograms=false"]
 
@@ -48,9 +49,10 @@ def candidate(end: float, acts: str) -> list[str]:
 def body_grads(overrides: list[str], init: Path, progress: float) -> dict[str, torch.Tensor]:
     cfg = _cfg([f"init_from={init}", *overrides])
     torch.manual_seed(0)
-    data = build_data(cfg)
+    data = build_data(cfg.dataset)
     model = build_model(cfg, data.info, torch.device("cpu"), 100)
     x, y = next(iter(data.train_batches(256, 0, 0, torch.device("cpu"))))
+    calibrate(model, x)
     model.train()
     model.estimator.step(progress)
     F.cross_entropy(model(x), y).backward()

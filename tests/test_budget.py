@@ -258,7 +258,7 @@ def _digits_conv_sizes() -> list[int]:
     register_schemas()
     with initialize_config_module(config_module="qexp.conf", version_base=None):
         cfg = compose(config_name="config", overrides=["dataset=digits"])
-    net = build_net(cfg, Digits().info)
+    net = build_net(cfg.model, Digits().info)
     return [m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
 
 

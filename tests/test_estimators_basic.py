@@ -109,11 +109,11 @@ def test_clipped_ste_window_of_learned_quantizers_needs_no_grid():
     est = ClippedSTE()
     u3 = DQU3Quantizer(4, "weight")
     w = torch.linspace(-1, 1, 101)
-    u3.hard(w)  # initialises: q_max = 1, d = 1 / 7
+    u3.observe(w)  # calibrates: q_max = 1, d = 1 / 7
     lo, hi = u3.clip_window(w)
     assert float(lo) == pytest.approx(-1 - 1 / 14) and float(hi) == pytest.approx(1 + 1 / 14)
     p2 = DQPow2Quantizer(4, "weight")
-    p2.hard(w)
+    p2.observe(w)
     lo, hi = p2.clip_window(w)
     assert float(hi) == pytest.approx(2**0.5) and float(lo) == pytest.approx(-(2**0.5))
     est.check_quantizer("weight", p2)  # no grid needed: accepted

@@ -182,8 +182,8 @@ def check_budget_reachable(cfg: DictConfig) -> None:
     from qexp.quant.wrap import LayerBits, quantize_model
     from qexp.train.build import build_data, build_net, quantizer_factory
 
-    info = build_data(cfg).info
-    net = build_net(cfg, info)
+    info = build_data(cfg.dataset).info
+    net = build_net(cfg.model, info)
     quantize_model(
         net,
         body=quantizer_factory(cfg.quantizer, "quantizer"),

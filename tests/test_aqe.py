@@ -218,3 +218,55 @@ def test_soft_evaluation_measures_the_stand_in_even_after_the_hard_switch():
     expected = reference_stand_in(w.detach().double(), layer.w_quant.grid(w), 3.0).float()
     torch.testing.assert_close(soft, expected, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(soft, hard)
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_dorefa_weights_get_a_stand_in_of_their_own_levels(bits):
+    from qexp.quant.dorefa import DoReFaQuantizer
+
+    torch.manual_seed(bits)
+    q = DoReFaQuantizer(bits, "weight")
+    w = (torch.randn(64, 32, 3, 3) * 0.05).requires_grad_(True)
+    est = AQE(beta=Constant(2000.0), beta_max=None)
+    est.step(0.5)
+    soft = est.soft(q, w)
+    hard = q.hard(w.detach())
+    # at a very large beta the stand-in is the quantizer, weight by weight, except within a
+    # hair of a rounding midpoint (there it is halfway between two levels by design)
+    grid = q.grid(w)
+    pos = q.grid_input(w.detach()) / grid.step - grid.offset  # level index, continuous
+    clear = ((pos - pos.floor()) - 0.5).abs() > 0.01
+    assert float(clear.float().mean()) > 0.97
+    torch.testing.assert_close(soft.detach()[clear], hard[clear], rtol=0, atol=1e-5)
+    # and its gradient is autograd of the written-out stand-in of tanh(w) / max|tanh(w)|
+    est_small = AQE(beta=Constant(3.0), beta_max=None)
+    est_small.step(0.5)
+    g = torch.randn_like(w)
+    (est_small.soft(q, w) * g).sum().backward()
+    wr = w.detach().clone().requires_grad_(True)
+    t = torch.tanh(wr)
+    ref = reference_stand_in(t / t.abs().max(), q.grid(wr), 3.0)
+    (ref * g).sum().backward()
+    torch.testing.assert_close(w.grad, wr.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_activations_through_ste_option():
+    wq, aq = UniformQuantizer(2, "weight"), UniformQuantizer(2, "activation")
+    est = AQE(beta=Constant(5.0), beta_max=None, activations="ste")
+    est.step(0.5)
+    layer = _layer(est, wq, aq)
+    x = torch.relu(torch.randn(8, 16)) * 2
+    aq.observe(x)
+    xg = x.clone().requires_grad_(True)
+    out = est.activation(layer, xg)
+    gx = torch.randn_like(x)
+    (out * gx).sum().backward()
+    torch.testing.assert_close(out.detach(), aq.hard(x))
+    torch.testing.assert_close(xg.grad, gx)  # straight-through: the identity
+    w = layer.weight.detach().clone().requires_grad_(True)
+    (est.weight(layer, w)).sum().backward()  # weights still through the stand-in
+    wr = w.detach().clone().requires_grad_(True)
+    reference_stand_in(wr, wq.grid(wr), 5.0).sum().backward()
+    torch.testing.assert_close(w.grad, wr.grad)
+    with pytest.raises(ValueError, match="stand_in | ste"):
+        AQE(activations="sometimes")

@@ -94,7 +94,8 @@ def test_penalty_over_budget_pushes_towards_fewer_bits(which):
     penalty.backward()
     body = [m for _, m in quant_layers(net) if m.layer_role == "body"]
     quants = [m.w_quant if which == "weight" else m.a_quant for m in body]
-    before = [q._bits_cont().item() for q in quants]
+    # the bits are those of round(q_max / d): the descent direction shrinks the ratio itself
+    before = [(q.q_max / q.d).item() for q in quants]
     for q in quants:
         # descent raises d and lowers q_max: a smaller q_max / d, so fewer bits
         assert q.d.grad.item() < 0 and q.q_max.grad.item() > 0
@@ -102,7 +103,7 @@ def test_penalty_over_budget_pushes_towards_fewer_bits(which):
         for q in quants:
             q.d -= 1e-3 * q.d.grad
             q.q_max -= 1e-3 * q.q_max.grad
-    after = [q._bits_cont().item() for q in quants]
+    after = [(q.q_max / q.d).item() for q in quants]
     assert all(a < b for a, b in zip(after, before, strict=True))
     # edge layers have fixed bits: no quantizer gradient at all
     edge = [m for _, m in quant_layers(net) if m.layer_role != "body"]
@@ -244,3 +245,69 @@ def test_unreachable_budget_reports_the_last_epoch_plainly(tmp_path: Path):
     assert m["reason"].startswith("budget not met (weights ") and "> 5.00 KB" in m["reason"]
     assert m["budget_met"] is False and m["best_epoch"] is None
     assert m["weight_kb"] > 5 and "test_acc" in m
+
+
+def _digits_conv_sizes() -> list[int]:
+    """Weights of each Conv2d / Linear of the default model on digits, in order (float net)."""
+    from hydra import compose, initialize_config_module
+
+    from qexp.config.schema import register_schemas
+    from qexp.data.digits import Digits
+    from qexp.train.build import build_net
+
+    register_schemas()
+    with initialize_config_module(config_module="qexp.conf", version_base=None):
+        cfg = compose(config_name="config", overrides=["dataset=digits"])
+    net = build_net(cfg.model, Digits().info)
+    return [m.weight.numel() for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
+def test_preflight_refuses_a_budget_below_the_smallest_reachable_size(
+    capsys, tmp_path, monkeypatch
+):
+    from qexp.cli import main
+
+    sizes = _digits_conv_sizes()
+    # independent count: edges at 8 bits, body layers at dq_u3's b_min = 2
+    smallest = (8 * (sizes[0] + sizes[-1]) + 2 * sum(sizes[1:-1])) / KB
+    monkeypatch.chdir(tmp_path)
+    for override in ("quantizer.weight_budget_kb=10", "quantizer.weight_avg_bits=1.5"):
+        extra = ["quantizer.weight_budget_kb=null"] if "avg" in override else []
+        code = main(["train", "dataset=digits", "quantizer=dq_u3", override, *extra])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"{smallest:.2f} KB" in err and override.split("=")[0] in err, err
+    assert not (tmp_path / "runs").exists()
+    # a budget just above it is accepted by the preflight (the run itself is not started)
+    from qexp.train.preflight import check_command_line
+
+    above = f"quantizer.weight_budget_kb={smallest + 0.01:.2f}"
+    check_command_line(["dataset=digits", "quantizer=dq_u3", above])
+
+
+@pytest.mark.slow
+def test_default_dq_u3_meets_a_60_percent_budget_with_mixed_bits(tmp_path: Path):
+    sizes = _digits_conv_sizes()
+    four_bit = (8 * (sizes[0] + sizes[-1]) + 4 * sum(sizes[1:-1])) / KB
+    budget = round(0.6 * four_bit, 2)  # 19.4 KB for the default small_cnn
+    overrides = ("quantizer=dq_u3", f"quantizer.weight_budget_kb={budget}", "trainer.epochs=10")
+    m = _train(tmp_path / "r", *overrides)
+    assert m["status"] == "completed", m["status"]
+    assert m["weight_kb"] <= budget and m["budget_met"] is True
+    body_bits = {r["w_bits"] for r in m["layers"] if r["role"] == "body"}
+    assert len(body_bits) > 1, m["layers"]  # the budget is met by mixed, not uniform, bits
+    assert all(r["ok"] for r in m["layers"])
+
+
+def test_bits_32_is_a_full_precision_network_unless_edges_are_set(tmp_path: Path):
+    sizes = _digits_conv_sizes()
+    m = _train(tmp_path / "fp", "bits=32", "trainer.epochs=1")
+    assert m["first_bits"] == 32 and m["last_bits"] == 32
+    assert all(r["w_bits"] == 32 and r["a_bits"] == 32 for r in m["layers"])
+    assert m["weight_kb"] == pytest.approx(32 * sum(sizes) / KB, abs=1e-3)
+    m8 = _train(tmp_path / "edges", "bits=32", "layers.first_bits=8", "trainer.epochs=1")
+    rows = m8["layers"]
+    assert rows[0]["w_bits"] == 8 and rows[-1]["w_bits"] == 32
+    assert m8["weight_kb"] == pytest.approx((8 * sizes[0] + 32 * sum(sizes[1:])) / KB, abs=1e-3)
+    m4 = _train(tmp_path / "q", "bits=4", "trainer.epochs=1")
+    assert m4["first_bits"] == 8 and m4["last_bits"] == 8  # quantized runs keep 8-bit edges

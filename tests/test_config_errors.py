@@ -23,6 +23,9 @@ from qexp.cli import main
         ("quantizer=binary bits=4", ["quantizer.weight", "1 bit"]),
         ("trainer.optimizer=lamb", ["trainer.optimizer", "sgd", "adamw"]),
         ("layers.first_bits=0", ["layers.first_bits", "null"]),
+        ("quantizer=dq_pow2 estimator=aqe", ["estimator=aqe", "uniform grid", "estimator=ste"]),
+        ("quantizer=dq_pow2 estimator=quantnet bits=2", ["estimator=quantnet", "uniform grid"]),
+        ("quantizer=dq_u3 quantizer.weight_budget_kb=1", ["weight_budget_kb", "smallest size"]),
     ],
 )
 def test_bad_override_fails_with_one_line(override, expected, capsys, tmp_path, monkeypatch):

@@ -29,7 +29,7 @@ def _set(q, signed: bool, **values: float) -> None:
 # -- LSQ ------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("role", ["weight", "activation"])
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
-def test_lsq_matches_torch_learnable_fake_quant(role, bits):
+def test_lsq_round_then_clamp_option_matches_torch_learnable_fake_quant(role, bits):
     torch.manual_seed(bits)
     if role == "weight":
         x = torch.randn(16, 8, 3, 3) * 0.2
@@ -37,7 +37,7 @@ def test_lsq_matches_torch_learnable_fake_quant(role, bits):
     else:
         x = torch.relu(torch.randn(8, 4, 5, 5)) * 2.0
         q_n, q_p, n = 0, 2**bits - 1, x[0].numel()
-    q = LSQQuantizer(bits, role)
+    q = LSQQuantizer(bits, role, clip_first=False)
     q.observe(x)  # initialises the step from this tensor
     s0 = float(q.step.detach())
     assert s0 == pytest.approx(float(2 * x.abs().mean() / math.sqrt(q_p)), rel=1e-6)
@@ -61,6 +61,57 @@ def test_lsq_matches_torch_learnable_fake_quant(role, bits):
     grid = q.grid(x)
     assert grid.num_levels == q_n + q_p + 1
     torch.testing.assert_close(q.hard(x), grid.snap(x), rtol=0, atol=1e-6)
+
+
+def lsq_net_reference(x, s, q_n, q_p, g):
+    """LSQ as the paper and lsq-net write it: scale the step's gradient, clip, round (STE)."""
+    s = (s - s * g).detach() + s * g
+    v = torch.clamp(x / s, -q_n, q_p)
+    v = (v.round() - v).detach() + v
+    return v * s
+
+
+@pytest.mark.parametrize("role", ["weight", "activation"])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_lsq_default_is_the_papers_clip_then_round(role, bits):
+    torch.manual_seed(bits)
+    s0 = 0.1
+    if role == "weight":
+        q_n, q_p = 2 ** (bits - 1), 2 ** (bits - 1) - 1
+        x = torch.randn(8, 4, 3, 3) * 0.1 * q_p
+        n = x.numel()
+    else:
+        q_n, q_p = 0, 2**bits - 1
+        x = torch.relu(torch.randn(6, 4, 5, 5)) * 0.1 * q_p
+        n = x[0].numel()
+    # values within half a step beyond each end: where the two range tests disagree
+    x.view(-1)[:4] = torch.tensor([q_p + 0.2, q_p + 0.45, -q_n - 0.3, q_p + 0.9]) * s0
+    g = 1.0 / math.sqrt(n * q_p)
+    q = LSQQuantizer(bits, role)
+    _set(q, role == "weight", step=s0)
+    upstream = torch.randn_like(x)
+    xa = x.clone().requires_grad_(True)
+    (q(xa) * upstream).sum().backward()
+    xr = x.clone().requires_grad_(True)
+    sr = torch.tensor(s0, requires_grad=True)
+    ref = lsq_net_reference(xr, sr, q_n, q_p, g)
+    (ref * upstream).sum().backward()
+    torch.testing.assert_close(q(x).detach(), ref.detach(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(xa.grad, xr.grad)
+    torch.testing.assert_close(q.step.grad, sr.grad, rtol=1e-4, atol=1e-7)
+    # at v/s = Q_P + 0.2 the paper's step gradient is Q_P and the input gets none
+    one = torch.full((1, 1), (q_p + 0.2) * s0)  # one value: N = 1, so g = 1 / sqrt(Q_P)
+    g = 1.0 / math.sqrt(q_p)
+    q.zero_grad()
+    xo = one.clone().requires_grad_(True)
+    q(xo).sum().backward()
+    assert q.step.grad.item() == pytest.approx(q_p * g, rel=1e-5) and xo.grad.item() == 0.0
+    torch_form = LSQQuantizer(bits, role, clip_first=False)
+    _set(torch_form, role == "weight", step=s0)
+    xo = one.clone().requires_grad_(True)
+    torch_form(xo).sum().backward()
+    assert torch_form.step.grad.item() == pytest.approx(-0.2 * g, rel=1e-4)
+    assert xo.grad.item() == 1.0
 
 
 def test_lsq_rejects_signed_one_bit():
@@ -98,20 +149,20 @@ def test_u3_gradients_match_closed_form(signed):
         (1.0, 3.0, True, 3),
         (1.0, 3.5, True, 4),
         (0.1, 0.7, True, 4),  # q_max / d = 7 up to float error: still 4 bits
-        (0.1, 0.71, True, 5),
+        (0.1, 0.71, True, 4),  # 7.1 steps: the grid uses 7 (15 levels)
         (0.01, 1.27, True, 8),
         (1.0, 1.0, False, 1),
         (1.0, 3.0, False, 2),
         (1.0, 3.5, False, 3),
         (0.5, 7.5, False, 4),
-        (0.5, 7.6, False, 5),
+        (0.5, 7.6, False, 4),  # 15.2 steps: the grid uses 15 (16 levels)
     ],
 )
 def test_u3_inferred_bits_match_formula(d, q_max, signed, want):
     q = DQU3Quantizer(8, "weight", signed=signed, b_min=1, b_max=8)
     _set(q, signed, d=d, q_max=q_max)
-    r = q_max / d
-    formula = math.ceil(math.log2(r + 1) + (1 if signed else 0) - 1e-9)
+    n = round(q_max / d)  # the end level is d round(q_max / d)
+    formula = math.ceil(math.log2(n + 1) + (1 if signed else 0) - 1e-9)
     assert want == formula
     assert q.bits == want
     assert float(q.bits_tensor().detach()) == want
@@ -120,6 +171,39 @@ def test_u3_inferred_bits_match_formula(d, q_max, signed, want):
     levels = torch.unique(q.hard(x)).numel()
     assert levels <= 2**want
     assert q.grid(x).num_levels == levels
+
+
+def _levels(q, top: float) -> int:
+    """Brute force: distinct outputs of ``q.hard`` over a dense sweep well past its range."""
+    x = torch.linspace(-3 * top, 3 * top, 60001)
+    return torch.unique(q.hard(x)).numel()
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("ratio", [1.0, 1.4, 1.6, 2.6, 3.2, 3.49, 3.6, 6.6, 7.2, 7.6, 14.6, 15.4])
+def test_u3_bits_are_those_of_the_grid_the_forward_uses(ratio, signed):
+    d = 0.1
+    q = DQU3Quantizer(8, "weight" if signed else "activation", signed=signed, b_min=1, b_max=8)
+    _set(q, signed, d=d, q_max=d * ratio)
+    levels = _levels(q, d * ratio)
+    need = max(math.ceil(math.log2(levels)), 2 if signed else 1)
+    assert q.bits == need, (ratio, levels)
+    assert float(q.bits_tensor().detach()) == need  # what the budget penalises and reports
+    if signed and ratio == 3.2:
+        assert levels == 7 and q.bits == 3  # the issue's example: 7 levels need 3 bits, not 4
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
+@pytest.mark.parametrize("kind", ["u1", "u2"])
+def test_u1_u2_bits_match_the_levels_of_their_grid(kind, bits, signed):
+    role = "weight" if signed else "activation"
+    cls = DQU1Quantizer if kind == "u1" else DQU2Quantizer
+    q = cls(8, role, signed=signed, b_min=1, b_max=8)
+    _set(q, signed, b=bits + 0.3, **({"d": 0.07} if kind == "u1" else {"q_max": 0.9}))
+    top = float(q._dq()[1].detach())
+    levels = _levels(q, top)
+    assert q.bits == bits and math.ceil(math.log2(levels)) == bits, levels
 
 
 def test_u3_bits_tensor_has_the_continuous_gradient():
@@ -235,6 +319,37 @@ def test_pow2_parametrizations_are_honest(param, with_zero):
         q.grid(w)  # non-uniform levels: estimators that need a grid get a clear message
 
 
+@pytest.mark.parametrize("ste", ["log", "linear"])
+def test_pow2_gradients_follow_the_authors_or_the_linear_form(ste):
+    q = DQPow2Quantizer(4, "weight", param="p3", ste=ste)
+    q_min, q_max = 0.1375, 1.3  # snapped: 2^-3 and 2^0
+    _set(q, True, q_min=q_min, q_max=q_max)
+    lo, hi = 0.125, 1.0
+    for x in [-2.0, -0.9, -0.3, -0.05, 0.02, 0.13, 0.2, 0.37, 0.7, 1.0, 1.2, 3.0]:
+        q.zero_grad()
+        xt = torch.tensor(x, requires_grad=True)
+        out = q(xt)
+        out.backward()
+        a, sign = abs(x), math.copysign(1.0, x)
+        inside = lo <= a <= hi
+        # closed forms: the value, and dQ/dx, dQ/dq_max, dQ/dq_min
+        want = sign * (2.0 ** round(math.log2(a)) if inside else (hi if a > hi else lo))
+        assert out.item() == pytest.approx(want), x
+        if ste == "log":  # straight-through on the rounding in the log domain (authors' code)
+            gx = want / x if inside else 0.0
+            g_max, g_min = sign * hi / q_max * (a > hi), sign * lo / q_min * (a < lo)
+        else:
+            gx = 1.0 if inside else 0.0
+            g_max, g_min = sign * (a > hi), sign * (a < lo)
+        assert xt.grad.item() == pytest.approx(gx, rel=1e-5), x
+        assert q.q_max.grad.item() == pytest.approx(g_max, rel=1e-5, abs=1e-9), x
+        assert q.q_min.grad.item() == pytest.approx(g_min, rel=1e-5, abs=1e-9), x
+    if ste == "log":
+        x = torch.linspace(0.126, 0.99, 1001, requires_grad=True)
+        q(x).sum().backward()
+        assert x.grad.min() >= 2**-0.5 - 1e-4 and x.grad.max() <= 2**0.5 + 1e-4
+
+
 def test_pow2_p1_p2_p3_agree():
     kw = dict(role="weight", with_zero=False, b_max=8)
     p1, p2, p3 = (DQPow2Quantizer(4, param=p, **kw) for p in ("p1", "p2", "p3"))
@@ -268,6 +383,20 @@ def test_dorefa_weights_match_the_formula(bits):
     torch.testing.assert_close(wa.grad, wr.grad)
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_dorefa_grid_applies_to_the_tanh_normalised_weight(bits):
+    torch.manual_seed(bits)
+    w = torch.randn(16, 8, 3, 3) * 0.3
+    q = DoReFaQuantizer(bits, "weight")
+    u = q.grid_input(w)
+    t = torch.tanh(w)
+    torch.testing.assert_close(u, t / t.abs().max())  # written out independently
+    torch.testing.assert_close(q.grid(w).snap(u), q.hard(w), rtol=0, atol=1e-6)
+    a = DoReFaQuantizer(bits, "activation")
+    x = torch.rand(100) * 2 - 0.5
+    assert a.grid_input(x) is x and DoReFaQuantizer(1, "weight").grid_input(w) is w
+
+
 def test_dorefa_one_bit_and_activations():
     w = torch.randn(6, 20)
     q = DoReFaQuantizer(1, "weight")
@@ -295,6 +424,24 @@ def test_pact_alpha_gradient_and_levels():
     torch.testing.assert_close(q.hard(x.detach()), torch.tensor(want))
     with pytest.raises(ValueError, match="activation"):
         PACTQuantizer(2, "weight")
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_pact_input_and_alpha_gradients_split_at_zero_and_alpha(signed):
+    alpha = 1.2
+    q = PACTQuantizer(3, alpha_init=alpha, signed=signed)
+    xs = [-2.0, -alpha, -0.4, 0.0, 0.3, alpha - 1e-4, alpha, 2.5]
+    for x in xs:
+        q.zero_grad()
+        xt = torch.tensor(x, requires_grad=True)
+        q(xt).backward()
+        # closed form (module doc): dy/dx = 1 on [0, alpha) (signed: (-alpha, alpha)),
+        # dy/dalpha = 1 where x >= alpha (signed: -1 where x <= -alpha); never both
+        low_inside = (x > -alpha) if signed else (x >= 0.0)
+        want_x = 1.0 if (low_inside and x < alpha) else 0.0
+        want_a = 1.0 if x >= alpha else (-1.0 if signed and x <= -alpha else 0.0)
+        assert xt.grad.item() == want_x, x
+        assert q.alpha.grad.item() == want_a, x
 
 
 def test_pact_alpha_initialises_from_first_batch():

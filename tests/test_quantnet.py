@@ -187,3 +187,25 @@ def test_cli_quantnet_one_bit_end_to_end(tmp_path):
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
     assert {"estimator/gamma", "train/meta_reg", "test/soft_hard_gap"} <= tags
+
+
+@pytest.mark.parametrize("bits", [2, 3])
+def test_dorefa_weights_deploy_dorefas_own_levels(bits):
+    from qexp.quant.dorefa import DoReFaQuantizer
+
+    torch.manual_seed(bits)
+    layers = [
+        QConv2d.from_float(nn.Conv2d(8, 16, 3), DoReFaQuantizer(bits, "weight"), None, "body"),
+        QLinear.from_float(nn.Linear(64, 32), DoReFaQuantizer(bits, "weight"), None, "body"),
+    ]
+    est = QuantNet(gamma=1.0, hidden=8)
+    holder = nn.ModuleList(layers)
+    for m in layers:
+        m.__dict__["estimator"] = est
+    est.attach(holder, EstimatorContext(total_steps=10, device=torch.device("cpu")))
+    for layer in layers:
+        w = layer.weight.detach()
+        # at the residual start the meta net's decision is DoReFa's own quantizer
+        deployed = layer.deployed_weight()
+        torch.testing.assert_close(deployed, layer.w_quant.hard(w), rtol=0, atol=1e-6)
+        assert torch.unique(deployed).numel() == 2**bits  # every level is used

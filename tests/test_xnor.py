@@ -61,3 +61,82 @@ def test_xnor_matches_deployed_binary_layers():
     torch.testing.assert_close(xnor_layer_forward(lin, x), lin(x))
     xc = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(xnor_layer_forward(conv, xc), conv(xc))
+
+
+def _meta_net_layers():
+    """1-bit body layers trained by the QuantNet-style estimator, its meta net moved off its
+    residual start (as after training), so its deployed signs differ from sign(w)."""
+    from qexp.estimators.base import EstimatorContext
+    from qexp.estimators.quantnet import QuantNet
+
+    torch.manual_seed(3)
+    lin = QLinear.from_float(
+        nn.Linear(40, 6), BinaryQuantizer(1, "weight"), BinaryQuantizer(1, "activation"), "body"
+    )
+    conv = QConv2d.from_float(
+        nn.Conv2d(3, 5, 3, padding=1),
+        BinaryQuantizer(1, "weight"),
+        BinaryQuantizer(1, "activation"),
+        "body",
+    )
+    est = QuantNet(gamma=2.0, hidden=8)
+    holder = nn.ModuleList([lin, conv])
+    for m in holder:
+        m.__dict__["estimator"] = est
+    est.attach(holder, EstimatorContext(total_steps=10, device=torch.device("cpu")))
+    with torch.no_grad():
+        est.w_out.normal_(0.0, 0.8)
+        est.b_out.normal_(0.0, 0.3)
+    holder.eval()
+    return lin, conv
+
+
+def test_xnor_uses_the_deployed_weights_of_a_meta_quantizer():
+    lin, conv = _meta_net_layers()
+    flips = sum(
+        int((_sign(m.deployed_weight()) != _sign(m.weight.detach())).sum()) for m in (lin, conv)
+    )
+    assert flips > 0  # sign(w) would be the wrong network
+    x = torch.randn(4, 40)
+    torch.testing.assert_close(xnor_layer_forward(lin, x), lin(x))
+    xc = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(xnor_layer_forward(conv, xc), conv(xc))
+
+
+@pytest.mark.parametrize("padding", [0, 1])
+def test_and_popcount_runs_one_bit_relu_layers(padding):
+    from qexp.quant.uniform import UniformQuantizer
+
+    torch.manual_seed(padding)
+    layers = [
+        QLinear.from_float(
+            nn.Linear(37, 5),
+            UniformQuantizer(1, "weight"),
+            UniformQuantizer(1, "activation"),
+            "body",
+        ),
+        QConv2d.from_float(
+            nn.Conv2d(3, 4, 3, padding=padding),
+            UniformQuantizer(1, "weight"),
+            UniformQuantizer(1, "activation"),
+            "body",
+        ),
+    ]
+    inputs = [torch.relu(torch.randn(6, 37)), torch.relu(torch.randn(2, 3, 7, 7))]
+    for layer, x in zip(layers, inputs, strict=True):
+        layer.a_quant.observe(x)  # inputs {0, r} after ReLU: an unsigned 2-level grid
+        layer.eval()
+        assert torch.unique(layer.a_quant.hard(x)).numel() == 2
+        assert float(layer.a_quant.hard(x).min()) == 0.0
+        torch.testing.assert_close(xnor_layer_forward(layer, x), layer(x))
+
+
+def test_bit_inference_refuses_multibit_layers():
+    from qexp.quant.uniform import UniformQuantizer
+
+    layer = QLinear.from_float(
+        nn.Linear(8, 3), UniformQuantizer(2, "weight"), UniformQuantizer(1, "activation"), "body"
+    )
+    layer.eval()
+    with pytest.raises(ValueError, match="per output channel"):
+        xnor_layer_forward(layer, torch.relu(torch.randn(2, 8)))

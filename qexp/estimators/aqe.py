@@ -27,6 +27,7 @@ from torch import Tensor, nn
 
 from qexp.curves import Exponential
 from qexp.estimators.base import Estimator
+from qexp.estimators.compat import grid_input, refuse_without_grid
 from qexp.quant.base import Grid, Quantizer
 from qexp.quant.layers import QuantLayer
 
@@ -115,7 +116,9 @@ class AQE(Estimator):
 
     Args:
         beta: sharpness schedule over training progress (a curve such as
-            ``qexp.curves.Exponential``; default 1 -> 200 over 90% of training).
+            ``qexp.curves.Exponential``; default 1 -> 20 over 90% of training, chosen
+            so the stand-in's gradients stay within about 10x of STE's, see
+            conf/estimator/aqe.yaml).
         beta_max: cap on beta; ``None`` for no cap (and no switch to hard values).
         hard_after_beta_max: once the schedule reaches ``beta_max``, forward the hard
             quantizer's values in training. The backward stays the stand-in's exact derivative
@@ -124,6 +127,9 @@ class AQE(Estimator):
             this is the stand-in's own gradient with its last, exponentially small, difference
             to the hard values removed from the forward. The derivative is tiny except within
             about ``D / beta_max`` of a midpoint; no straight-through gradient is used.
+        activations: ``"stand_in"`` (the paper: inputs go through the stand-in too) or
+            ``"ste"`` (inputs use the quantizer's straight-through forward, so the stand-ins'
+            sharp derivatives do not multiply from layer to layer).
 
     The grid (step, offset) comes from the layer's quantizer at every call, so calibrated
     activation ranges and per-channel weight scales are followed as they change; their steps
@@ -136,12 +142,16 @@ class AQE(Estimator):
     def __init__(
         self,
         beta: BetaCurve | None = None,
-        beta_max: float | None = 200.0,
+        beta_max: float | None = 20.0,
         hard_after_beta_max: bool = True,
+        activations: str = "stand_in",
     ) -> None:
         super().__init__()
+        if activations not in ("stand_in", "ste"):
+            raise ValueError(f"activations must be stand_in | ste, got {activations!r}")
+        self.activations = activations
         if beta is None:
-            beta = Exponential(start=1.0, end=200.0, p0=0.0, p1=0.9)
+            beta = Exponential(start=1.0, end=20.0, p0=0.0, p1=0.9)
         if not callable(beta):
             raise ValueError(f"beta must be a curve of training progress, got {beta!r}")
         if beta_max is not None and beta_max <= 0:
@@ -192,16 +202,28 @@ class AQE(Estimator):
         itself, so ``test_acc_soft`` and the soft/hard gap measure the stand-in network.
         """
         hard = quant.hard(x) if self._hard and training else None
-        return stand_in(x, quant.grid(x), self._beta, hard)
+        # the grid's levels apply to grid_input(x) (tanh-normalised for DoReFa weights)
+        return stand_in(grid_input(quant, x), quant.grid(x), self._beta, hard)
 
     def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
         return self.soft(layer.w_quant, w, layer.training)
 
     def activation(self, layer: QuantLayer, x: Tensor) -> Tensor:
+        if self.activations == "ste":
+            return layer.a_quant(x)
         return self.soft(layer.a_quant, x, layer.training)
+
+    def check_quantizer(self, role: str, quant: Quantizer) -> None:
+        """The stand-in is built on the quantizer's uniform grid (weights; inputs too unless
+        they go through STE)."""
+        if role == "activation" and self.activations == "ste":
+            return
+        refuse_without_grid(
+            "aqe", role, quant, "use estimator=ste, clipped_ste or alpha_blend with it"
+        )
 
     def extra_repr(self) -> str:
         return (
             f"beta={self._beta:.4g}, beta_max={self.beta_max}, "
-            f"hard_after_beta_max={self.hard_after_beta_max}"
+            f"hard_after_beta_max={self.hard_after_beta_max}, activations={self.activations}"
         )

@@ -34,7 +34,8 @@ from torch import Tensor, nn
 from qexp.curves import Curve
 from qexp.errors import QexpError
 from qexp.estimators.base import Criterion, Estimator, EstimatorContext
-from qexp.quant.base import Grid
+from qexp.estimators.compat import grid_input, refuse_without_grid
+from qexp.quant.base import Grid, Quantizer
 from qexp.quant.layers import QuantLayer
 
 
@@ -180,16 +181,20 @@ class QuantNet(Estimator):
 
     def _layer_terms(self, layer: QuantLayer, w: Tensor) -> tuple[Tensor, Tensor, Tensor, int]:
         """(z, center, half_span, num_levels): z lives on the normalized grid [-1, 1] whose
-        ends map to ``center -+ half_span`` in weight units."""
-        std = w.std().clamp(min=1e-8)
-        g = self.meta(layer, w / std)
+        ends map to ``center -+ half_span`` in weight units (k bits: in the units of the
+        tensor the grid applies to, ``grid_input``; the raw weight for most quantizers)."""
         if layer.w_bits == 1:
+            std = w.std().clamp(min=1e-8)
+            g = self.meta(layer, w / std)
             if self.per_channel:
                 scale = w.abs().reshape(w.shape[0], -1).mean(dim=1)
                 scale = scale.reshape((-1,) + (1,) * (w.dim() - 1))
             else:
                 scale = w.abs().mean()
             return g, torch.zeros_like(scale), scale, 2
+        v = grid_input(layer.w_quant, w)  # e.g. tanh(w) / max|tanh(w)| for DoReFa weights
+        std = v.std().clamp(min=1e-8)
+        g = self.meta(layer, v / std)
         grid: Grid = layer.w_quant.grid(w)
         n = grid.num_levels
         half_span = grid.step * (n - 1) / 2
@@ -216,6 +221,13 @@ class QuantNet(Estimator):
         k = hard_level(z, n)
         # level k of n in weight units, written so equal k give bit-identical values
         return center + half_span * (2 * k / (n - 1) - 1)
+
+    def check_quantizer(self, role: str, quant: Quantizer) -> None:
+        """k-bit weights follow the quantizer's uniform grid (1 bit only needs mean|w|)."""
+        if role == "weight" and quant.bits > 1:
+            refuse_without_grid(
+                "quantnet", role, quant, "use bits=1 or estimator=ste, clipped_ste, alpha_blend"
+            )
 
     # -- per-step hooks -------------------------------------------------------------------------
     def step(self, progress: float) -> dict[str, float]:

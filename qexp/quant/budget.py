@@ -250,6 +250,47 @@ class BudgetPenalty:
         }
 
 
+def fewest_bits(q: Quantizer | None) -> int:
+    """The fewest bits ``q`` can reach: its lower bound if it learns bits, else its bits."""
+    if q is None:
+        return 32
+    return int(getattr(q, "min_bits", q.bits)) if getattr(q, "learns_bits", False) else q.bits
+
+
+def smallest_sizes_kb(layers: list[LayerSize], act_mode: str) -> tuple[float, float]:
+    """(S_w, S_a) with every quantizer at its fewest bits: what no training can go below."""
+    s_w = sum(fewest_bits(ls.layer.w_quant) * ls.params for ls in layers) / _KB
+    acts = [fewest_bits(ls.layer.a_quant) * ls.act_elems / _KB for ls in layers] or [0.0]
+    return s_w, (max(acts) if act_mode == "max" else sum(acts))
+
+
+def check_reachable(budget: BudgetPenalty, layers: list[LayerSize]) -> None:
+    """Raise QexpError if a bound budget lies below the smallest size the model can reach.
+
+    That size counts edge layers at their bits, learned-precision layers at their ``b_min``
+    and fixed quantizers at their bits; the message names it, so a run that could never meet
+    its budget is refused before it starts.
+    """
+    s_w, s_a = smallest_sizes_kb(layers, budget.act_budget_mode)
+    checks = (
+        ("weight", budget.weight_budget_kb, s_w, budget.weight_avg_bits),
+        ("act", budget.act_budget_kb, s_a, budget.act_avg_bits),
+    )
+    for kind, target, smallest, avg_bits in checks:
+        if target is None or target >= smallest - 1e-9:
+            continue
+        given = (
+            f"quantizer.{kind}_avg_bits={avg_bits} ({_kb(target)} KB)"
+            if avg_bits is not None
+            else f"quantizer.{kind}_budget_kb={_kb(target)} KB"
+        )
+        raise QexpError(
+            f"{given} is below the smallest size this model can reach, "
+            f"{_kb(smallest)} KB (edge layers at their bits, the others at b_min): raise the "
+            "budget, or lower b_min or layers.first_bits / layers.last_bits"
+        )
+
+
 def budget_from_node(node: Mapping[str, Any] | None, key: str = "quantizer") -> BudgetPenalty:
     """The budget configured in a quantizer group node (keys :data:`BUDGET_KEYS`).
 

@@ -31,7 +31,8 @@ class DoReFaQuantizer(Quantizer):
     """DoReFa weight / activation quantizer (no options; the grid is fixed by ``bits``).
 
     The weight grid lives in [-1, 1] whatever the scale of the latent weights: ``grid()``
-    describes those output levels, and ``hard(w)`` first normalises ``w`` with tanh.
+    describes those output levels, and ``hard(w)`` first normalises ``w`` with tanh
+    (``grid_input``).
 
     Args:
         bits: bit width (1 bit: weights sign * mean|w|, activations {0, 1}).
@@ -49,6 +50,18 @@ class DoReFaQuantizer(Quantizer):
         if self.bits == 1:
             return Grid(offset=-0.5, step=2 * x.detach().abs().mean(), num_levels=2)
         return Grid(offset=-n / 2, step=torch.tensor(2.0 / n, device=x.device), num_levels=n + 1)
+
+    def grid_input(self, x: Tensor) -> Tensor:
+        """The tensor ``grid()``'s levels apply to, differentiably: ``tanh(w) / max|tanh(w)|``
+        for k-bit weights (so ``hard(w) == grid(w).snap(grid_input(w))``), else ``x``.
+
+        Estimators that build on the grid (AQE, QuantNet) quantize this tensor, not the raw
+        weight, so their levels are the ones DoReFa deploys.
+        """
+        if self.role == "activation" or self.bits == 1:
+            return x
+        t = torch.tanh(x)
+        return t / t.abs().max().clamp(min=1e-12)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.role == "activation":

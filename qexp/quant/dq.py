@@ -5,8 +5,10 @@ Uniform quantizer ``Q(x) = d round(clip(x, x_min, q_max) / d)`` with ``x_min = -
 
 - U1 learns (b, d), ``q_max = d (2^(b-1) - 1)``;
 - U2 learns (b, q_max), ``d = q_max / (2^(b-1) - 1)``;
-- U3 learns (d, q_max) and infers ``b = ceil(log2(q_max / d + 1) + 1)``
-  (unsigned: ``2^b - 1`` and ``ceil(log2(q_max / d + 1))``), bounded to [b_min, b_max].
+- U3 learns (d, q_max) and infers ``b = ceil(log2(n + 1) + 1)`` with ``n = round(q_max / d)``
+  (unsigned: ``2^b - 1`` and ``ceil(log2(n + 1))``), bounded to [b_min, b_max]. ``n`` is the
+  rounded ratio because the forward's end level is ``d n``: the bits are those of the grid the
+  forward really uses, as in the authors' network-size code.
 
 Rounding is straight-through. U3's gradients are the paper's closed forms:
 ``dQ/dd = (Q(x) - x) / d`` inside [x_min, q_max] and 0 outside; ``dQ/dq_max = 0`` inside and
@@ -121,6 +123,11 @@ class _LearnedPrecision(Quantizer):
         """Smallest usable bit width: a signed uniform grid needs -d, 0, d (2 bits)."""
         return self.b_min
 
+    @property
+    def min_bits(self) -> int:
+        """The fewest bits this quantizer can learn (what a memory budget can reach)."""
+        return self._b_lo()
+
     # -- bit width -------------------------------------------------------------------------------
     def _bits_cont(self) -> Tensor:
         raise NotImplementedError
@@ -170,7 +177,10 @@ class _UniformDQ(_LearnedPrecision):
 
     def _bits_cont(self) -> Tensor:
         d, q_max = self._dq()
-        return uniform_bits(q_max / d, self._is_signed())
+        # The forward's end level is d round(q_max / d), so the grid has round(q_max / d)
+        # steps per side: count the bits of that grid (the authors' network-size code rounds
+        # q_max onto the grid first). Straight-through, so a budget still moves d and q_max.
+        return uniform_bits(round_ste(q_max / d), self._is_signed())
 
     def grid(self, x: Tensor) -> Grid:
         self._require_calibrated()
@@ -188,6 +198,16 @@ class _UniformDQ(_LearnedPrecision):
     def hard(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             return self.forward(x)
+
+    @torch.no_grad()
+    def clip_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Values outside this interval are clipped: the end levels plus half a step
+        (tensors, no device sync; used by clipped_ste's gradient window). Call after the
+        quantizer has seen data (``hard`` or ``forward``)."""
+        d, q_max = self._dq()
+        top = d * torch.round(q_max / d)
+        bottom = -top if self._is_signed() else torch.zeros_like(top)
+        return bottom - d / 2, top + d / 2
 
     def extra_repr(self) -> str:
         d, q_max = (t.detach() for t in self._dq())
@@ -351,7 +371,13 @@ class DQPow2Quantizer(_LearnedPrecision):
     (values below q_min / 2 go to 0). Bits: ``ceil(log2(2 m + z))`` signed, ``ceil(log2(m + z))``
     unsigned, with z = 1 for the zero level: for signed without zero this is the paper's
     ``ceil(log2(log2(q_max / q_min) + 1) + 1)``. The levels are not uniform, so ``grid()``
-    raises; use estimators that only need ``forward``/``hard`` (ste, alpha_blend).
+    raises; use estimators that only need ``forward``/``hard`` (ste, alpha_blend, clipped_ste).
+
+    Gradients (``ste``): ``"log"`` (default, the authors' code) puts the straight-through
+    estimate on the rounding in the log domain, ``2^round_ste(log2|x|)``, so inside the range
+    ``dQ/dx = Q(x) / x`` (between 0.71 and 1.41) and the clipped ends pass
+    ``2^round(log2 q) / q`` to the learned q_min / q_max; ``"linear"`` passes 1 to both (qexp's
+    earlier form, kept as an option).
 
     Args:
         bits: initial bit width.
@@ -361,7 +387,11 @@ class DQPow2Quantizer(_LearnedPrecision):
         with_zero: add a zero level (costs one level; needed after ReLU).
         b_min: smallest bit width.
         b_max: largest bit width (``None``: ``bits``).
+        ste: ``"log"`` (the authors' gradients) or ``"linear"`` (identity), see above.
     """
+
+    #: the levels are powers of two, not a uniform grid (estimators needing one refuse it)
+    uniform_grid = False
 
     def __init__(
         self,
@@ -372,10 +402,14 @@ class DQPow2Quantizer(_LearnedPrecision):
         with_zero: bool = False,
         b_min: int = 2,
         b_max: int | None = None,
+        ste: str = "log",
     ) -> None:
         if param not in ("p1", "p2", "p3"):
             raise ValueError(f"param must be p1 | p2 | p3, got {param!r}")
+        if ste not in ("log", "linear"):
+            raise ValueError(f"ste must be log | linear, got {ste!r}")
         super().__init__(bits, role, signed, b_min, b_max)
+        self.ste = ste
         self.param = param
         self.with_zero = with_zero
         if param in ("p1", "p2"):
@@ -438,13 +472,22 @@ class DQPow2Quantizer(_LearnedPrecision):
     def forward(self, x: Tensor) -> Tensor:
         self._require_calibrated()
         e_min, e_max = (e.to(x.dtype) for e in self.exponents())
+        # 2^round_ste(log2 q): gradient 2^e / q to the learned ends (the authors' form)
         lo, hi = torch.exp2(e_min), torch.exp2(e_max)
-        if self.param != "p2":
-            hi = self.q_max + (hi - self.q_max).detach()  # value 2^e_max, gradient to q_max
-        if self.param != "p1":
-            lo = self.q_min + (lo - self.q_min).detach()
         a = x.abs() if self._is_signed() else x.clamp(min=0)
-        mid = a + (torch.exp2(torch.round(torch.log2(a.detach().clamp(min=1e-30)))) - a).detach()
+        if self.ste == "log":
+            # kept in the range (detached bounds) so log2 never sees 0; the branch is used only
+            # inside the range, where this is the identity (where(), not clamp(): clamp's
+            # gradient is halved at a bound)
+            inner = torch.where(a < lo, lo.detach(), torch.where(a > hi, hi.detach(), a))
+            mid = torch.exp2(round_ste(torch.log2(inner)))
+        else:
+            if self.param != "p2":
+                hi = self.q_max + (hi - self.q_max).detach()  # value 2^e_max, gradient 1
+            if self.param != "p1":
+                lo = self.q_min + (lo - self.q_min).detach()
+            mid_hard = torch.exp2(torch.round(torch.log2(a.detach().clamp(min=1e-30))))
+            mid = a + (mid_hard - a).detach()
         mag = torch.where(a > hi, hi, torch.where(a < lo, lo, mid))
         if self.with_zero:
             mag = torch.where(a < lo.detach() / 2, torch.zeros_like(mag), mag)
@@ -456,6 +499,16 @@ class DQPow2Quantizer(_LearnedPrecision):
     def hard(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             return self.forward(x)
+
+    @torch.no_grad()
+    def clip_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Values outside this interval are clipped: up to where log-domain rounding would
+        still give the largest magnitude, ``2^e_max sqrt(2)`` (tensors, no device sync; call
+        after the quantizer has seen data)."""
+        e_min, e_max = self.exponents()
+        top = torch.exp2(e_max) * math.sqrt(2.0)
+        bottom = -top if self._is_signed() else -torch.exp2(e_min) / 2
+        return bottom, top
 
     # -- parameters ------------------------------------------------------------------------------
     def _init_params(self, top: float) -> None:
@@ -490,5 +543,6 @@ class DQPow2Quantizer(_LearnedPrecision):
         e_min, e_max = (e.detach() for e in self.exponents())
         return (
             f"bits={self.bits}, role={self.role}, param={self.param}, "
-            f"q_min=2^{int(e_min)}, q_max=2^{int(e_max)}, with_zero={self.with_zero}"
+            f"q_min=2^{int(e_min)}, q_max=2^{int(e_max)}, with_zero={self.with_zero}, "
+            f"ste={self.ste}"
         )

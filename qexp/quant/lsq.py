@@ -1,12 +1,17 @@
 """LSQ: learned step size quantization (Esser et al. 2020).
 
-``v_hat = clamp(round(v / s), -Q_N, Q_P) * s`` with a learned step ``s`` per tensor. Signed
+``v_hat = round(clip(v / s, -Q_N, Q_P)) * s`` with a learned step ``s`` per tensor. Signed
 values (weights) use ``Q_N = 2^(b-1)``, ``Q_P = 2^(b-1) - 1``; unsigned ones (activations after
 ReLU) ``Q_N = 0``, ``Q_P = 2^b - 1``. Gradients: ``dv_hat/dv = 1`` inside the range, 0 outside;
 ``dv_hat/ds = round(v/s) - v/s`` inside, ``-Q_N`` below, ``Q_P`` above, scaled by
-``g = 1 / sqrt(N Q_P)``. "Inside" is decided on the rounded value, as in PyTorch's reference op
-``torch._fake_quantize_learnable_per_tensor_affine`` (the two agree exactly; the paper's
-clip-then-round form differs only within half a step of the range ends).
+``g = 1 / sqrt(N Q_P)``.
+
+Where "inside" is decided: by default on ``v / s`` itself, ``-Q_N < v/s < Q_P`` (the paper:
+clip, then round, as lsq-net does; the ends themselves count as clipped). With
+``clip_first=False`` it is decided on ``round(v / s)`` (round, then clamp), as PyTorch's op
+``torch._fake_quantize_learnable_per_tensor_affine`` does: the values are the same, but within
+half a step beyond an end the step's gradient is then ``Q_P - v/s`` (or ``-Q_N - v/s``)
+instead of ``Q_P`` (``-Q_N``), and the input still gets a gradient there.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ class LSQQuantizer(Quantizer):
             negative values; or force ``True`` / ``False``.
         grad_scale: scale the step's gradient by ``1 / sqrt(N Q_P)`` (N: weights of the layer,
             or activation values per sample); ``False`` leaves it unscaled.
+        clip_first: decide "inside the range" on ``v / s`` (True, the paper) or on
+            ``round(v / s)`` (False, torch's fake-quant op); see the module docstring.
     """
 
     def __init__(
@@ -46,8 +53,10 @@ class LSQQuantizer(Quantizer):
         role: str = "weight",
         signed: bool | None = None,
         grad_scale: bool = True,
+        clip_first: bool = True,
     ) -> None:
         super().__init__(bits, role)
+        self.clip_first = bool(clip_first)
         if role == "weight" and signed is None:
             signed = True
         self.use_grad_scale = grad_scale
@@ -99,9 +108,12 @@ class LSQQuantizer(Quantizer):
         s = grad_scale(self.step, g).to(x.dtype)
         xs = x / s
         v = torch.round(xs).detach()
-        # Inside/outside is decided on the rounded value (torch's convention), by an explicit
-        # mask: clamping ``round_ste(x / s)`` would misjudge ties through float error.
-        inside = (v >= -q_n) & (v <= q_p)
+        # Inside/outside by an explicit mask, on x / s (paper) or on its rounding (torch's op):
+        # clamping ``round_ste(x / s)`` would misjudge ties through float error.
+        if self.clip_first:  # the paper: inside is -Q_N < v/s < Q_P, the ends count as clipped
+            inside = (xs.detach() > -q_n) & (xs.detach() < q_p)
+        else:  # torch's op: -Q_N <= round(v/s) <= Q_P
+            inside = (v >= -q_n) & (v <= q_p)
         q_in = (xs + (v - xs).detach()) * s  # gradients: 1 to x, round(x/s) - x/s to s
         q_out = v.clamp(-q_n, q_p) * s  # gradients: 0 to x, -Q_N or Q_P to s
         return torch.where(inside, q_in, q_out)
@@ -111,4 +123,7 @@ class LSQQuantizer(Quantizer):
             self.step.clamp_(min=1e-8)
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, role={self.role}, step={float(self.step):.4g}"
+        return (
+            f"bits={self.bits}, role={self.role}, step={float(self.step.detach()):.4g}, "
+            f"clip_first={self.clip_first}"
+        )

@@ -2,9 +2,14 @@
 
 ``y = clip(x, 0, alpha)`` then uniform k-bit on [0, alpha]:
 ``y_q = round(y (2^k - 1) / alpha) alpha / (2^k - 1)``. The rounding is straight-through, so
-``dy_q/dx = 1`` inside [0, alpha] (0 outside) and ``dy_q/dalpha = 1`` where ``x >= alpha``, 0
-elsewhere (the paper's gradient). Signed inputs (e.g. hardtanh networks) use clip(x, -alpha,
-alpha) on a symmetric grid instead.
+``dy_q/dx = 1`` on [0, alpha) and 0 elsewhere, and ``dy_q/dalpha = 1`` where ``x >= alpha``, 0
+elsewhere (the paper's gradient): every x passes its gradient to exactly one of the two.
+x = 0 counts as inside (qexp's choice; the paper's STE passes the gradient on the clip's
+range): after a ReLU the ReLU's own backward gives 0 there anyway, so training is the same,
+and where PACT's clip is itself the activation, units at exactly 0 are not cut off from
+learning.
+Signed inputs (e.g. hardtanh networks) use clip(x, -alpha, alpha) on a symmetric grid instead,
+with ``dy_q/dx = 1`` on (-alpha, alpha) and ``dy_q/dalpha = -1`` where ``x <= -alpha``.
 """
 
 from __future__ import annotations
@@ -77,8 +82,10 @@ class PACTQuantizer(Quantizer):
         a = self.alpha.to(x.dtype)
         lo = -a if self._is_signed() else torch.zeros_like(a)
         # where() rather than clamp(): the gradient of alpha is exactly 1 where x >= alpha
-        # (and -1 where x <= -alpha when signed), as the paper defines it.
-        y = torch.where(x >= a, a, torch.where(x <= lo, lo, x))
+        # (and -1 where x <= -alpha when signed), as the paper defines it; x = 0 of an
+        # unsigned clip is inside (gradient 1 to x, see the module doc).
+        below = x <= lo if self._is_signed() else x < lo
+        y = torch.where(x >= a, a, torch.where(below, lo, x))
         step = (a / self._levels()).detach()
         return y + (torch.round(y.detach() / step) * step - y.detach()).detach()
 

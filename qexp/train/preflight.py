@@ -184,10 +184,43 @@ def dry_build(cfg: DictConfig) -> None:
         for edge_bits in (cfg.layers.first_bits, cfg.layers.last_bits):
             if edge_bits is not None:
                 edge(role, int(edge_bits))
-    instantiate(cfg.estimator, "estimator")
+    estimator = instantiate(cfg.estimator, "estimator")
     for key, node in cfg.schedule.items():
         if isinstance(node, DictConfig) and "_target_" in node:
             instantiate(node, f"schedule.{key}")
+    from qexp.estimators.compat import check_pairing
+
+    check_pairing(estimator, body("weight", int(cfg.w_bits)), body("activation", int(cfg.a_bits)))
+    check_budget_reachable(cfg)
+
+
+def check_budget_reachable(cfg: DictConfig) -> None:
+    """Refuse a memory budget below the smallest size the model can reach (one line naming
+    it); builds the data set and the quantized network only when a budget is set."""
+    from qexp.quant.budget import budget_from_node, check_reachable, measure_layers
+
+    node = OmegaConf.to_container(cfg.quantizer, resolve=True)
+    budget = budget_from_node(node if isinstance(node, dict) else None)
+    if not budget.active:
+        return
+    import torch
+
+    from qexp.quant.wrap import LayerBits, quantize_model
+    from qexp.train.build import build_data, build_net, quantizer_factory
+
+    info = build_data(cfg.dataset).info
+    net = build_net(cfg.model, info)
+    quantize_model(
+        net,
+        body=quantizer_factory(cfg.quantizer, "quantizer"),
+        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
+        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
+        first_bits=cfg.layers.first_bits,
+        last_bits=cfg.layers.last_bits,
+    )
+    layers = measure_layers(net, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
+    budget.bind(layers)
+    check_reachable(budget, layers)
 
 
 def describe(cfg: Any) -> str:

@@ -1,0 +1,25 @@
+"""OmegaConf resolvers the config files use (registered when qexp is imported).
+
+``${qexp.edge_bits:${w_bits},${a_bits}}``: the default bits of the first and last layers.
+A full-precision run (both widths 32) keeps its edges in full precision too, so ``bits=32``
+is a plain float network; a quantized run keeps them at 8 bits, the usual protection of the
+input and output layers. Setting ``layers.first_bits`` / ``last_bits`` replaces this.
+"""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+
+#: edge bits of a quantized run when not set explicitly
+QUANTIZED_EDGE_BITS = 8
+
+
+def edge_bits(w_bits: int, a_bits: int) -> int:
+    """32 when the run is full precision (both widths >= 32), else :data:`QUANTIZED_EDGE_BITS`."""
+    return 32 if int(w_bits) >= 32 and int(a_bits) >= 32 else QUANTIZED_EDGE_BITS
+
+
+def register_resolvers() -> None:
+    """Register qexp's resolvers with OmegaConf (idempotent)."""
+    if not OmegaConf.has_resolver("qexp.edge_bits"):
+        OmegaConf.register_new_resolver("qexp.edge_bits", edge_bits)

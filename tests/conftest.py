@@ -67,3 +67,52 @@ FAST_CFG = ["dataset=digits", "trainer.threads=1", "trainer.progress=none",
 def cfg_train():
     """Compose a quick digits run config: ``cfg_train("estimator=aqe", "bits=2")``."""
     return lambda *overrides: compose_config(*FAST_CFG, *overrides)
+
+
+def hparams_backend(logdir: Path) -> dict:
+    """What TensorBoard's HParams tab receives for ``logdir``: its own backend, in process.
+
+    Returns ``{"experiment": ..., "sessions": {run: session}}`` (the JSON of the plugin's
+    ``/experiment`` and ``/session_groups`` routes; each session with its group's hparams).
+    """
+    from tensorboard.backend.event_processing import data_provider
+    from tensorboard.backend.event_processing import plugin_event_multiplexer as pem
+    from tensorboard.plugins import base_plugin
+    from tensorboard.plugins.hparams import hparams_plugin
+    from tensorboard.plugins.scalar import scalars_plugin
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    mux = pem.EventMultiplexer()
+    mux.AddRunsFromDirectory(str(logdir))
+    mux.Reload()
+    plugins: dict = {}
+    ctx = base_plugin.TBContext(
+        logdir=str(logdir),
+        multiplexer=mux,
+        data_provider=data_provider.MultiplexerDataProvider(mux, str(logdir)),
+        plugin_name_to_instance=plugins,
+    )
+    plugins["scalars"] = scalars_plugin.ScalarsPlugin(ctx)
+    apps = hparams_plugin.HParamsPlugin(ctx).get_plugin_apps()
+
+    def post(route: str, body: dict) -> dict:
+        resp = Client(apps[route], Response).post(
+            route, data=json.dumps(body), content_type="application/json"
+        )
+        assert resp.status_code == 200, resp.get_data(as_text=True)
+        return json.loads(resp.get_data(as_text=True))
+
+    experiment = post("/experiment", {"experimentName": ""})
+    statuses = ["STATUS_UNKNOWN", "STATUS_SUCCESS", "STATUS_FAILURE", "STATUS_RUNNING"]
+    groups = post(
+        "/session_groups",
+        {"experimentName": "", "allowedStatuses": statuses, "colParams": [],
+         "startIndex": 0, "sliceSize": 1000},
+    )  # fmt: skip
+    sessions = {
+        s["name"]: {**s, "hparams": g["hparams"]}
+        for g in groups.get("sessionGroups", [])
+        for s in g["sessions"]
+    }
+    return {"experiment": experiment, "sessions": sessions}

@@ -192,7 +192,7 @@ def test_cli_alpha_blend_end_to_end(tmp_path, monkeypatch):
     assert metrics["test_acc"] >= 0.2  # 10 classes: twice chance after 2 short epochs
     assert metrics["alpha"] == 1.0 and metrics["best_epoch"] == 2
     acc, tags = _scalar_tags(run_dir)
-    assert "estimator/alpha" in tags
-    alphas = [e.value for e in acc.Scalars("estimator/alpha")]
+    assert "train/alpha" in tags
+    alphas = [e.value for e in acc.Scalars("train/alpha")]
     assert alphas[0] == 0.0 and alphas[-1] == 1.0
     assert all(a <= b for a, b in zip(alphas, alphas[1:], strict=False))

@@ -200,8 +200,8 @@ def test_cli_aqe_end_to_end(tmp_path, monkeypatch):
 
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
-    assert "estimator/beta" in acc.Tags()["scalars"]
-    betas = [e.value for e in acc.Scalars("estimator/beta")]
+    assert "train/beta" in acc.Tags()["scalars"]
+    betas = [e.value for e in acc.Scalars("train/beta")]
     assert betas[0] == pytest.approx(1.0) and betas[-1] > betas[0]
 
 

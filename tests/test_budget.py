@@ -231,9 +231,9 @@ def test_budget_run_meets_the_budget_and_logs_bits(tmp_path: Path):
     ea = _tb(run_dir)
     scalars = set(ea.Tags()["scalars"])
     for name in (r["name"] for r in rows):
-        assert {f"bits/{name}/w", f"bits/{name}/a"} <= scalars
-    assert {"train/budget_penalty", "budget/weight_kb", "budget/act_kb"} <= scalars
-    assert "bits_per_layer" in ea.Tags()["images"]
+        assert {f"width/{name}/w", f"width/{name}/a"} <= scalars
+    assert {"train/budget_penalty", "width/weight_kb", "width/act_kb"} <= scalars
+    assert ea.Tags()["images"] == ["width/per_layer"]
     assert any(t.startswith("layers") for t in ea.Tags()["tensors"])
 
 

@@ -186,7 +186,7 @@ def test_cli_quantnet_one_bit_end_to_end(tmp_path):
     acc = EventAccumulator(str(run_dir))
     acc.Reload()
     tags = set(acc.Tags()["scalars"])
-    assert {"estimator/gamma", "train/meta_reg", "test/soft_hard_gap"} <= tags
+    assert {"train/gamma", "train/meta_reg", "test/soft_hard_gap"} <= tags
 
 
 @pytest.mark.parametrize("bits", [2, 3])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -10,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, qexp_cmd, read_metrics, run_qexp
+from conftest import FAST, hparams_backend, qexp_cmd, read_metrics, run_qexp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from qexp.report.hparams import HPARAMS, METRICS
 
 METRIC_FIELDS = {
     "estimator", "quantizer", "model", "dataset", "w_bits", "a_bits", "seed", "epochs",
@@ -56,16 +59,54 @@ def test_run_dir_layout_and_tensorboard_tags(digits_run):
     ea = EventAccumulator(str(digits_run), size_guidance={"scalars": 0, "histograms": 0})
     ea.Reload()
     tags = ea.Tags()
-    for tag in ("train/loss", "train/acc", "val/acc", "test/acc", "test/acc_latent", "lr"):
+    for tag in ("train/loss", "train/acc", "val/acc", "test/acc", "test/acc_latent", "train/lr"):
         assert tag in tags["scalars"], tag
     assert any(t.startswith("weights/") for t in tags["histograms"])
     test_acc = ea.Scalars("test/acc")[-1].value
     assert test_acc == pytest.approx(read_metrics(digits_run)["test_acc"], abs=1e-6)
-    # hparams are written into the run's own dir (run_name="."), not a subfolder
-    assert not [p for p in digits_run.iterdir() if p.is_dir() and p.name[:1].isdigit()]
-    hp = EventAccumulator(str(digits_run))
-    hp.Reload()
-    assert "_hparams_/session_start_info" in hp.summary_metadata
+    # hparams are written into the run's own dir, not a subfolder
+    assert sorted(p.name for p in digits_run.iterdir() if p.is_dir()) == [".hydra", "checkpoints"]
+
+
+def _group_order(tags: list[str]) -> list[str]:
+    """Tag groups in the order TensorBoard's Time Series view lists them: tags sorted by its
+    natural order ('/' and digits before letters, digit runs by value), group = first part."""
+
+    def natural(tag: str) -> list[tuple[int, str | int]]:
+        return [
+            (0, "") if part == "/" else (1, int(part)) if part.isdigit() else (2, part)
+            for part in re.findall(r"/|\d+|[^/\d]", tag)
+        ]
+
+    groups: list[str] = []
+    for tag in sorted(tags, key=natural):
+        if tag.split("/")[0] not in groups:
+            groups.append(tag.split("/")[0])
+    return groups
+
+
+def test_time_series_opens_on_test_train_val(digits_run):
+    ea = EventAccumulator(str(digits_run), size_guidance={"scalars": 0, "histograms": 0})
+    ea.Reload()
+    tags = ea.Tags()
+    cards = tags["scalars"] + tags["histograms"] + tags["images"]
+    # TensorBoard opens the first two groups; per-layer bits of a uniform quantizer never
+    # change, so they are no cards (only in the Text tab's layer table)
+    assert _group_order(cards)[:3] == ["test", "train", "val"]
+    assert not [t for t in cards if t.startswith(("width/", "bits/", "budget/"))]
+    assert {"layers/text_summary", "run/text_summary"} <= set(tags["tensors"])
+
+
+def test_hparams_tab_lists_every_column(digits_run):
+    m = read_metrics(digits_run)
+    seen = hparams_backend(digits_run.parent)
+    assert {h["name"] for h in seen["experiment"]["hparamInfos"]} == set(HPARAMS)
+    assert [i["displayName"] for i in seen["experiment"]["metricInfos"]] == list(METRICS)
+    (session,) = seen["sessions"].values()
+    assert session["status"] == "STATUS_SUCCESS"
+    assert {k: session["hparams"][k] for k in HPARAMS} == {k: m[k] for k in HPARAMS}
+    values = {v["name"]["tag"]: v["value"] for v in session["metricValues"]}
+    assert {k: values[t] for k, t in METRICS.items()} == pytest.approx({k: m[k] for k in METRICS})
 
 
 def test_checkpoints_load_weights_only(digits_run):

@@ -8,7 +8,8 @@ Finds every run under the given dirs, averages test accuracy over seeds for each
 * ``accuracy_vs_bits.png``: accuracy against weight bits, one line per estimator, error bars =
   sample std over seeds, the full-precision runs as a dashed horizontal line;
 * ``tensorboard/``: one TensorBoard run per estimator with ``compare/test_acc`` (and
-  ``_std``, ``_min``, ``_max``) at step = bit width, plus the figure as an image.
+  ``_std``, ``_min``, ``_max``) at step = bit width, one flat ``full_precision`` run, the
+  figure (the Time Series view's first card) and the table (Text tab).
 
 With ``--x weight_kb`` the figure is ``accuracy_vs_weight_kb.png`` instead: accuracy against
 each group's mean ``weight_kb`` (metrics.json), one line per estimator + quantizer whatever
@@ -23,6 +24,7 @@ import argparse
 import csv
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -280,9 +282,120 @@ def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "_.=-" else "_" for c in name).strip("_") or "run"
 
 
-def write_tensorboard(groups: list[Group], fig: Any, out: Path, x: str = "bits") -> Path:
-    """One TensorBoard run per line of the figure: compare/test_acc* at step = weight bits, or
-    with ``x="weight_kb"`` compare/test_acc_vs_kb(_std) at step = round(weight_kb)."""
+FP_RUN = "full_precision"
+#: scalar tag of the lines per --x choice (``_std``, ``_min``, ``_max`` are appended)
+_TB_TAGS = {"bits": "compare/test_acc", "weight_kb": "compare/test_acc_vs_kb"}
+#: the Text tab: the figure's numbers (x="bits": estimator x bit width) and compare.md
+PIVOT_TAG = "compare/accuracy_vs_bits"
+TABLE_TAG = "compare/table"
+
+
+@dataclass
+class TbLine:
+    """One TensorBoard run of the compare folder: points at integer steps (bits or KB)."""
+
+    run: str
+    steps: list[int]
+    means: list[float]
+    stds: list[float]
+    #: lowest and highest run per point (None with x="weight_kb": its lines pool groups)
+    mins: list[float] | None
+    maxs: list[float] | None
+
+
+def tensorboard_lines(groups: list[Group], x: str = "bits") -> list[TbLine]:
+    """What the compare folder's TensorBoard runs hold: one run per line of the figure, and
+    per panel one ``full_precision`` run when full-precision runs exist.
+
+    ``x="bits"``: steps are the bit widths of the quantized groups (full-precision groups are
+    never points of an estimator's line). ``x="weight_kb"``: steps are the figure's KB
+    rounded to integers (TensorBoard steps are integers). The full-precision run is flat: the
+    mean of all the panel's full-precision runs at every step the panel's lines have (at 32
+    when it has none), so it reads as the reference across the range. Lines with no point
+    are left out.
+    """
+    panels = _panels(groups)
+    many_panels = len(panels) > 1
+    named = series(groups) if x == "bits" else {}
+    points = plot_series(groups, x) if x != "bits" else {}
+    out: list[TbLine] = []
+    for panel, members in panels.items():
+        prefix = f"{_safe('_'.join(panel))}/" if many_panels else ""
+        lines: list[TbLine] = []
+        if x == "bits":
+            for name, gs in named[panel].items():
+                gs = [g for g in gs if not g.full_precision]
+                if gs:
+                    lines.append(
+                        TbLine(
+                            f"{prefix}{_safe(name)}",
+                            [int(g.w_bits) for g in gs],
+                            [g.mean for g in gs],
+                            [g.std for g in gs],
+                            [min(g.accs) for g in gs],
+                            [max(g.accs) for g in gs],
+                        )
+                    )
+        else:
+            for name, (xs, ys, yerrs) in points[panel].items():
+                steps = [round(v) for v in xs]
+                lines.append(TbLine(f"{prefix}{_safe(name)}", steps, ys, yerrs, None, None))
+        ref = _reference(members)
+        if ref is not None:
+            mean, std, _ = ref
+            accs = [a for g in members if g.full_precision for a in g.accs]
+            steps = sorted({s for line in lines for s in line.steps}) or [32]
+            k = len(steps)
+            bounds = ([min(accs)] * k, [max(accs)] * k) if x == "bits" else (None, None)
+            out.append(TbLine(f"{prefix}{FP_RUN}", steps, [mean] * k, [std] * k, *bounds))
+        out.extend(lines)
+    return out
+
+
+def pivot_markdown(groups: list[Group]) -> str:
+    """The figure as a table: one row per line, one column per weight bit width, cells
+    "mean ± std (n)"; the full-precision reference as the last row of each panel."""
+    out: list[str] = []
+    for panel, named in series(groups).items():
+        members = _panels(groups)[panel]
+        bits = sorted({int(g.w_bits) for g in members if not g.full_precision})
+        out += [f"**{panel[0]} / {panel[1]}**: test accuracy (hard-quantized), mean ± sample "
+                "std over seeds (runs)", ""]  # fmt: skip
+        out.append("| | " + " | ".join(f"w{b}" for b in bits) + " |")
+        out.append("|---|" + "---:|" * len(bits))
+        for name, gs in named.items():
+            cells = {int(g.w_bits): g for g in gs if not g.full_precision}
+            if not cells:
+                continue
+            row = [f"{c.mean:.4f} ± {c.std:.4f} ({c.n})" if (c := cells.get(b)) else "-"
+                   for b in bits]  # fmt: skip
+            out.append(f"| {name} | " + " | ".join(row) + " |")
+        ref = _reference(members)
+        if ref is not None:
+            mean, std, n = ref
+            cell = f"{mean:.4f} ± {std:.4f} ({n})"
+            out.append("| full precision | " + " | ".join(cell for _ in bits) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def write_tensorboard(
+    groups: list[Group], fig: Any, out: Path, x: str = "bits", table: str | None = None
+) -> Path:
+    """The compare folder for TensorBoard: the runs of :func:`tensorboard_lines`, and the
+    figure (first card of the Time Series view) and the tables (Text tab: the figure's
+    numbers, :func:`pivot_markdown`, and ``table``, compare.md) in the first run.
+
+    The figure and the tables are the exact view: TensorBoard smooths scalar series by
+    default (Smoothing 0.6), which bends lines of a few points; the raw values are in each
+    chart's tooltip ("Value").
+
+    Tags with ``x="bits"``: ``compare/test_acc`` (mean over seeds), ``_std``, ``_min`` and
+    ``_max`` at step = weight bits; with ``x="weight_kb"``: ``compare/test_acc_vs_kb`` and
+    ``_std`` at step = round(weight_kb). The figure rides on
+    an existing run: TensorBoard lists every run folder in its run selectors, so a run holding
+    only the figure would sit there empty.
+    """
     from torch.utils.tensorboard import SummaryWriter
 
     tb = out / TB_DIR
@@ -294,50 +407,27 @@ def write_tensorboard(groups: list[Group], fig: Any, out: Path, x: str = "bits")
         shutil.rmtree(tb)  # stale event files would double every point
     tb.mkdir(parents=True, exist_ok=True)
     (tb / _TB_MARKER).write_text("written by `qexp compare`; rewritten on every run\n")
-    if x == "weight_kb":
-        _write_kb_scalars(groups, tb)
-    else:
-        _write_bits_scalars(groups, tb)
-    if fig is not None:
-        writer = SummaryWriter(str(tb / "figure"))
-        writer.add_figure(f"compare/{Path(FIGURE_NAMES[x]).stem}", fig, close=False)
+    tag = _TB_TAGS.get(x, f"compare/test_acc_vs_{x}")
+    pivot = pivot_markdown(groups) if x == "bits" else None
+    for i, line in enumerate(tensorboard_lines(groups, x)):
+        writer = SummaryWriter(str(tb / line.run))
+        for j, step in enumerate(line.steps):
+            writer.add_scalar(tag, line.means[j], step)
+            writer.add_scalar(f"{tag}_std", line.stds[j], step)
+            if line.mins is not None and line.maxs is not None:
+                writer.add_scalar(f"{tag}_min", line.mins[j], step)
+                writer.add_scalar(f"{tag}_max", line.maxs[j], step)
+        if i == 0:
+            step = line.steps[0]
+            if fig is not None:
+                # "compare/accuracy_vs_..." sorts before the scalars: the first card
+                writer.add_figure(f"compare/{Path(FIGURE_NAMES[x]).stem}", fig, step, close=False)
+            if pivot is not None:
+                writer.add_text(PIVOT_TAG, pivot, step)
+            if table is not None:
+                writer.add_text(TABLE_TAG, table, step)
         writer.close()
     return tb
-
-
-def _write_bits_scalars(groups: list[Group], tb: Path) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
-    lines = series(groups)
-    many_panels = len(lines) > 1
-    for panel, named in lines.items():
-        prefix = f"{_safe('_'.join(panel))}/" if many_panels else ""
-        for name, gs in named.items():
-            writer = SummaryWriter(str(tb / f"{prefix}{_safe(name)}"))
-            for g in gs:
-                step = int(g.w_bits)
-                writer.add_scalar("compare/test_acc", g.mean, step)
-                writer.add_scalar("compare/test_acc_std", g.std, step)
-                writer.add_scalar("compare/test_acc_min", min(g.accs), step)
-                writer.add_scalar("compare/test_acc_max", max(g.accs), step)
-                writer.add_scalar("compare/runs", g.n, step)
-            writer.close()
-
-
-def _write_kb_scalars(groups: list[Group], tb: Path) -> None:
-    """The figure's points; TensorBoard steps are ints, so KB is rounded to the nearest one."""
-    from torch.utils.tensorboard import SummaryWriter
-
-    lines = plot_series(groups, "weight_kb")
-    many_panels = len(lines) > 1
-    for panel, named in lines.items():
-        prefix = f"{_safe('_'.join(panel))}/" if many_panels else ""
-        for name, (xs, ys, yerrs) in named.items():
-            writer = SummaryWriter(str(tb / f"{prefix}{_safe(name)}"))
-            for kb, mean, std in zip(xs, ys, yerrs, strict=True):
-                writer.add_scalar("compare/test_acc_vs_kb", mean, round(kb))
-                writer.add_scalar("compare/test_acc_vs_kb_std", std, round(kb))
-            writer.close()
 
 
 # -- command --------------------------------------------------------------------------------
@@ -378,7 +468,8 @@ def compare(
             g for g in groups if not g.full_precision and g.mean_of("weight_kb") is None
         ]
     if tensorboard:
-        result["tensorboard"] = write_tensorboard(groups, fig, out, x)
+        table = format_markdown(header, rows, skipped, None, x)
+        result["tensorboard"] = write_tensorboard(groups, fig, out, x, table)
     import matplotlib.pyplot as plt
 
     plt.close(fig)

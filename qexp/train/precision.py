@@ -3,7 +3,8 @@
 One object per run, built by the composition root from the quantizer group's budget keys
 (qexp.quant.budget). It adds
 the budget penalty to each step's loss, logs each layer's bit widths and the model's sizes to
-TensorBoard, tells the trainer whether the network meets its budget (only such epochs can be
+TensorBoard when they can change (learned precision; constant ones only go to the Text tab's
+per-layer table), tells the trainer whether the network meets its budget (only such epochs can be
 the reported best), and adds the per-layer table (as text and as a bar chart) and the sizes to
 the final report. Without a budget it only logs and reports.
 """
@@ -37,6 +38,12 @@ class PrecisionMonitor:
         self.budget = budget
         budget.bind(measure_layers(net, example))
         self._last_penalty: Tensor | None = None
+        #: whether any bit width can change in training (else bits and sizes are constants)
+        self.learned = any(
+            getattr(q, "learns_bits", False)
+            for _, layer in quant_layers(net)
+            for q in (layer.w_quant, layer.a_quant)
+        )
 
     # -- per step --------------------------------------------------------------------------------
     def penalty(self) -> Tensor | float:
@@ -48,13 +55,18 @@ class PrecisionMonitor:
         return penalty
 
     def log(self, writer: SummaryWriter, step: int) -> None:
-        """Each layer's bits (``bits/<layer>/w`` and ``/a``), model sizes and the penalty."""
-        for name, layer in quant_layers(self.net):
-            writer.add_scalar(f"bits/{name}/w", layer.w_bits, step)
-            writer.add_scalar(f"bits/{name}/a", layer.a_bits, step)
-        with torch.no_grad():
-            writer.add_scalar("budget/weight_kb", float(self.budget.weight_kb()), step)
-            writer.add_scalar("budget/act_kb", float(self.budget.act_kb()), step)
+        """With learned precision: each layer's bits (``width/<layer>/w`` and ``/a``) and the
+        model sizes (``width/weight_kb``, ``width/act_kb``); with a budget: the penalty.
+
+        ``width`` sorts after the ``test``, ``train`` and ``val`` groups of TensorBoard's Time
+        Series view (it orders groups by name and opens the first two)."""
+        if self.learned:
+            for name, layer in quant_layers(self.net):
+                writer.add_scalar(f"width/{name}/w", layer.w_bits, step)
+                writer.add_scalar(f"width/{name}/a", layer.a_bits, step)
+            with torch.no_grad():
+                writer.add_scalar("width/weight_kb", float(self.budget.weight_kb()), step)
+                writer.add_scalar("width/act_kb", float(self.budget.act_kb()), step)
         if self._last_penalty is not None:
             writer.add_scalar("train/budget_penalty", float(self._last_penalty), step)
 
@@ -81,13 +93,15 @@ class PrecisionMonitor:
 
     # -- final report ----------------------------------------------------------------------------
     def final(self, writer: SummaryWriter, table: list[dict[str, Any]], step: int) -> dict:
-        """Add act_kb to each row of ``table``, write it to TensorBoard; return metrics entries."""
+        """Add act_kb to each row of ``table``, write it to TensorBoard's Text tab (and, with
+        learned precision, as a bar chart); return metrics entries."""
         elems = {ls.name: ls.act_elems for ls in self.budget.layers}
         for row in table:
             a_bits = row["a_bits"]
             row["act_kb"] = round(elems.get(row["name"], 0) * a_bits / _KB, 3)
         writer.add_text("layers", markdown_table(table), step)
-        writer.add_figure("bits_per_layer", bits_figure(table), step, close=False)
+        if self.learned:
+            writer.add_figure("width/per_layer", bits_figure(table), step, close=False)
         out: dict[str, Any] = self.epoch_summary()
         out.pop("weight_kb")  # the trainer reports weight_kb from the table itself
         out["act_kb_mode"] = self.budget.act_budget_mode

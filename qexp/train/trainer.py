@@ -29,18 +29,13 @@ from qexp.quant.base import Quantizer
 from qexp.quant.calibrate import calibration, set_observing
 from qexp.quant.layers import quant_mode
 from qexp.record import RunRecord, RunStatus, write_record
+from qexp.report.hparams import write_hparams
 from qexp.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from qexp.train.inspect_levels import layer_table, weight_kb
 from qexp.train.optim import set_lr
 from qexp.train.precision import PrecisionMonitor
 
 log = logging.getLogger("qexp")
-
-#: identity fields shown as TensorBoard hparams
-HPARAM_KEYS = (
-    "estimator", "quantizer", "model", "dataset", "w_bits", "a_bits", "seed", "lr", "epochs",
-)
-
 
 @dataclass
 class RunInfo:
@@ -220,7 +215,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             progress = self.step / self.total_steps
             for k, v in est.step(progress).items():
-                writer.add_scalar(f"estimator/{k}", v, self.step)
+                writer.add_scalar(f"train/{k}", v, self.step)
             lr = set_lr(opt, self.lr_curve(progress))
             # The first step of a fresh run is the calibration phase: quantizers take their
             # data-derived state from this batch (qexp.quant.calibrate).
@@ -253,7 +248,7 @@ class Trainer:
                     raise NonFiniteLoss(self._nan_message())
                 writer.add_scalar("train/loss", wl, self.step)
                 writer.add_scalar("train/acc", float(win_correct) / win_seen, self.step)
-                writer.add_scalar("lr", lr, self.step)
+                writer.add_scalar("train/lr", lr, self.step)
                 for k, v in extra.items():
                     writer.add_scalar(f"train/{k}", v, self.step)
                 self.precision.log(writer, self.step)
@@ -375,10 +370,6 @@ class Trainer:
         kb = weight_kb(table)
         writer.add_scalar("test/acc", test_acc, self.step)
         writer.add_scalar("test/acc_latent", test_acc_latent, self.step)
-        hparams = {k: self.run.identity[k] for k in HPARAM_KEYS}
-        writer.add_hparams(
-            hparams, {"hparam/test_acc": test_acc}, run_name=".", global_step=self.step
-        )
         status, reason = RunStatus.COMPLETED, None
         if not honest:
             status, reason = RunStatus.FAILED, "levels exceed bit width"
@@ -401,4 +392,6 @@ class Trainer:
             test_acc_latent,
             kb,
         )
-        return record.to_json()
+        metrics = record.to_json()
+        write_hparams(writer, metrics, self.run_dir, self.step)
+        return metrics

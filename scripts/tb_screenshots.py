@@ -4,9 +4,10 @@ Serves each log dir with `qexp tb` on 127.0.0.1, waits until TensorBoard lists i
 lets chromium load one dashboard per shot and write a PNG:
 
     python scripts/tb_screenshots.py --out docs/tensorboard \
-        compare=SWEEP/compare/tensorboard#timeseries \
-        compare_text=SWEEP/compare/tensorboard#text \
-        hparams=SWEEP#hparams runs=SWEEP#timeseries
+        "compare=REPORT/tensorboard#scalars&_smoothingWeight=0@1400x800" \
+        "compare_text=REPORT/tensorboard#text" "hparams=SWEEP#hparams@2400x760"
+
+(README.md, section TensorBoard, has the commands that made the README's screenshots.)
 
 Each SHOT is NAME=DIR#DASHBOARD[@WIDTHxHEIGHT] (dashboards: timeseries, scalars, text,
 hparams, images, ...; default size 1400x900). The fragment after DIR is TensorBoard's own

@@ -104,27 +104,68 @@ def test_means_and_sample_std(runs_dir, tmp_path):
     assert result["tensorboard"] == out / "tensorboard"
 
 
-def test_tensorboard_summary(runs_dir, tmp_path):
+def _tb_runs(tb: Path) -> dict[str, object]:
+    """Every TensorBoard run under ``tb`` (any folder holding event files), loaded."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    runs = {}
+    for events in sorted(tb.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events.parent), size_guidance={"scalars": 0})
+        acc.Reload()
+        runs[events.parent.relative_to(tb).as_posix()] = acc
+    return runs
+
+
+def test_tensorboard_summary(runs_dir, tmp_path):
     out = tmp_path / "out"
     compare([runs_dir], out)
     compare([runs_dir], out)  # a second report replaces the first, without doubled points
+    runs = _tb_runs(out / "tensorboard")
+    # one run per estimator plus the full-precision reference; no run without scalars
+    assert set(runs) == {"ste", "clipped_ste", "full_precision"}
+    for name, acc in runs.items():
+        tags = acc.Tags()["scalars"]
+        assert set(tags) == {f"compare/test_acc{s}" for s in ("", "_std", "_min", "_max")}, name
+        for tag in tags:
+            # steps only at the quantized bit widths (no 32 squeezing the axis)
+            assert [e.step for e in acc.Scalars(tag)] == [1, 2, 4], (name, tag)
     for est in ("ste", "clipped_ste"):
-        acc = EventAccumulator(str(out / "tensorboard" / est))
-        acc.Reload()
+        acc = runs[est]
         means = {e.step: e.value for e in acc.Scalars("compare/test_acc")}
-        expected_bits = [1, 2, 4, 32] if est == "ste" else [1, 2, 4]
-        assert sorted(means) == expected_bits
-        assert len(acc.Scalars("compare/test_acc")) == len(expected_bits)
         for bits in (1, 2, 4):
             assert means[bits] == pytest.approx(statistics.fmean(ACCS[(est, bits)]), abs=1e-6)
         maxes = {e.step: e.value for e in acc.Scalars("compare/test_acc_max")}
         assert maxes[1] == pytest.approx(max(ACCS[(est, 1)]), abs=1e-6)
-        assert {e.step for e in acc.Scalars("compare/test_acc_std")} == set(expected_bits)
-    figure = EventAccumulator(str(out / "tensorboard" / "figure"))
-    figure.Reload()
-    assert figure.Tags()["images"] == ["compare/accuracy_vs_bits"]
+        stds = {e.step: e.value for e in acc.Scalars("compare/test_acc_std")}
+        assert stds[4] == pytest.approx(0.0 if est == "clipped_ste" else statistics.stdev(
+            ACCS[(est, 4)]), abs=1e-6)  # fmt: skip
+    # the reference: flat at the mean of the bits=32 runs, whatever their estimator
+    fp = runs["full_precision"]
+    assert [e.value for e in fp.Scalars("compare/test_acc")] == pytest.approx(
+        [statistics.fmean(FP32)] * 3, abs=1e-6
+    )
+    assert [e.value for e in fp.Scalars("compare/test_acc_min")] == pytest.approx([min(FP32)] * 3)
+    # the figure (first card: its tag sorts before the scalars) and the tables ride on it
+    assert fp.Tags()["images"] == ["compare/accuracy_vs_bits"]
+    texts = {t.split("/text_summary")[0]: t for t in fp.Tags()["tensors"]}
+    assert set(texts) == {"compare/accuracy_vs_bits", "compare/table"}
+    pivot = fp.Tensors(texts["compare/accuracy_vs_bits"])[0].tensor_proto.string_val[0].decode()
+    ste_1 = ACCS[("ste", 1)]
+    assert f"| ste | {statistics.fmean(ste_1):.4f} ± {statistics.stdev(ste_1):.4f} (3) |" in pivot
+    assert f"| full precision | {statistics.fmean(FP32):.4f}" in pivot
+    assert not any(acc.Tags()["images"] or acc.Tags()["tensors"] for n, acc in runs.items()
+                   if n != "full_precision")  # fmt: skip
+
+
+def test_tensorboard_without_full_precision_runs(runs_dir, tmp_path):
+    for fp in (runs_dir / "single").rglob("metrics.json"):
+        fp.unlink()
+    out = tmp_path / "out"
+    compare([runs_dir], out)
+    runs = _tb_runs(out / "tensorboard")
+    assert set(runs) == {"ste", "clipped_ste"}
+    # the figure goes with the first line's run, still no run of its own
+    assert runs["clipped_ste"].Tags()["images"] == ["compare/accuracy_vs_bits"]
 
 
 def test_differing_settings_become_columns(tmp_path):
@@ -287,9 +328,10 @@ def test_compare_against_weight_kb(budget_dir, tmp_path):
     assert sorted(means) == [round(x) for x in exp_x]
     for x, y in zip(exp_x, exp_y, strict=True):
         assert means[round(x)] == pytest.approx(y, abs=1e-6)
-    figure = EventAccumulator(str(out / "tensorboard" / "figure"))
-    figure.Reload()
-    assert figure.Tags()["images"] == ["compare/accuracy_vs_weight_kb"]
+    runs = _tb_runs(out / "tensorboard")
+    assert "figure" not in runs
+    (with_figure,) = [n for n, a in runs.items() if a.Tags()["images"]]
+    assert runs[with_figure].Tags()["images"] == ["compare/accuracy_vs_weight_kb"]
 
 
 def test_cli_x_weight_kb(budget_dir, tmp_path, capsys):
@@ -349,3 +391,14 @@ def test_tb_serves_on_localhost_only(tmp_path):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def test_tb_links_the_unsmoothed_chart_of_a_compare_folder(runs_dir, tmp_path):
+    from qexp.report.tb import addresses
+
+    result = compare([runs_dir], tmp_path / "out")
+    url = "http://127.0.0.1:6006/"
+    assert addresses(result["tensorboard"], url)[1] == (
+        f"the compare charts, unsmoothed: {url}#scalars&_smoothingWeight=0"
+    )
+    assert len(addresses(runs_dir, url)) == 1  # a run or sweep dir: just the address

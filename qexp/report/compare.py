@@ -40,7 +40,8 @@ _X_LABELS = {"bits": "weight bits (w_bits)", "weight_kb": "weight memory (KB)"}
 CSV_NAME = "compare.csv"
 MD_NAME = "compare.md"
 TB_DIR = "tensorboard"
-_TB_MARKER = ".qexp_compare"  # marks a tensorboard dir this command may wipe and rewrite
+#: marks a tensorboard dir this command may wipe and rewrite (and `qexp tb` recognises)
+TB_MARKER = ".qexp_compare"
 STD_NOTE = "std = sample standard deviation over seeds (ddof=1); 0 for a single run"
 
 
@@ -400,13 +401,13 @@ def write_tensorboard(
 
     tb = out / TB_DIR
     if tb.exists() and any(tb.iterdir()):
-        if not (tb / _TB_MARKER).exists():
+        if not (tb / TB_MARKER).exists():
             raise QexpError(
                 f"{tb} exists and was not written by qexp compare: choose another --out"
             )
         shutil.rmtree(tb)  # stale event files would double every point
     tb.mkdir(parents=True, exist_ok=True)
-    (tb / _TB_MARKER).write_text("written by `qexp compare`; rewritten on every run\n")
+    (tb / TB_MARKER).write_text("written by `qexp compare`; rewritten on every run\n")
     tag = _TB_TAGS.get(x, f"compare/test_acc_vs_{x}")
     pivot = pivot_markdown(groups) if x == "bits" else None
     for i, line in enumerate(tensorboard_lines(groups, x)):

@@ -8,10 +8,11 @@ sorts before ``test``; tensorboard's own ``plugins.hparams.summary`` needs Tenso
 protos are built here from tensorboard's ``api_pb2`` / ``plugin_data_pb2`` and the metric
 columns point at the run's own ``test/``, ``val/`` scalars.
 
-Every run declares the whole experiment, so any one run found first by TensorBoard names all
-columns. The HParams tab shows the first five hparam columns by default (those marked
-``differs`` first, in declared order; the rest are ticked on in its left pane): the ones
-telling runs of one study apart are declared first and marked ``differs``.
+Every run declares the whole experiment, since TensorBoard takes the columns from the first
+run it finds that declares one. Its HParams tab (2.21) ticks five hparam columns and five metric
+columns at first: hparams sorted by ``differs`` (True first), then by name. The ones telling a
+sweep's runs apart (:data:`VARYING` and command-line knobs) are marked ``differs``, so they are
+the ones shown; the rest are a tick away in the tab's left pane.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-#: hparam columns of every run, in display order (metrics.json keys)
+#: hparam columns of every run (metrics.json keys)
 HPARAMS = ("estimator", "w_bits", "a_bits", "seed", "quantizer", "model", "dataset", "lr", "epochs")
 #: columns declared ``differs``: what tells apart the runs of a sweep, shown first
 VARYING = ("estimator", "w_bits", "a_bits", "seed")
@@ -31,7 +32,7 @@ METRICS = {
     "best_val_acc": "val/best_acc",
     "test_acc_latent": "test/acc_latent",
     "weight_kb": "test/weight_kb",
-    "train_time_s": "test/train_time_s",
+    "train_time_s": "train/time_s",
 }
 #: metric tags the trainer logs itself; the others are written by :func:`write_hparams`
 _LOGGED_BY_TRAINER = {"test/acc", "test/acc_latent"}

@@ -9,6 +9,9 @@ import time
 from pathlib import Path
 
 HOST = "127.0.0.1"  # never all interfaces: run dirs are not meant to be served to the network
+#: the legacy Scalars dashboard keeps its smoothing in the URL (Time Series keeps it in the
+#: browser): this link shows a compare folder's few-point lines unsmoothed
+UNSMOOTHED = "#scalars&_smoothingWeight=0"
 
 
 def free_port(host: str = HOST) -> int:
@@ -16,6 +19,16 @@ def free_port(host: str = HOST) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+def addresses(logdir: Path, url: str) -> list[str]:
+    """What to print once TensorBoard serves ``logdir`` at ``url``."""
+    from qexp.report.compare import TB_MARKER
+
+    lines = [f"TensorBoard on {url} (logdir {logdir}); Ctrl-C to stop"]
+    if (logdir / TB_MARKER).is_file():
+        lines.append(f"the compare charts, unsmoothed: {url}{UNSMOOTHED}")
+    return lines
 
 
 def main(argv: list[str]) -> int:
@@ -41,7 +54,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # port taken, bad logdir...: TensorBoard's own message says which
         print(f"qexp: error: TensorBoard did not start: {exc}", file=sys.stderr)
         return 2
-    print(f"TensorBoard on {url} (logdir {args.logdir}); Ctrl-C to stop", flush=True)
+    print("\n".join(addresses(args.logdir, url)), flush=True)
     try:
         while True:
             time.sleep(3600)

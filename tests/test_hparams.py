@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from conftest import hparams_backend
 
-from qexp.report.hparams import HPARAMS, METRICS, knobs, write_hparams
+from qexp.report.hparams import HPARAMS, METRICS, hparam_values, knobs, write_hparams
 
 
 def _metrics(estimator: str, seed: int, acc: float) -> dict:
@@ -60,6 +60,7 @@ def test_knobs_are_the_command_line_settings_beyond_the_columns(tmp_path):
         "layers.first_bits": None,
         "tag": "baseline",
     }
+    assert hparam_values({}, knobs(tmp_path))["layers.first_bits"] == "null"  # a setting too
     assert knobs(tmp_path / "no-such-run") == {}
 
 

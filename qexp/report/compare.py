@@ -393,9 +393,9 @@ def write_tensorboard(
 
     Tags with ``x="bits"``: ``compare/test_acc`` (mean over seeds), ``_std``, ``_min`` and
     ``_max`` at step = weight bits; with ``x="weight_kb"``: ``compare/test_acc_vs_kb`` and
-    ``_std`` at step = round(weight_kb). The figure rides on
-    an existing run: TensorBoard lists every run folder in its run selectors, so a run holding
-    only the figure would sit there empty.
+    ``_std`` at step = round(weight_kb). The figure rides on an existing run: TensorBoard
+    lists every run folder in its run selectors, so a run holding only the figure would sit
+    there empty.
     """
     from torch.utils.tensorboard import SummaryWriter
 

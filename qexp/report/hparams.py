@@ -93,7 +93,7 @@ def knobs(run_dir: Path) -> dict[str, Any]:
 
 
 def _hparam_value(value: Any) -> Any:
-    """A value the HParams tab can show: bool, number or string (None and lists as text)."""
+    """A value the HParams tab can show: bool, number or string (null and lists as JSON)."""
     if isinstance(value, (bool, int, float, str)):
         return value
     return json.dumps(value)
@@ -109,11 +109,11 @@ def _summary(tag: str, data: Any):
 
 
 def hparam_values(metrics: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    """The run's hparam columns: the standard ones from ``metrics`` (metrics.json fields),
-    then ``extra`` (knobs); values that are None are left out."""
-    values = {k: metrics.get(k) for k in HPARAMS}
+    """The run's hparam columns: the standard ones from ``metrics`` (metrics.json fields; a
+    missing one is left out), then ``extra`` (knobs; null shown as text)."""
+    values = {k: metrics[k] for k in HPARAMS if metrics.get(k) is not None}
     values.update(extra)
-    return {k: _hparam_value(v) for k, v in values.items() if v is not None}
+    return {k: _hparam_value(v) for k, v in values.items()}
 
 
 def experiment_summaries(values: Mapping[str, Any], completed: bool) -> list:

@@ -359,7 +359,7 @@ def pivot_markdown(groups: list[Group]) -> str:
     out: list[str] = []
     for panel, named in series(groups).items():
         members = _panels(groups)[panel]
-        bits = sorted({int(g.w_bits) for g in members if not g.full_precision})
+        bits = sorted({int(g.w_bits) for g in members if not g.full_precision}) or [32]
         out += [f"**{panel[0]} / {panel[1]}**: test accuracy (hard-quantized), mean ± sample "
                 "std over seeds (runs)", ""]  # fmt: skip
         out.append("| | " + " | ".join(f"w{b}" for b in bits) + " |")

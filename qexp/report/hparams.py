@@ -166,7 +166,7 @@ def run_markdown(values: Mapping[str, Any], metrics: Mapping[str, Any]) -> str:
     """The run's settings and results as a two-column Markdown table (the Text tab)."""
     lines = ["| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in values.items()]
-    for key in ("status", *METRICS):
+    for key in ("status", "reason", *METRICS):
         value = metrics.get(key)
         if value is not None:
             shown = f"{value:.4f}" if isinstance(value, float) else str(value)

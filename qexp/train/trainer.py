@@ -37,6 +37,7 @@ from qexp.train.precision import PrecisionMonitor
 
 log = logging.getLogger("qexp")
 
+
 @dataclass
 class RunInfo:
     """Who the run is: where it writes, its seed, its config fingerprint, and the identity

@@ -10,7 +10,7 @@ layer needs only bit operations, an integer sum and one float multiply per outpu
 Inputs on {0, r} (a 1-bit unsigned grid after ReLU) need no XNOR: with bits 1 where the input
 is r, ``sum_j x_j s_j = r * (2 popcount(x AND w) - popcount(x))``.
 
-This module computes both with integer tensors (a byte-wise popcount table), and runs a
+This module computes both with integer tensors (the bit kernels of qexp.bitops), and runs a
 QLinear / QConv2d layer that way from its *deployed* weight (``deployed_weight()``) and its
 input quantizer's two levels (:func:`xnor_layer_forward`), so tests can check it against the
 float computation of the deployed layer. Where it applies: layers whose deployed weights are
@@ -26,52 +26,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: number of set bits of every byte value 0..255
-_POPCOUNT8 = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.int32)
+from qexp.bitops import pack_bits, popcount, sign_bits, xnor_conv2d_dots, xnor_dot
 
-
-def sign_bits(x: Tensor) -> Tensor:
-    """1 where ``x >= 0`` (the +1 level; sign(0) = +1 as in BinaryQuantizer), else 0, as bool."""
-    return x >= 0
-
-
-def pack_bits(bits: Tensor) -> Tensor:
-    """Pack the last dim of a bool tensor into uint8 words (big-endian in each byte, zero pad)."""
-    n = bits.shape[-1]
-    pad = (-n) % 8
-    b = F.pad(bits.to(torch.uint8), (0, pad)) if pad else bits.to(torch.uint8)
-    b = b.reshape(*b.shape[:-1], -1, 8)
-    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=b.device)
-    # each byte's bits are disjoint, so the sum is an OR and stays below 256
-    return (b * weights).sum(dim=-1, dtype=torch.int32).to(torch.uint8)
-
-
-def popcount(words: Tensor) -> Tensor:
-    """Set bits of each uint8 word, as int32."""
-    return _POPCOUNT8.to(words.device)[words.long()]
-
-
-def xnor_dot(x_words: Tensor, w_words: Tensor, n: int, mask_words: Tensor | None = None) -> Tensor:
-    """Integer +-1 dot products from packed signs: ``N - 2 popcount(x XOR w)`` per (row, output).
-
-    Args:
-        x_words: (B, K) packed input signs.
-        w_words: (O, K) packed weight signs.
-        n: number of valid bits per row (the padding bits are zero in both, so they never count).
-        mask_words: optional (B, K) packed validity bits; only positions set there count and
-            ``N`` becomes their number per row (used for zero padding in convolutions).
-
-    Returns:
-        (B, O) int64 dot products of the +-1 vectors.
-    """
-    diff = torch.bitwise_xor(x_words[:, None, :], w_words[None, :, :])
-    if mask_words is None:
-        n_valid = torch.full((x_words.shape[0], 1), n, dtype=torch.int64, device=x_words.device)
-    else:
-        diff = torch.bitwise_and(diff, mask_words[:, None, :])
-        n_valid = popcount(mask_words).sum(dim=-1, dtype=torch.int64)[:, None]
-    return n_valid - 2 * popcount(diff).sum(dim=-1, dtype=torch.int64)
-
+__all__ = [
+    "and_conv2d",
+    "and_dot",
+    "and_linear",
+    "pack_bits",
+    "popcount",
+    "sign_bits",
+    "xnor_conv2d",
+    "xnor_dot",
+    "xnor_layer_forward",
+    "xnor_linear",
+]
 
 def xnor_linear(x: Tensor, weight: Tensor, w_scale: Tensor, act_scale: float = 1.0) -> Tensor:
     """``F.linear(act_scale * sign(x), w_scale[:, None] * sign(weight))`` via XNOR + popcount.
@@ -102,25 +70,9 @@ def xnor_conv2d(
     Zero padding adds zeros, which are neither +1 nor -1: a packed validity mask drops those
     positions from the count, matching ``conv2d(act_scale * sign(x), ..., padding=p)``.
     """
-    b, _, h, w = x.shape
-    o, _, kh, kw = weight.shape
-    kw_args = {"kernel_size": (kh, kw), "stride": stride, "padding": padding, "dilation": dilation}
-    bits = F.unfold(sign_bits(x).float(), **kw_args)  # (B, C*kh*kw, L); padding gives 0
-    valid = F.unfold(torch.ones_like(x[:, :1]).expand_as(x).contiguous(), **kw_args)
-    n_patch = bits.shape[1]
-    locs = bits.shape[2]
-    rows = bits.transpose(1, 2).reshape(b * locs, n_patch) > 0.5
-    mask = valid.transpose(1, 2).reshape(b * locs, n_patch) > 0.5
-    w_words = pack_bits(sign_bits(weight.reshape(o, -1)))
-    dots = xnor_dot(pack_bits(rows & mask), w_words, n_patch, pack_bits(mask))
+    dots = xnor_conv2d_dots(sign_bits(x), sign_bits(weight), stride, padding, dilation)
     scale = torch.as_tensor(w_scale, dtype=torch.float32, device=x.device).reshape(-1) * act_scale
-    out = (dots.to(torch.float32) * scale[None, :]).reshape(b, locs, o).transpose(1, 2)
-    sh, sw = _pair(stride)
-    ph, pw = _pair(padding)
-    dh, dw = _pair(dilation)
-    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    return out.reshape(b, o, out_h, out_w)
+    return dots.to(torch.float32) * scale[None, :, None, None]
 
 
 def _pair(v: int | tuple[int, int]) -> tuple[int, int]:

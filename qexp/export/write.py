@@ -1,0 +1,181 @@
+"""`qexp export RUN_DIR`: write a finished run's deployed network as a packed, code-free file.
+
+Output (default ``RUN_DIR/export/``):
+
+- ``model.safetensors``: bit-packed weight codes, per-channel scales, biases / folded BatchNorm,
+  and JSON metadata (op graph, activation quantizers, the run's config);
+- ``reference.safetensors``: qexp's own hard-evaluation logits on the run's test set, the
+  yardstick ``qexp verify`` compares the exported network against;
+- ``model.onnx`` with ``--onnx``: QuantizeLinear / DequantizeLinear around every Conv / Gemm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+
+from qexp.errors import QexpError
+from qexp.export.fileformat import encode_export
+from qexp.export.pack import pack_codes
+
+MODEL_FILE = "model.safetensors"
+REFERENCE_FILE = "reference.safetensors"
+ONNX_FILE = "model.onnx"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    from qexp.train.checkpoint import _atomic_write as write
+
+    write(path, lambda f: f.write(data))
+
+
+def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, Any]]:
+    """(config, data, quantized model with the checkpoint loaded, checkpoint facts)."""
+    from qexp.config.schema import register_schemas
+    from qexp.train.build import build_data, build_model
+    from qexp.train.checkpoint import checkpoint_file, load_checkpoint
+
+    cfg_path = run_dir / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        raise QexpError(f"{run_dir} is not a qexp run dir (no .hydra/config.yaml)")
+    register_schemas()
+    cfg = OmegaConf.load(cfg_path)
+    if checkpoint in ("best", "last"):
+        path = run_dir / "checkpoints" / f"{checkpoint}.pt"
+        if checkpoint == "best" and not path.is_file():
+            path = checkpoint_file(run_dir, "RUN_DIR")  # runs without a best epoch: last.pt
+    else:
+        path = Path(checkpoint)
+    state = load_checkpoint(path)
+    data = build_data(cfg)
+    device = torch.device("cpu")
+    model = build_model(cfg, data.info, device, total_steps=1, run_dir=run_dir)
+    model.load_state_dict(state["model"])
+    model.eval()
+    return cfg, data, model, {"checkpoint": str(path), "epoch": state.get("epoch")}
+
+
+@torch.no_grad()
+def reference_logits(model: torch.nn.Module, data: Any, batch_size: int) -> tuple[Tensor, Tensor]:
+    """qexp's hard evaluation of the test set: (logits, labels)."""
+    from qexp.quant.layers import quant_mode
+
+    outs, labels = [], []
+    with quant_mode(model, "hard"):
+        for x, y in data.eval_batches("test", batch_size, torch.device("cpu")):
+            outs.append(model(x).float())
+            labels.append(y)
+    return torch.cat(outs), torch.cat(labels)
+
+
+def export_run(
+    run_dir: Path,
+    out_dir: Path | None = None,
+    checkpoint: str = "best",
+    fold_bn: bool = True,
+    onnx: bool = False,
+) -> dict[str, Any]:
+    """Export ``run_dir``'s network; returns a summary (paths, sizes, BatchNorm handling)."""
+    import json
+
+    from qexp.export.graph import build_graph
+
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
+    cfg, data, model, ckpt = load_run(run_dir, checkpoint)
+    batch_size = int(cfg.trainer.eval_batch_size)
+    x, _ = next(iter(data.eval_batches("test", 256, torch.device("cpu"))))
+    graph, tensors = build_graph(model.net, x, fold_bn=fold_bn)
+    packed_bytes = 0
+    for node in graph["nodes"]:
+        w = node.get("weight") or {}
+        if "codes" in w:
+            codes = tensors[w["codes"]]
+            w["count"] = int(codes.size)
+            tensors[w["codes"]] = pack_codes(codes, w["bits"])
+            packed_bytes += int(tensors[w["codes"]].size)
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    plain.pop("hydra", None)
+    info = data.info
+    meta = {
+        "graph": graph,
+        "input_shape": [int(info.in_channels), int(info.image_size), int(info.image_size)],
+        "num_classes": int(info.num_classes),
+        "config": plain,
+        "run": {
+            "checkpoint": Path(ckpt["checkpoint"]).name,
+            "epoch": ckpt["epoch"],
+            "test_acc": metrics.get("test_acc"),
+            "weight_kb": metrics.get("weight_kb"),
+        },
+        "packed_weight_bytes": packed_bytes,
+    }
+    model_bytes = encode_export(tensors, meta)
+    logits, labels = reference_logits(model, data, batch_size)
+    ref_bytes = encode_export(
+        {"logits": logits.numpy(), "labels": labels.numpy().astype(np.int64)},
+        {"what": "qexp hard-evaluation logits of the test set", "checkpoint": meta["run"]},
+    )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out_dir / MODEL_FILE, model_bytes)
+    _atomic_write(out_dir / REFERENCE_FILE, ref_bytes)
+    summary: dict[str, Any] = {
+        "file": str(out_dir / MODEL_FILE),
+        "file_bytes": len(model_bytes),
+        "packed_weight_bytes": packed_bytes,
+        "weight_kb": metrics.get("weight_kb"),
+        "batchnorm": graph["batchnorm"],
+        "reference_acc": float((logits.argmax(1) == labels).float().mean()),
+    }
+    if onnx:
+        from qexp.export.onnx import onnx_bytes
+
+        data_onnx = onnx_bytes(meta, tensors)
+        _atomic_write(out_dir / ONNX_FILE, data_onnx)
+        summary["onnx"] = str(out_dir / ONNX_FILE)
+    return summary
+
+
+def main(argv: list[str]) -> int:
+    """`qexp export RUN_DIR [--checkpoint best|last|FILE] [--out DIR] [--keep-bn] [--onnx]`."""
+    p = argparse.ArgumentParser(
+        prog="qexp export", description="Write a run's deployed network as a bit-packed file."
+    )
+    p.add_argument("run_dir", type=Path, help="a finished run dir")
+    p.add_argument("--checkpoint", default="best", help="best (default), last, or a .pt file")
+    p.add_argument("--out", type=Path, default=None, help="output dir (default RUN_DIR/export)")
+    p.add_argument("--keep-bn", action="store_true", help="keep BatchNorm ops instead of folding")
+    p.add_argument("--onnx", action="store_true", help="also write model.onnx (QDQ)")
+    args = p.parse_args(argv)
+    try:
+        s = export_run(args.run_dir, args.out, args.checkpoint, not args.keep_bn, args.onnx)
+    except QexpError as exc:
+        print(f"qexp: error: {exc}", file=sys.stderr)
+        return 2
+    bn = s["batchnorm"]
+    print(
+        f"wrote {s['file']}: {s['file_bytes']} bytes, of which {s['packed_weight_bytes']} "
+        "packed weight codes"
+    )
+    if s["weight_kb"] is not None:
+        kb_bytes = s["weight_kb"] * 1024
+        print(
+            f"  weight_kb {s['weight_kb']} = {kb_bytes:.0f} bytes; overhead (scales, biases, "
+            f"metadata) {s['file_bytes'] - kb_bytes:.0f} bytes"
+        )
+    print(
+        f"  BatchNorm: {len(bn['folded'])} folded into the per-channel affine, "
+        f"{len(bn['kept'])} kept{(' (' + ', '.join(bn['kept']) + ')') if bn['kept'] else ''}"
+    )
+    if "onnx" in s:
+        print(f"  ONNX: {s['onnx']}")
+    return 0

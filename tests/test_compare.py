@@ -301,7 +301,7 @@ def test_plot_series_skips_runs_without_weight_kb(tmp_path):
     groups, _ = group_runs(find_runs([top])[0])
     assert list(plot_series(groups, "weight_kb")[("digits", "mlp")]) == ["ste"]
     result = compare([top], tmp_path / "out", tensorboard=False, x="weight_kb")
-    assert [g.estimator for g in result["no_weight_kb"]] == ["clipped_ste"]
+    assert [g.estimator for g in result["no_x_value"]] == ["clipped_ste"]
 
 
 def test_compare_against_weight_kb(budget_dir, tmp_path):

@@ -1,5 +1,5 @@
-"""`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb}]`: accuracy against bit width (or
-weight memory) across runs and sweeps.
+"""`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb,bops}]`: accuracy against bit width
+(or weight memory, or bit operations) across runs and sweeps.
 
 Finds every run under the given dirs, averages test accuracy over seeds for each
 (estimator, quantizer, bit width, ...) and writes:
@@ -15,7 +15,10 @@ With ``--x weight_kb`` the figure is ``accuracy_vs_weight_kb.png`` instead: accu
 each group's mean ``weight_kb`` (metrics.json), one line per estimator + quantizer whatever
 their other settings (so a budget sweep, where every run has the same nominal bits, is one
 line), sorted by KB; and TensorBoard gets ``compare/test_acc_vs_kb`` (and ``_std``) at step =
-round(weight_kb). The tables are the same in both modes.
+round(weight_kb). ``--x bops`` does the same with each group's mean ``bops`` (bit operations
+per sample, qexp.quant.cost) on a log axis, in ``accuracy_vs_bops.png``. On both cost axes the
+figure rings the Pareto front: the points no other point beats on both accuracy and cost. The
+tables are the same in all modes.
 """
 
 from __future__ import annotations
@@ -33,10 +36,18 @@ from qexp.report.runs import Group, Skipped, find_runs, group_runs, skipped_reas
 
 FIGURE_NAME = "accuracy_vs_bits.png"
 #: figure file per --x choice
-FIGURE_NAMES = {"bits": FIGURE_NAME, "weight_kb": "accuracy_vs_weight_kb.png"}
+FIGURE_NAMES = {
+    "bits": FIGURE_NAME,
+    "weight_kb": "accuracy_vs_weight_kb.png",
+    "bops": "accuracy_vs_bops.png",
+}
 X_CHOICES = tuple(FIGURE_NAMES)
-_X_WORDS = {"bits": "bit width", "weight_kb": "weight memory"}
-_X_LABELS = {"bits": "weight bits (w_bits)", "weight_kb": "weight memory (KB)"}
+_X_WORDS = {"bits": "bit width", "weight_kb": "weight memory", "bops": "bit operations"}
+_X_LABELS = {
+    "bits": "weight bits (w_bits)",
+    "weight_kb": "weight memory (KB)",
+    "bops": "bit operations per sample (BOPs = MACs x w_bits x a_bits)",
+}
 CSV_NAME = "compare.csv"
 MD_NAME = "compare.md"
 TB_DIR = "tensorboard"
@@ -191,7 +202,8 @@ def plot_series(groups: list[Group], x: str = "bits") -> dict[tuple[str, str], d
     ys are the groups' mean test_acc, yerrs their sample std over seeds. ``x="bits"``: one line
     per :func:`series` line, x = w_bits. ``x="weight_kb"``: one line per estimator + quantizer
     (groups that differ in anything else, e.g. a budget, are points of the same line), x = the
-    group's mean weight_kb; groups without weight_kb are left out. Full-precision groups are
+    group's mean weight_kb; groups without weight_kb are left out (``x="bops"``: the same
+    with the mean bops). Full-precision groups are
     never points (they are the reference line); lines without points are left out.
     """
     if x not in X_CHOICES:
@@ -209,11 +221,11 @@ def plot_series(groups: list[Group], x: str = "bits") -> dict[tuple[str, str], d
     for panel, members in _panels(groups).items():
         by_line: dict[str, list[tuple[float, Group]]] = {}
         for g in members:
-            kb = g.mean_of("weight_kb")
-            if g.full_precision or kb is None:
+            cost = g.mean_of(x)
+            if g.full_precision or cost is None:
                 continue
             name = f"{g.quantizer}/{g.estimator}" if many_quantizers else str(g.estimator)
-            by_line.setdefault(name, []).append((kb, g))
+            by_line.setdefault(name, []).append((cost, g))
         out[panel] = _points(by_line)
     return out
 
@@ -226,6 +238,31 @@ def _points(lines: dict[str, list[tuple[float, Group]]]) -> dict[str, Points]:
         pts = sorted(pts, key=lambda p: p[0])
         out[name] = ([p[0] for p in pts], [p[1].mean for p in pts], [p[1].std for p in pts])
     return out
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[int]:
+    """Indices of the (cost, accuracy) points that no other point beats on both (lower or
+    equal cost and higher or equal accuracy, strictly better in one), sorted by cost."""
+
+    def beaten(c: float, a: float) -> bool:
+        return any(c2 <= c and a2 >= a and (c2 < c or a2 > a) for c2, a2 in points)
+
+    front = [i for i, (c, a) in enumerate(points) if not beaten(c, a)]
+    return sorted(front, key=lambda i: points[i][0])
+
+
+def _mark_pareto(ax: Any, lines: dict[str, Points]) -> None:
+    """Ring the Pareto-front points of one panel and join them with a dotted step line."""
+    pts = [(c, a) for xs, ys, _ in lines.values() for c, a in zip(xs, ys, strict=True)]
+    front = [pts[i] for i in pareto_front(pts)]
+    if not front:
+        return
+    cs, accs = [p[0] for p in front], [p[1] for p in front]
+    ax.plot(cs, accs, color="0.2", linestyle=":", linewidth=1, drawstyle="steps-post")
+    ax.scatter(
+        cs, accs, s=160, facecolors="none", edgecolors="crimson", linewidths=1.5, zorder=5,
+        label=f"Pareto front ({len(front)})",
+    )
 
 
 def _reference(members: list[Group]) -> tuple[float, float, int] | None:
@@ -264,6 +301,10 @@ def plot(groups: list[Group], path: Path, x: str = "bits"):
             )
             if std > 0:
                 ax.axhspan(mean - std, mean + std, color="0.5", alpha=0.12, linewidth=0)
+        if x != "bits":
+            _mark_pareto(ax, lines[panel])
+        if x == "bops":
+            ax.set_xscale("log")
         if ticks:
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted(ticks))
@@ -437,7 +478,8 @@ def compare(
 ) -> dict[str, Any]:
     """Build the report for ``dirs`` into ``out``; returns paths and the groups.
 
-    ``x``: the figure's x axis, ``"bits"`` (w_bits) or ``"weight_kb"`` (mean weight memory).
+    ``x``: the figure's x axis, ``"bits"`` (w_bits), ``"weight_kb"`` (mean weight memory) or
+    ``"bops"`` (mean bit operations per sample).
     """
     if x not in X_CHOICES:
         raise QexpError(f"--x must be one of {', '.join(X_CHOICES)}, not {x!r}")
@@ -463,11 +505,9 @@ def compare(
         markdown=out / MD_NAME,
         figure=out / figure,
     )
-    if x == "weight_kb":
-        # groups that cannot be placed on the KB axis (metrics.json without weight_kb)
-        result["no_weight_kb"] = [
-            g for g in groups if not g.full_precision and g.mean_of("weight_kb") is None
-        ]
+    if x != "bits":
+        # groups that cannot be placed on the cost axis (metrics.json without that key)
+        result["no_x_value"] = [g for g in groups if not g.full_precision and g.mean_of(x) is None]
     if tensorboard:
         table = format_markdown(header, rows, skipped, None, x)
         result["tensorboard"] = write_tensorboard(groups, fig, out, x, table)
@@ -478,7 +518,7 @@ def compare(
 
 
 def main(argv: list[str]) -> int:
-    """`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb}] [--no-tensorboard]`."""
+    """`qexp compare DIR... [--out OUTDIR] [--x {bits,weight_kb,bops}] [--no-tensorboard]`."""
     parser = argparse.ArgumentParser(
         prog="qexp compare",
         description="Average test accuracy over seeds per estimator, quantizer and bit width, "
@@ -496,7 +536,8 @@ def main(argv: list[str]) -> int:
         choices=X_CHOICES,
         default="bits",
         help="x axis of the figure: weight bits (default), or each group's mean weight "
-        "memory in KB from metrics.json (e.g. for a weight-budget sweep)",
+        "memory in KB (e.g. for a weight-budget sweep) or bit operations (BOPs) from "
+        "metrics.json, with the Pareto front marked",
     )
     parser.add_argument(
         "--no-tensorboard", action="store_true", help="skip the TensorBoard summary"
@@ -521,8 +562,8 @@ def main(argv: list[str]) -> int:
     if repeated:
         # the same config and seed twice (copied run dirs, or two sweeps given together)
         print(f"note: {len(repeated)} groups hold the same seed more than once")
-    if result.get("no_weight_kb"):
-        print(f"note: {len(result['no_weight_kb'])} groups have no weight_kb and are not plotted")
+    if result.get("no_x_value"):
+        print(f"note: {len(result['no_x_value'])} groups have no {args.x} and are not plotted")
     if skipped:
         print()
         print(skipped_reasons(skipped))

@@ -27,6 +27,7 @@ from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
 from qexp.quant.calibrate import calibration, set_observing
+from qexp.quant.cost import cost_metrics
 from qexp.quant.layers import quant_mode
 from qexp.record import RunRecord, RunStatus, write_record
 from qexp.report.hparams import write_hparams
@@ -377,6 +378,7 @@ class Trainer:
         elif self.precision.unmet():  # no epoch met the budget: the last one is reported
             reason = self.precision.unmet()
         extra.update(self.precision.final(writer, table, self.step))
+        extra.update(cost_metrics(self.model.net, x))
         extra.update(self.model.estimator.state_summary())
         record = self._write_metrics(
             status,

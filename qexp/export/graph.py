@@ -5,7 +5,7 @@ op the verifier can run without qexp's model classes. Quantized layers become ``
 ``qlinear`` ops holding:
 
 - the weight as unsigned level indices ``k`` in ``0 .. levels-1`` of the layer's grid
-  ``(k + offset) * step`` (bit-packed later at the layer's own bit width), with the step per
+  ``(k + offset) * step``, bit-packed at the layer's own bit width, with the step per
   output channel or per tensor; the indices are read off the *deployed* weight (what qexp's
   hard evaluation computes with, estimator-aware) and checked to reproduce it;
 - the input quantizer as ``code = clamp(round(x / scale + shift), qmin, qmax)``, value
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 
 from qexp.errors import QexpError
-from qexp.quant.base import Quantizer
+from qexp.export.pack import pack_codes
+from qexp.quant.base import Grid, Quantizer
 from qexp.quant.binary import BinaryQuantizer
 from qexp.quant.dq import _UniformDQ
 from qexp.quant.layers import QConv2d, QuantLayer, quant_mode
@@ -51,6 +52,17 @@ def _np(t: Tensor) -> np.ndarray:
 
 def _ints(v: Any) -> list[int]:
     return [int(v), int(v)] if isinstance(v, int) else [int(a) for a in v]
+
+
+def _grid(name: str, q: Quantizer, x: Tensor) -> Grid:
+    """The quantizer's uniform grid; quantizers without one cannot be exported."""
+    try:
+        return q.grid(x)
+    except QexpError:
+        raise QexpError(
+            f"export: layer {name} uses {type(q).__name__}, whose levels are not a uniform grid; "
+            "qexp export handles uniform and binary quantizers"
+        ) from None
 
 
 class GraphBuilder:
@@ -113,7 +125,7 @@ class GraphBuilder:
                 a = rows.abs().amax(dim=1)
                 step, offset, levels = 2 * a, -0.5, 2
             else:
-                grid = layer.w_quant.grid(layer.weight)
+                grid = _grid(name, layer.w_quant, layer.weight)
                 step = grid.step.detach().float().reshape(-1)
                 offset, levels = float(grid.offset), int(grid.num_levels)
             if levels > 2**bits:
@@ -127,7 +139,10 @@ class GraphBuilder:
                     f"(off by {float(err):.3g}); this quantizer/estimator cannot be exported"
                 )
         return {
-            "codes": self.tensor(f"{name}.codes", k.to(torch.int64).cpu().numpy()),
+            "codes": self.tensor(
+                f"{name}.codes", pack_codes(k.to(torch.int64).cpu().numpy(), bits)
+            ),
+            "count": int(k.numel()),
             "bits": bits,
             "shape": list(wq.shape),
             "offset": offset,
@@ -144,10 +159,7 @@ class GraphBuilder:
             if isinstance(aq, BinaryQuantizer):
                 desc: dict[str, Any] = {"kind": "sign", "scale": float(aq.act_scale)}
             else:
-                try:
-                    grid = aq.grid(x)
-                except QexpError as exc:
-                    raise QexpError(f"export: layer {name}: {exc}") from None
+                grid = _grid(name, aq, x)
                 offset, n = float(grid.offset), int(grid.num_levels)
                 desc = {"kind": "grid", "scale": float(grid.step), "levels": n}
                 if isinstance(aq, _ROUND_THEN_CLAMP):

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from qexp.errors import QexpError
 from qexp.export.fileformat import encode_export
-from qexp.export.pack import pack_codes
 
 MODEL_FILE = "model.safetensors"
 REFERENCE_FILE = "reference.safetensors"
@@ -93,14 +92,11 @@ def export_run(
     batch_size = int(cfg.trainer.eval_batch_size)
     x, _ = next(iter(data.eval_batches("test", 256, torch.device("cpu"))))
     graph, tensors = build_graph(model.net, x, fold_bn=fold_bn)
-    packed_bytes = 0
-    for node in graph["nodes"]:
-        w = node.get("weight") or {}
-        if "codes" in w:
-            codes = tensors[w["codes"]]
-            w["count"] = int(codes.size)
-            tensors[w["codes"]] = pack_codes(codes, w["bits"])
-            packed_bytes += int(tensors[w["codes"]].size)
+    packed_bytes = sum(
+        int(tensors[n["weight"]["codes"]].size)
+        for n in graph["nodes"]
+        if "codes" in n.get("weight", {})
+    )
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     plain = OmegaConf.to_container(cfg, resolve=True)

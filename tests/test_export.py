@@ -108,6 +108,10 @@ def test_exported_network_matches_hard_evaluation(case, tmp_path):
     rows = metrics["layers"]
     assert summary["packed_weight_bytes"] == sum(-(-r["params"] * r["w_bits"] // 8) for r in rows)
     assert abs(summary["packed_weight_bytes"] - metrics["weight_kb"] * 1024) < len(rows)
+    # the trainer's cost report counts the same bytes, and BOPs = MACs x w_bits x a_bits
+    cost = metrics["cost"]
+    assert cost["total"]["weight_bytes"] == summary["packed_weight_bytes"]
+    assert metrics["bops"] == sum(r["macs"] * r["w_bits"] * r["a_bits"] for r in cost["layers"])
     report = verify(run_dir / "export")
     assert report["test_acc_exported"] == pytest.approx(metrics["test_acc"], abs=1e-3)
     assert report["identical_predictions"] >= 0.999

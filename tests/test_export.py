@@ -244,3 +244,11 @@ def test_unsupported_quantizer_is_a_one_line_error(tmp_path):
     model(x)  # initialise the quantizers
     with pytest.raises(QexpError, match="export"):
         build_graph(model.net, x)
+
+
+def test_export_of_a_non_run_dir_is_a_one_line_error(tmp_path, capsys):
+    from qexp.export.write import main
+
+    assert main([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not a qexp run dir" in err

@@ -61,6 +61,13 @@ def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, A
     return cfg, data, model, {"checkpoint": str(path), "epoch": state.get("epoch")}
 
 
+def _tested(run_dir: Path, checkpoint: str) -> bool:
+    """Whether ``checkpoint`` is the one the trainer's final test evaluated."""
+    best, last = run_dir / "checkpoints" / "best.pt", run_dir / "checkpoints" / "last.pt"
+    tested = best if best.is_file() else last
+    return Path(checkpoint).resolve() == tested.resolve()
+
+
 @torch.no_grad()
 def reference_logits(model: torch.nn.Module, data: Any, batch_size: int) -> tuple[Tensor, Tensor]:
     """qexp's hard evaluation of the test set: (logits, labels)."""
@@ -110,7 +117,8 @@ def export_run(
         "run": {
             "checkpoint": Path(ckpt["checkpoint"]).name,
             "epoch": ckpt["epoch"],
-            "test_acc": metrics.get("test_acc"),
+            # the run's test_acc belongs to the checkpoint the trainer tested (best, else last)
+            "test_acc": metrics.get("test_acc") if _tested(run_dir, ckpt["checkpoint"]) else None,
             "weight_kb": metrics.get("weight_kb"),
         },
         "packed_weight_bytes": packed_bytes,

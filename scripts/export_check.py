@@ -56,8 +56,10 @@ def main() -> None:
             f"{e['file_bytes']} | {m['weight_kb'] * 1024:.0f} | {e['overhead_bytes']} | "
             f"{m['bops'] / 1e6:.1f} |"
         )
-    print("| run | w_bits per layer | test_acc | exported | ONNX | identical (ours / ONNX) "
-          "| max logit diff | file bytes | weight_kb x 1024 | overhead | MBOPs |")
+    print(
+        "| run | w_bits per layer | test_acc | exported | ONNX | identical (ours / ONNX) "
+        "| max logit diff | file bytes | weight_kb x 1024 | overhead | MBOPs |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
 

@@ -260,7 +260,13 @@ def _mark_pareto(ax: Any, lines: dict[str, Points]) -> None:
     cs, accs = [p[0] for p in front], [p[1] for p in front]
     ax.plot(cs, accs, color="0.2", linestyle=":", linewidth=1, drawstyle="steps-post")
     ax.scatter(
-        cs, accs, s=160, facecolors="none", edgecolors="crimson", linewidths=1.5, zorder=5,
+        cs,
+        accs,
+        s=160,
+        facecolors="none",
+        edgecolors="crimson",
+        linewidths=1.5,
+        zorder=5,
         label=f"Pareto front ({len(front)})",
     )
 

@@ -16,6 +16,7 @@ ROOT = Path(qexp.__file__).parent
 LAYERS = {
     "qexp.cli": 5,
     "qexp.train": 4,
+    "qexp.export": 4,  # export builds runs; its verifier and engine stay on layers 1-2 (a test)
     "qexp.estimators": 3,
     "qexp.quant": 2,
     "qexp.models": 2,
@@ -24,6 +25,7 @@ LAYERS = {
     "qexp.report": 2,
     "qexp.curves": 1,
     "qexp.record": 1,
+    "qexp.bitops": 1,
     "qexp.rundir_lock": 1,
     "qexp.resolvers": 1,
     "qexp.errors": 1,

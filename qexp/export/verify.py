@@ -11,10 +11,7 @@ evaluation (``reference.safetensors``, written by ``qexp export``); the results 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +21,8 @@ import torch
 from qexp.errors import QexpError
 from qexp.export.engine import Engine
 from qexp.export.fileformat import read_export
+from qexp.record import METRICS_FILE, read_record, write_record
+from qexp.rundir_lock import hold_run_dir
 
 MODEL_FILE = "model.safetensors"
 REFERENCE_FILE = "reference.safetensors"
@@ -78,20 +77,6 @@ def run_onnx(path: Path, xs: list[np.ndarray]) -> np.ndarray:
         raise QexpError(f"{path}: onnxruntime cannot load it ({msg}); re-export it") from None
     name = sess.get_inputs()[0].name
     return np.concatenate([sess.run(None, {name: x})[0] for x in xs])
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(obj, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def verify(export: Path, use_onnx: bool | None = None, store: bool = True) -> dict[str, Any]:
@@ -151,13 +136,15 @@ def verify(export: Path, use_onnx: bool | None = None, store: bool = True) -> di
     if "onnx" in report:
         checks.append(report["onnx"]["identical_predictions"] >= MIN_IDENTICAL)
     report["passed"] = all(checks)
-    metrics_path = out_dir.parent / "metrics.json"
-    if store and metrics_path.is_file():
-        metrics = json.loads(metrics_path.read_text())
-        metrics["test_acc_exported"] = result["test_acc"]
-        metrics["export"] = report
-        _write_json_atomic(metrics, metrics_path)
-        report["stored_in"] = str(metrics_path)
+    run_dir = out_dir.parent
+    if store and (run_dir / METRICS_FILE).is_file():
+        with hold_run_dir(run_dir):  # one writer per run dir: not while it still trains
+            record = read_record(run_dir)
+            if record is not None:
+                record.data["test_acc_exported"] = result["test_acc"]
+                record.data["export"] = report
+                write_record(run_dir, record)
+                report["stored_in"] = str(run_dir / METRICS_FILE)
     report["test_acc"] = test_acc
     return report
 

@@ -12,6 +12,7 @@ Output (default ``RUN_DIR/export/``):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,8 @@ from torch import Tensor
 
 from qexp.errors import QexpError
 from qexp.export.fileformat import encode_export
+from qexp.record import METRICS_FILE, read_json
+from qexp.rundir_lock import hold_run_dir
 
 MODEL_FILE = "model.safetensors"
 REFERENCE_FILE = "reference.safetensors"
@@ -30,16 +33,17 @@ ONNX_FILE = "model.onnx"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    from qexp.train.checkpoint import _atomic_write as write
+    from qexp.record import atomic_write
 
-    write(path, lambda f: f.write(data))
+    atomic_write(path, lambda f: f.write(data))
 
 
 def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, Any]]:
     """(config, data, quantized model with the checkpoint loaded, checkpoint facts)."""
     from qexp.config.schema import register_schemas
-    from qexp.train.build import build_data, build_model
+    from qexp.train.build import build_data
     from qexp.train.checkpoint import checkpoint_file, load_checkpoint
+    from qexp.train.run import build_model
 
     cfg_path = run_dir / ".hydra" / "config.yaml"
     if not cfg_path.is_file():
@@ -53,7 +57,7 @@ def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, A
     else:
         path = Path(checkpoint)
     state = load_checkpoint(path)
-    data = build_data(cfg)
+    data = build_data(cfg.dataset)
     device = torch.device("cpu")
     model = build_model(cfg, data.info, device, total_steps=1, run_dir=run_dir)
     model.load_state_dict(state["model"])
@@ -89,8 +93,6 @@ def export_run(
     onnx: bool = False,
 ) -> dict[str, Any]:
     """Export ``run_dir``'s network; returns a summary (paths, sizes, BatchNorm handling)."""
-    import json
-
     from qexp.export.graph import build_graph
 
     run_dir = Path(run_dir)
@@ -104,8 +106,7 @@ def export_run(
         for n in graph["nodes"]
         if "codes" in n.get("weight", {})
     )
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = read_json(run_dir / METRICS_FILE) or {}
     plain = OmegaConf.to_container(cfg, resolve=True)
     plain.pop("hydra", None)
     info = data.info
@@ -129,9 +130,11 @@ def export_run(
         {"logits": logits.numpy(), "labels": labels.numpy().astype(np.int64)},
         {"what": "qexp hard-evaluation logits of the test set", "checkpoint": meta["run"]},
     )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out_dir / MODEL_FILE, model_bytes)
-    _atomic_write(out_dir / REFERENCE_FILE, ref_bytes)
+    # one writer per run dir: refuses a run that is still training
+    lock = hold_run_dir(run_dir) if out_dir.resolve().is_relative_to(run_dir.resolve()) else None
+    with lock or contextlib.nullcontext():
+        _atomic_write(out_dir / MODEL_FILE, model_bytes)
+        _atomic_write(out_dir / REFERENCE_FILE, ref_bytes)
     summary: dict[str, Any] = {
         "file": str(out_dir / MODEL_FILE),
         "file_bytes": len(model_bytes),

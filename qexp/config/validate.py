@@ -71,6 +71,10 @@ def validate_config(cfg: DictConfig) -> None:
     t = plain["trainer"]
     _check(t["epochs"] >= 1, "trainer.epochs", t["epochs"], "an integer >= 1")
     _check(t["batch_size"] >= 1, "trainer.batch_size", t["batch_size"], "an integer >= 1")
+    patience = t.get("patience")
+    _check(
+        patience is None or patience >= 1, "trainer.patience", patience, "null or an integer >= 1"
+    )
     _check(
         t["eval_batch_size"] >= 1,
         "trainer.eval_batch_size",

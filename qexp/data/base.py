@@ -36,6 +36,8 @@ class DataModule(abc.ABC):
     num_train: int
     num_val: int
     num_test: int
+    #: True while tuning (qexp.data.sealed.SealedTest): the test split must not be read
+    test_sealed: bool = False
 
     @abc.abstractmethod
     def train_batches(

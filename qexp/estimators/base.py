@@ -121,6 +121,11 @@ class Estimator(nn.Module):
         """
         return True
 
+    def passes_per_step(self) -> dict[str, int]:
+        """Whole-network forward and backward passes one training step costs (a study's cost
+        column); estimators that run extra networks (block replacement) say how many."""
+        return {"forward": 1, "backward": 1}
+
     def state_summary(self) -> dict[str, float]:
         """Current schedule values, for logs and metrics.json."""
         return {}

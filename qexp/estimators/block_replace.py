@@ -223,6 +223,11 @@ class BlockReplace(Estimator):
             buf.copy_(value)
         self._saved_buffers = []
 
+    def passes_per_step(self) -> dict[str, int]:
+        """The LP net, the partner (forward only) and each mixed net of a step."""
+        mixed = 0 if self.w_mixed <= 0 else 1 if self.replace == "one" else len(self.block_names)
+        return {"forward": 2 + mixed, "backward": 1 + mixed}
+
     # -- loss ---------------------------------------------------------------------------------
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion

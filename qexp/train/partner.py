@@ -1,4 +1,5 @@
-"""The frozen full-precision partner of a run (for estimators with ``needs_partner``).
+"""Full-precision networks trained once and cached: a run's frozen partner (for estimators
+with ``needs_partner``) and a study's reference (qexp.study), through one mechanism.
 
 The partner is a plain float model of the run's architecture. It comes from
 ``estimator.partner`` (a checkpoint file or a run dir) when that is set; otherwise qexp trains
@@ -52,6 +53,7 @@ _TRAINER_KEYS = (
     "grad_clip",
     "amp",
     "amp_dtype",
+    "patience",
 )
 
 
@@ -116,34 +118,41 @@ def _discard_foreign_partial(run_dir: Path, fp_cfg: DictConfig) -> None:
         shutil.rmtree(run_dir / "checkpoints")
 
 
-def cached_partner_dir(cfg: DictConfig, train: TrainFn) -> Path:
-    """Train the partner of ``cfg`` into the cache with ``train`` unless it is there; return its
-    run dir."""
-    fp_cfg = partner_config(cfg)
+def cached_fp_run(fp_cfg: DictConfig, train: TrainFn, what: str = "partner") -> Path:
+    """The cache's run dir of the full-precision run ``fp_cfg`` (a :func:`partner_config`),
+    trained there with ``train`` first unless a finished one is there; shared by the partner of
+    block replacement and the reference of a study, so each is trained once. ``what`` names it
+    in the log."""
     key, keyed = partner_key(fp_cfg)
     run_dir = cache_root() / "partners" / key
     run_dir.mkdir(parents=True, exist_ok=True)
     lock_path = run_dir.parent / f"{key}.lock"
     with open(lock_path, "a+") as lock:
-        # Another job of the sweep may be training this very partner: wait for it, then reuse.
+        # Another job of the sweep may be training this very network: wait for it, then reuse.
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
         try:
             if _completed(run_dir):
-                log.info("reusing the cached full-precision partner %s", run_dir)
+                log.info("reusing the cached full-precision %s %s", what, run_dir)
             else:
-                log.info("training the full-precision partner (cached in %s)", run_dir)
+                log.info("training the full-precision %s (cached in %s)", what, run_dir)
                 _discard_foreign_partial(run_dir, fp_cfg)
                 (run_dir / "partner.json").write_text(json.dumps(keyed, indent=2) + "\n")
                 try:
                     metrics = train(fp_cfg, run_dir)
                 except QexpError as exc:
-                    raise QexpError(f"training the full-precision partner failed: {exc}") from None
+                    raise QexpError(f"training the full-precision {what} failed: {exc}") from None
                 log.info(
-                    "full-precision partner trained: test_acc %.4f", metrics.get("test_acc", -1)
+                    "full-precision %s trained: test_acc %.4f", what, metrics.get("test_acc", -1)
                 )
         finally:
             fcntl.flock(lock.fileno(), fcntl.LOCK_UN)
     return run_dir
+
+
+def cached_partner_dir(cfg: DictConfig, train: TrainFn) -> Path:
+    """Train the partner of ``cfg`` into the cache with ``train`` unless it is there; return its
+    run dir."""
+    return cached_fp_run(partner_config(cfg), train)
 
 
 def load_partner(cfg: DictConfig, info: DataInfo, source: Path) -> nn.Module:

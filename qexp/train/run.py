@@ -39,7 +39,7 @@ from qexp.train.build import (
 from qexp.train.optim import build_optimizer
 from qexp.train.partner import get_partner
 from qexp.train.precision import PrecisionMonitor
-from qexp.train.trainer import RunInfo, Trainer
+from qexp.train.trainer import EpochHook, RunInfo, Trainer
 
 log = logging.getLogger("qexp")
 
@@ -117,6 +117,8 @@ class RunParts:
     run: RunInfo
     device: torch.device
     resume: bool
+    #: called after each epoch (e.g. a tuner's pruning); set by the caller after build_run
+    on_epoch: EpochHook | None = None
 
     def trainer(self) -> Trainer:
         """The trainer of these parts."""
@@ -130,6 +132,7 @@ class RunParts:
             self.run,
             self.device,
             resume=self.resume,
+            on_epoch=self.on_epoch,
         )
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +51,11 @@ class RunInfo:
     identity: dict[str, Any] = field(default_factory=dict)
 
 
+#: called after every epoch with the history so far (one dict per epoch, ``val_acc`` included);
+#: returns True to stop training there (it may also raise, e.g. a tuner pruning the run)
+EpochHook = Callable[[list[dict[str, float]]], bool]
+
+
 class NonFiniteLoss(QexpError):
     """The training loss became NaN or infinite."""
 
@@ -67,6 +73,7 @@ class Trainer:
         run: the run's identity and dir.
         device: where to train.
         resume: continue from the run dir's last checkpoint when there is one.
+        on_epoch: optional :data:`EpochHook` (a tuner's pruning, a study's early stop).
     """
 
     def __init__(
@@ -80,10 +87,11 @@ class Trainer:
         run: RunInfo,
         device: torch.device,
         resume: bool = False,
+        on_epoch: EpochHook | None = None,
     ) -> None:
         self.tcfg, self.model, self.data, self.device = settings, model, data, device
         self.optimizer, self.lr_curve, self.precision = optimizer, lr_curve, precision
-        self.run, self.resume = run, resume
+        self.run, self.resume, self.on_epoch = run, resume, on_epoch
         self.run_dir = run.run_dir
         self.ckpt_dir = run.run_dir / "checkpoints"
         self.epochs = int(settings.epochs)
@@ -280,6 +288,23 @@ class Trainer:
             raise NonFiniteLoss(self._nan_message())
         return epoch_loss, float(correct) / max(seen, 1)
 
+    def _should_stop(self) -> bool:
+        """Early stop on a validation plateau: no better epoch for ``patience`` epochs.
+
+        Read from the restored state alone, so a resumed run stops where the uncut one would.
+        """
+        patience = self.tcfg.patience
+        if patience is None or self.best_epoch < 0:
+            return False
+        if self.epoch - 1 - self.best_epoch >= int(patience):
+            log.info(
+                "stopping early: val accuracy has not improved for %d epochs (best epoch %d)",
+                patience,
+                self.best_epoch + 1,
+            )
+            return True
+        return False
+
     def _nan_message(self) -> str:
         last = self.ckpt_dir / "last.pt"
         kept = (
@@ -300,7 +325,7 @@ class Trainer:
         writer = SummaryWriter(str(self.run_dir), purge_step=self.step if self.step else None)
         try:
             self._write_metrics(RunStatus.RUNNING)
-            while self.epoch < self.epochs:
+            while self.epoch < self.epochs and not self._should_stop():
                 t_epoch = time.perf_counter()
                 train_loss, train_acc = self._train_epoch(writer)
                 val_acc = self.evaluate("val") if self.data.num_val else train_acc
@@ -342,6 +367,8 @@ class Trainer:
                 save_checkpoint(self._state(), self.ckpt_dir / "last.pt")
                 self._write_metrics(RunStatus.RUNNING)
                 writer.flush()
+                if self.on_epoch is not None and self.on_epoch(self.history):
+                    break
             metrics = self._final_test(writer)
         except NonFiniteLoss as exc:
             self._write_metrics(RunStatus.FAILED, str(exc))
@@ -354,6 +381,8 @@ class Trainer:
         best = self.ckpt_dir / "best.pt"
         if best.is_file():
             self.model.load_state_dict(load_checkpoint(best)["model"])
+        if self.data.test_sealed:  # a tuning run: validation only, the test split stays unread
+            return self._write_metrics(RunStatus.COMPLETED, "tuning run: not tested").to_json()
         test_acc = self.evaluate("test", "auto")
         test_acc_latent = self.evaluate("test", "latent")
         extra: dict[str, Any] = {}

@@ -10,6 +10,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("qexp.cli:train", "train one run or a sweep (-m) from Hydra config overrides"),
     "compare": ("qexp.report.compare:main", "table + figure of accuracy against bit width"),
+    "study": ("qexp.study.pipeline:main", "fair comparison: FP refs, equal tuning, seeds, stats"),
     "tb": ("qexp.report.tb:main", "serve TensorBoard for a run/sweep dir on 127.0.0.1"),
     "export": ("qexp.export.write:main", "write a run's network as a bit-packed file (+ ONNX)"),
     "verify": ("qexp.export.verify:main", "evaluate an exported file independently of qexp"),

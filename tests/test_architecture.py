@@ -15,6 +15,7 @@ ROOT = Path(qexp.__file__).parent
 #: below (a new package must be placed here, which is the point)
 LAYERS = {
     "qexp.cli": 5,
+    "qexp.study": 5,
     "qexp.train": 4,
     "qexp.export": 4,  # export builds runs; its verifier and engine stay on layers 1-2 (a test)
     "qexp.estimators": 3,

@@ -16,7 +16,7 @@ from qexp.data.base import Batch, DataModule
 from qexp.errors import QexpError
 
 
-class TestSplitSealed(QexpError):
+class SealedSplitError(QexpError):
     """Something tried to read the test split of a sealed data module."""
 
 
@@ -37,7 +37,7 @@ class SealedTest(DataModule):
 
     def eval_batches(self, split: str, batch_size: int, device: torch.device) -> Iterator[Batch]:
         if split == "test":
-            raise TestSplitSealed("the test split is sealed while tuning; tune on 'val' only")
+            raise SealedSplitError("the test split is sealed while tuning; tune on 'val' only")
         return self.inner.eval_batches(split, batch_size, device)
 
     def data_report(self) -> dict[str, Any]:

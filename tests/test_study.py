@@ -1,0 +1,185 @@
+"""`qexp study` on digits: references trained once, tuning blind to the test set, failed
+methods reported, killed studies resumed, the trainer seams it uses."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import yaml
+
+from qexp.data.sealed import SealedSplitError, SealedTest
+from qexp.report.compare import main as compare_main
+from qexp.study.pipeline import EXIT_AFTER_ENV, Study
+from qexp.study.pipeline import main as study_main
+from qexp.study.runs import hydra_configs
+from qexp.study.spec import load_spec, parse_spec
+from qexp.train.run import build_run
+from tests.conftest import FAST, compose_config, run_qexp
+
+BASE = [*FAST, "model=mlp", "model.hidden=[32,32]", "trainer.log_every=1000"]
+
+
+def spec_dict(**changes) -> dict:
+    """A small study: W1/A1 BinaryNet form, clipped STE vs STE, plus LSQ, which cannot run at
+    1 bit (signed weights need 2): every one of its trials fails."""
+    spec = {
+        "name": "test",
+        "base": BASE,
+        "reference": ["trainer.epochs=3", "trainer.patience=1"],
+        "seeds": [0, 1],
+        "tuning": {"trials": 2, "seed": 0, "overrides": ["trainer.epochs=1"]},
+        "final": ["trainer.epochs=1"],
+        "settings": [
+            {"key": "w1a1", "bits": 1, "overrides": ["quantizer=binary"],
+             "baseline": "clipped_ste"},
+        ],
+        "methods": {
+            "clipped_ste": {"overrides": ["estimator=clipped_ste"]},
+            "ste": {"overrides": ["estimator=ste"]},
+            "lsq": {"overrides": ["estimator=ste", "quantizer=lsq"]},
+        },
+        "claims": [{"method": "ste", "setting": "w1a1", "text": "a made-up claim",
+                    "source": "test", "diff": 0.01}],
+    }
+    spec.update(changes)
+    return spec
+
+
+def write_spec(path: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump(spec_dict(**changes)))
+    return path
+
+
+def mtimes(folder: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("metrics.json"))}
+
+
+def test_sealed_data_refuses_the_test_split():
+    cfg = compose_config(*BASE)
+    with pytest.raises(SealedSplitError):
+        import torch
+
+        SealedTest(build_run(cfg, Path("/nonexistent")).data).eval_batches(
+            "test", 10, torch.device("cpu")
+        )
+
+
+def test_epoch_hook_and_patience_stop_training(tmp_path):
+    cfg = compose_config(*BASE, "bits=32", "trainer.epochs=40", "trainer.patience=2")
+    metrics = build_run(cfg, tmp_path / "plateau").trainer().fit()
+    done, best = metrics["epochs_done"], metrics["best_epoch"]
+    assert done < 40 and done - best == 2  # stopped two epochs after its best one
+    vals = [h["val_acc"] for h in metrics["history"]]
+    assert max(vals[best:]) <= vals[best - 1]
+
+    cfg = compose_config(*BASE, "bits=32", "trainer.epochs=5")
+    parts = build_run(cfg, tmp_path / "hook")
+    seen = []
+    parts.on_epoch = lambda history: seen.append(len(history)) or len(history) == 2
+    assert parts.trainer().fit()["epochs_done"] == 2 and seen == [1, 2]
+
+
+@pytest.mark.slow
+def test_tuning_never_reads_the_test_set(tmp_path, monkeypatch):
+    monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
+    spec = parse_spec(spec_dict(methods={"ste": {"overrides": ["estimator=ste"]}},
+                                settings=[{"key": "w2a2", "bits": 2, "baseline": "ste"}]))
+    study = Study(spec, tmp_path / "study")
+    from qexp.data.base import TensorDataModule
+
+    reads: list[str] = []
+    real = TensorDataModule.eval_batches
+
+    def spy(self, split, *args, **kwargs):
+        reads.append(split)
+        return real(self, split, *args, **kwargs)
+
+    # a trial left running by a killed study: closed and replaced, not counted
+    import optuna
+
+    from qexp.study.tune import storage
+
+    optuna.create_study(study_name="w2a2/ste", storage=storage(study.dir)).ask()
+    with hydra_configs():
+        refs = study.references()
+        monkeypatch.setattr(TensorDataModule, "eval_batches", spy)
+        tuned = study.tuning(refs)
+    knobs, result = tuned[("w2a2", "ste")]
+    assert [t["state"] for t in result.trials] == ["complete", "complete"]
+    stored = optuna.load_study(study_name="w2a2/ste", storage=storage(study.dir)).trials
+    assert [t.user_attrs.get("interrupted", False) for t in stored] == [True, False, False]
+    assert "val" in reads and "test" not in reads
+    for trial in result.trials:
+        record = json.loads((Path(trial["run_dir"]) / "metrics.json").read_text())
+        assert record["status"] == "completed" and "test_acc" not in record
+
+
+def run_in_process(spec: Path, study_dir: Path, capsys) -> str:
+    """`qexp study SPEC --dir STUDY_DIR` in this process; returns its stdout."""
+    capsys.readouterr()
+    assert study_main([str(spec), "--dir", str(study_dir)]) == 0
+    return capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypatch, capsys):
+    spec = write_spec(tmp_path / "spec.yaml")
+    env = {"QEXP_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("QEXP_CACHE", env["QEXP_CACHE"])
+    study_dir = tmp_path / "study"
+
+    # killed right after stage 1 (os._exit: nothing is flushed or cleaned up)
+    first = run_qexp("study", str(spec), "--dir", str(study_dir), cwd=tmp_path, check=False,
+                     env={**env, EXIT_AFTER_ENV: "references"})
+    assert first.returncode == 17, first.stderr
+    assert "2 full-precision networks ready (2 trained now" in first.stdout
+    references = mtimes(tmp_path / "cache")
+    assert len(references) == 2
+
+    second = run_in_process(spec, study_dir, capsys)
+    assert "(0 trained now" in second
+    assert "3 cells x 2 trials (6 run now" in second
+    assert "4/4 final runs completed (4 run now" in second
+    assert mtimes(tmp_path / "cache") == references  # nothing retrained
+
+    results = json.loads((study_dir / "results.json").read_text())
+    cells = {c["method"]: c for c in results["cells"]}
+    assert cells["lsq"]["status"] == "failed" and "2 bits" in cells["lsq"]["error"]
+    assert [t["state"] for t in cells["lsq"]["trials"]] == ["fail", "fail"]
+    assert cells["ste"]["n"] == cells["clipped_ste"]["n"] == 2
+    [comparison] = results["comparisons"]
+    assert (comparison["method"], comparison["baseline"]) == ("ste", "clipped_ste")
+    report = (study_dir / "report.md").read_text()
+    assert "failed: " in report and "a made-up claim" in report
+    for name in ("cells.csv", "runs.csv", "accuracy_vs_bits.png"):
+        assert (study_dir / name).stat().st_size > 0
+    assert any((study_dir / "tensorboard" / "ste").iterdir())
+    # every final run is an ordinary run dir that `qexp compare` reads
+    assert compare_main([str(study_dir / "final")]) == 0
+    assert "clipped_ste" in capsys.readouterr().out
+
+    finals = mtimes(study_dir / "final")
+    third = run_in_process(spec, study_dir, capsys)
+    assert "(0 trained now" in third and "(0 run now" in third
+    assert "4/4 final runs completed (0 run now" in third
+    assert mtimes(study_dir / "final") == finals
+
+    # a second study on the same references trains no full-precision network
+    with hydra_configs():
+        Study(load_spec(str(spec)), tmp_path / "other").references()
+    assert "(0 trained now" in capsys.readouterr().out
+    assert mtimes(tmp_path / "cache") == references
+
+
+def test_study_dir_refuses_another_spec(tmp_path, capsys):
+    study_dir = tmp_path / "study"
+    study_dir.mkdir()
+    (study_dir / "study.json").write_text(json.dumps({"name": "other"}))
+    spec = write_spec(tmp_path / "spec.yaml")
+    assert study_main([str(spec), "--dir", str(study_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qexp: error:") and "another spec" in err
+    assert os.listdir(study_dir) == ["study.json"]

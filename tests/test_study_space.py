@@ -1,0 +1,64 @@
+"""Search spaces: every estimator brings one, and every value in every range is a valid run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from qexp.config.validate import validate_config
+from qexp.errors import QexpError
+from qexp.study.space import Knob, knob_overrides, parse_knob, search_space
+from tests.conftest import compose_config
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+ESTIMATORS = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))
+
+
+def test_every_estimator_declares_a_search_space():
+    have = {p.stem for p in (CONF / "search_space" / "estimator").glob("*.yaml")}
+    assert set(ESTIMATORS) <= have, f"no search space for {set(ESTIMATORS) - have}"
+
+
+def _ends(knob: Knob) -> list:
+    if knob.type == "categorical":
+        return list(knob.choices)
+    if knob.type == "int":
+        return [int(knob.low), int(knob.high)]
+    return [knob.low, knob.high]
+
+
+@pytest.mark.parametrize("estimator", ESTIMATORS)
+def test_every_end_of_every_range_composes_and_validates(estimator):
+    quantizer = "lsq" if estimator == "block_replace" else "uniform"
+    knobs = search_space(estimator, quantizer)
+    assert any(k.key == "trainer.lr" for k in knobs)  # the common knob
+    for end in (0, -1):
+        values = {k.key: _ends(k)[end] for k in knobs}
+        overrides = knob_overrides(knobs, values)
+        cfg = compose_config(
+            "dataset=digits", f"estimator={estimator}", f"quantizer={quantizer}", *overrides
+        )
+        validate_config(cfg)
+        for k in knobs:  # the value lands where the knob says (and in its `also` keys)
+            for key in (k.key, *k.also):
+                node = cfg
+                for part in key.split("."):
+                    node = node[part]
+                assert node == values[k.key]
+
+
+def test_lsq_adds_its_step_lr_and_a_study_can_add_knobs():
+    keys = [k.key for k in search_space("ste", "lsq", {"trainer.batch_size": {
+        "type": "int", "low": 32, "high": 128}})]
+    assert keys == ["trainer.lr", "trainer.quantizer_lr", "trainer.batch_size"]
+
+
+@pytest.mark.parametrize(
+    "node",
+    [{"low": 1, "high": 2}, {"type": "float", "low": 2, "high": 1},
+     {"type": "float", "low": 0, "high": 1, "log": True}, {"type": "categorical"}],
+)
+def test_bad_ranges_are_one_line_errors(node):
+    with pytest.raises(QexpError):
+        parse_knob("trainer.lr", node)

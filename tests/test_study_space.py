@@ -62,3 +62,27 @@ def test_lsq_adds_its_step_lr_and_a_study_can_add_knobs():
 def test_bad_ranges_are_one_line_errors(node):
     with pytest.raises(QexpError):
         parse_knob("trainer.lr", node)
+
+
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "study").glob("*.yaml")))
+def test_presets_load_and_name_existing_options(preset):
+    from qexp.study.spec import load_spec
+
+    spec = load_spec(preset)
+    for method in spec.methods:
+        for override in (*method.overrides, *[o for v in method.at.values() for o in v]):
+            group, _, option = override.partition("=")
+            if group in ("estimator", "quantizer"):
+                assert (CONF / group / f"{option}.yaml").is_file(), override
+    assert len(spec.seeds) >= 2
+
+
+def test_spec_errors_are_one_line(tmp_path):
+    from qexp.study.spec import load_spec
+
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nsettings: []\nmethods: {}\nseeds: [0, 1]\ntuning: {trials: 1}\n")
+    with pytest.raises(QexpError, match="at least one method"):
+        load_spec(str(path))
+    with pytest.raises(QexpError, match="no study preset"):
+        load_spec("no_such_preset")

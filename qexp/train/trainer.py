@@ -27,7 +27,7 @@ from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
 from qexp.quant.calibrate import calibration, set_observing
-from qexp.quant.layers import quant_mode
+from qexp.quant.layers import quant_mode, refresh_weight_ranges
 from qexp.record import RunRecord, RunStatus, write_record
 from qexp.report.hparams import write_hparams
 from qexp.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -235,6 +235,7 @@ class Trainer:
                 q.clamp_()
             est.after_optimizer_step()
             self.step += 1
+            refresh_weight_ranges(model, self.step)
             n = y.numel()
             batch_correct = (logits.detach().argmax(dim=1) == y).sum()
             loss_sum += loss.detach() * n

@@ -9,7 +9,10 @@ clamps and weight-range refresh the trainer runs) are timed side by side in one 
 - ``fp+compile`` / ``quant+compile``: the same under ``torch.compile``.
 
 Each round runs every variant for ``--steps`` steps; the ratios are taken per round and their
-median reported, so machine load that drifts over the run hits all variants alike.
+median reported, so machine load that drifts over the run hits all variants alike. On CPU the
+clock is this process's CPU time (``--clock cpu``), which other processes on a shared machine
+disturb far less than elapsed time; use ``--threads 1`` there, as OpenMP threads spin while
+they wait for each other.
 
     python scripts/bench.py --threads 2
     python scripts/bench.py --models small_cnn --no-compile estimator=clipped_ste bits=2
@@ -34,6 +37,7 @@ from qexp.estimators.base import Estimator
 from qexp.quant.base import Quantizer
 from qexp.quant.layers import refresh_weight_ranges
 from qexp.train.build import build_model, build_net, resolve_device
+from qexp.train.compile import compiled
 from qexp.train.optim import build_optimizer
 
 #: data set whose input shape each benchmarked model gets
@@ -60,20 +64,24 @@ def _batch(cfg, info: _Info, device: torch.device) -> tuple[torch.Tensor, torch.
     return x, torch.randint(0, info.num_classes, (bs,), device=device)
 
 
-def make_steps(overrides: list[str], device: torch.device, compiled: bool) -> dict[str, Step]:
+def make_steps(
+    overrides: list[str], device: torch.device, compile_model: bool
+) -> dict[str, Step]:
     """Training-step closures of the float (``fp``) and the quantized (``quant``) network."""
     with initialize_config_module("qexp.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
     info = _Info(cfg.dataset.name)
-    suffix = "+compile" if compiled else ""
+    suffix = "+compile" if compile_model else ""
     torch.manual_seed(0)
     fp = build_net(cfg, info).to(device)
     # the same optimizer settings as the quantized net's (its float-weight groups)
     fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), cfg.trainer)
     x, y = _batch(cfg, info, device)
 
+    fp_call = compiled(fp) if compile_model else fp
+
     def fp_step() -> None:
-        loss = F.cross_entropy(fp(x), y)
+        loss = F.cross_entropy(fp_call(x), y)
         fp_opt.zero_grad(set_to_none=True)
         loss.backward()
         fp_opt.step()
@@ -84,8 +92,10 @@ def make_steps(overrides: list[str], device: torch.device, compiled: bool) -> di
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     count = [0]
 
+    train_model = [model]
+
     def quant_step() -> None:
-        loss, _, _ = model.estimator.loss(model, x, y, F.cross_entropy)
+        loss, _, _ = model.estimator.loss(train_model[0], x, y, F.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -98,22 +108,21 @@ def make_steps(overrides: list[str], device: torch.device, compiled: bool) -> di
     fp.train()
     model.train()
     quant_step()  # the first batch calibrates, eagerly, as in the trainer
-    if compiled:
-        fp.compile()
-        model.compile()
+    if compile_model:  # as the trainer compiles (qexp/train/compile.py)
+        train_model[0] = compiled(model)
     return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}
 
 
-def time_steps(step: Step, n: int, device: torch.device) -> float:
+def time_steps(step: Step, n: int, device: torch.device, clock=time.perf_counter) -> float:
     """Seconds per step over ``n`` steps."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+    return (clock() - t0) / n
 
 
 def graph_breaks() -> int:
@@ -128,23 +137,24 @@ def bench_model(
 ) -> None:
     """Time the variants of one model in interleaved rounds and print times and ratios."""
     base = [f"model={model}", f"dataset={MODELS[model]}", *overrides]
-    steps = make_steps(base, device, compiled=False)
+    steps = make_steps(base, device, compile_model=False)
     breaks = None
     if args.compile:
         before = graph_breaks()
-        steps.update(make_steps(base, device, compiled=True))
+        steps.update(make_steps(base, device, compile_model=True))
         for step in steps.values():  # warm-up; compiles the compiled variants
             time_steps(step, 2, device)
         breaks = graph_breaks() - before
     for step in steps.values():
         time_steps(step, 2, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
     times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(args.rounds):
         for name, step in steps.items():
-            times[name].append(time_steps(step, args.steps, device))
+            times[name].append(time_steps(step, args.steps, device, clock))
     print(f"\n{model} ({MODELS[model]} shapes), overrides {overrides or '-'}")
     for name, ts in times.items():
-        print(f"  {name:15s} {statistics.median(ts) * 1e3:9.2f} ms/step")
+        print(f"  {name:15s} {statistics.median(ts) * 1e3:9.2f} ms/step ({args.clock})")
     pairs = [("quant", "fp", 1.10)]
     if args.compile:
         pairs += [("fp+compile", "fp", None), ("quant+compile", "fp", 1.0),
@@ -165,6 +175,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training steps per variant a round")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="cpu: CPU time of this process (robust on a machine shared with "
+                        "other work); wall: elapsed time; auto: cpu on CPU devices, else wall")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager variants only")
     parser.add_argument("overrides", nargs="*", help="config overrides for the quantized net")
@@ -173,9 +186,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     register_schemas()
     device = resolve_device(args.device)
+    if args.clock == "auto":
+        args.clock = "cpu" if device.type == "cpu" else "wall"
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
-          f"{args.rounds} rounds x {args.steps} steps, load average {load:.1f} "
+          f"{args.rounds} rounds x {args.steps} steps, {args.clock} clock, load average {load:.1f} "
           f"on {os.cpu_count()} cores")
     for model in args.models:
         bench_model(model, args.overrides, args, device)

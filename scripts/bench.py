@@ -35,10 +35,12 @@ from hydra import compose, initialize_config_module
 from qexp.config.schema import register_schemas
 from qexp.estimators.base import Estimator
 from qexp.quant.base import Quantizer
+from qexp.quant.calibrate import calibration
 from qexp.quant.layers import refresh_weight_ranges
-from qexp.train.build import build_model, build_net, resolve_device
+from qexp.train.build import build_net, resolve_device
 from qexp.train.compile import compiled
 from qexp.train.optim import build_optimizer
+from qexp.train.run import build_model, trainer_settings
 
 #: data set whose input shape each benchmarked model gets
 MODELS = {"small_cnn": "fashion_mnist", "resnet20": "cifar10"}
@@ -73,9 +75,10 @@ def make_steps(
     info = _Info(cfg.dataset.name)
     suffix = "+compile" if compile_model else ""
     torch.manual_seed(0)
-    fp = build_net(cfg, info).to(device)
+    settings = trainer_settings(cfg)
+    fp = build_net(cfg.model, info).to(device)
     # the same optimizer settings as the quantized net's (its float-weight groups)
-    fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), cfg.trainer)
+    fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), settings)
     x, y = _batch(cfg, info, device)
 
     fp_call = compiled(fp) if compile_model else fp
@@ -88,7 +91,7 @@ def make_steps(
 
     torch.manual_seed(0)
     model = build_model(cfg, info, device, total_steps=1000)
-    opt = build_optimizer(model, cfg.trainer)
+    opt = build_optimizer(model, settings)
     quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
     count = [0]
 
@@ -107,7 +110,8 @@ def make_steps(
 
     fp.train()
     model.train()
-    quant_step()  # the first batch calibrates, eagerly, as in the trainer
+    with calibration(model):  # the first batch calibrates, eagerly, as in the trainer
+        quant_step()
     if compile_model:  # as the trainer compiles (qexp/train/compile.py)
         train_model[0] = compiled(model)
     return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}

@@ -39,6 +39,7 @@ class TrainerConfig:
     log_every: int = 50
     progress: str = "auto"
     histograms: bool = True
+    compile: str = "auto"
 
 
 @dataclass

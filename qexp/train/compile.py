@@ -14,19 +14,13 @@ from __future__ import annotations
 import importlib.util
 import logging
 import shutil
-from typing import Any
 
 import torch
 from torch import nn
 
+from qexp.config.validate import COMPILE_MODES as MODES
+
 log = logging.getLogger("qexp")
-
-MODES = ("off", "on", "auto")
-
-#: inductor options: no layout optimisation (converting convolutions to channels-last). On CPU
-#: it copied the quantized stem convolution's output every step (about 8% of a small-CNN step);
-#: the float networks gain nothing measurable from it there either.
-INDUCTOR_OPTIONS: dict[str, Any] = {"layout_optimization": False}
 
 
 def compile_unavailable(device: torch.device) -> str | None:
@@ -60,4 +54,4 @@ def wants_compile(mode: str, device: torch.device) -> bool:
 def compiled(model: nn.Module) -> nn.Module:
     """``model`` under torch.compile (an OptimizedModule sharing its parameters and buffers;
     checkpoints keep using ``model`` itself, so their keys do not change)."""
-    return torch.compile(model, options=INDUCTOR_OPTIONS)
+    return torch.compile(model)

@@ -80,14 +80,31 @@ def init(info: DistInfo, device: torch.device) -> torch.device:
     return device
 
 
+def joined() -> bool:
+    """Whether this process is in a process group."""
+    return dist.is_available() and dist.is_initialized()
+
+
 def shutdown() -> None:
     """Leave the process group, if this process joined one."""
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
 
 
-def shard(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor]:
-    """This rank's slice of a global batch."""
+def shard(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor, int]:
+    """This rank's slice ``[rank::world]`` of a global training batch, and how many samples
+    it counts towards the metrics. A batch smaller than the world (a last, partial one) is
+    trained whole on every rank, so no rank gets an empty batch; rank 0 alone counts it."""
+    if info.world <= 1:
+        return x, y, y.numel()
+    if y.numel() < info.world:
+        return x, y, y.numel() if info.is_main else 0
+    ys = y[info.rank :: info.world]
+    return x[info.rank :: info.world], ys, ys.numel()
+
+
+def eval_shard(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor]:
+    """This rank's slice of an evaluation batch (may be empty)."""
     if info.world <= 1:
         return x, y
     return x[info.rank :: info.world], y[info.rank :: info.world]

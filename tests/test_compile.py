@@ -8,7 +8,7 @@ from conftest import FAST, compose_config, read_metrics, run_qexp
 
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import refresh_weight_ranges
-from qexp.train.compile import wants_compile
+from qexp.train.compile import compiled, wants_compile
 from qexp.train.run import build_model
 
 COMMON = [*FAST, "trainer.epochs=3"]
@@ -47,6 +47,36 @@ def test_compile_modes():
 
 
 @pytest.mark.slow
+def test_compiled_step_matches_eager_within_float_noise():
+    """One training step from the same state: logits and gradients agree to float rounding."""
+    cfg = compose_config("dataset=digits")
+
+    class Info:
+        in_channels, image_size, num_classes = 1, 8, 10
+
+    torch.manual_seed(0)
+    model = build_model(cfg, Info(), torch.device("cpu"), total_steps=10)
+    x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
+    model.train()
+    with calibration(model):
+        model(x)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+
+    def step(forward):
+        model.load_state_dict(start)
+        model.zero_grad(set_to_none=True)
+        logits = forward(x)
+        torch.nn.functional.cross_entropy(logits, y).backward()
+        return logits.detach(), [p.grad.clone() for p in model.parameters()]
+
+    eager_logits, eager_grads = step(model)
+    comp_logits, comp_grads = step(compiled(model))
+    torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    for a, b in zip(comp_grads, eager_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
 def test_compiled_training_matches_eager_on_digits(tmp_path):
     run_qexp("train", *COMMON, "trainer.compile=off", f"hydra.run.dir={tmp_path / 'e'}",
              cwd=tmp_path)  # fmt: skip
@@ -55,9 +85,11 @@ def test_compiled_training_matches_eager_on_digits(tmp_path):
     eager, comp = read_metrics(tmp_path / "e"), read_metrics(tmp_path / "c")
     assert comp["compiled"] is True and eager["compiled"] is False
     assert comp["config_hash"] == eager["config_hash"]  # compile does not change the run
+    # Rounding onto 4-bit grids turns float-rounding differences into occasional different
+    # levels, which training carries on: close, not equal, over epochs.
     for a, b in zip(eager["history"], comp["history"], strict=True):
-        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)
-    assert abs(comp["test_acc"] - eager["test_acc"]) <= 0.01
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.03)
+    assert abs(comp["test_acc"] - eager["test_acc"]) <= 0.02
 
 
 @pytest.mark.slow

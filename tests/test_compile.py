@@ -48,8 +48,13 @@ def test_compile_modes():
 
 @pytest.mark.slow
 def test_compiled_step_matches_eager_within_float_noise():
-    """One training step from the same state: logits and gradients agree to float rounding."""
-    cfg = compose_config("dataset=digits")
+    """One training step from the same state: logits and gradients agree to float rounding.
+
+    The MLP, because max-pooling makes a CNN's gradients legitimately differ: convolutions of
+    grid values tie often, and eager and compiled max-pool send the gradient to different tied
+    positions (measured: 0.3% of the gradient norm below the small CNN's pooled stage).
+    """
+    cfg = compose_config("dataset=digits", "model=mlp")
 
     class Info:
         in_channels, image_size, num_classes = 1, 8, 10
@@ -71,9 +76,9 @@ def test_compiled_step_matches_eager_within_float_noise():
 
     eager_logits, eager_grads = step(model)
     comp_logits, comp_grads = step(compiled(model))
-    torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(comp_logits, eager_logits, rtol=1e-5, atol=1e-6)
     for a, b in zip(comp_grads, eager_grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-5)
+        assert float((a - b).norm() / b.norm().clamp(min=1e-12)) < 1e-5
 
 
 @pytest.mark.slow

@@ -174,7 +174,8 @@ def bench_model(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="training steps per variant a round")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -196,7 +197,9 @@ def main() -> None:
     print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
           f"{args.rounds} rounds x {args.steps} steps, {args.clock} clock, load average {load:.1f} "
           f"on {os.cpu_count()} cores")
-    for model in args.models:
+    for model in args.models.split(","):
+        if model not in MODELS:
+            parser.error(f"--models: {model!r} is not one of {', '.join(MODELS)}")
         bench_model(model, args.overrides, args, device)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"\nload average at the end: {load:.1f}")

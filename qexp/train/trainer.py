@@ -477,16 +477,16 @@ class Trainer:
             test_acc_latent,
             kb,
         )
-        metrics = record.to_json()
-        write_hparams(writer, metrics, self.run_dir, self.step)
-        return metrics
         peak = peak_memory(self.device)
         log.info(
             "peak memory: %.0f MB resident%s",
             peak["peak_rss_mb"],
             f", {peak['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in peak else "",
         )
-        return record.to_json()
+        metrics = record.to_json()
+        if self.dist.is_main:
+            write_hparams(writer, metrics, self.run_dir, self.step)
+        return metrics
 
 
 class _NullWriter:

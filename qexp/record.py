@@ -27,7 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 METRICS_FILE = "metrics.json"
 
 #: config keys that may differ between a run and its resumption (they change no result)
-RESUME_FREE_KEYS = ("resume", "trainer.device", "trainer.threads", "trainer.progress")
+RESUME_FREE_KEYS = (
+    "resume", "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile"
+)
 
 
 class RunStatus(str, Enum):

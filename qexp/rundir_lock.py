@@ -356,6 +356,16 @@ def _raise_system_exit(signum: int, frame: Any) -> None:
     raise SystemExit(128 + signum)
 
 
+def not_first_rank() -> bool:
+    """Whether this process is a rank other than 0 of a data-parallel run (torchrun's RANK, or
+    Slurm's task id when a job runs several tasks)."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"]) > 0
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return int(os.environ.get("SLURM_PROCID", "0")) > 0
+    return False
+
+
 @contextlib.contextmanager
 def hold_run_dir(run_dir: Path | str) -> Iterator[RunDirLock]:
     """Hold ``run_dir`` for the duration of the block (taking it unless already held).
@@ -363,6 +373,9 @@ def hold_run_dir(run_dir: Path | str) -> Iterator[RunDirLock]:
     SIGTERM (e.g. ``kill``, Slurm's time limit) is turned into SystemExit while the block runs,
     where nobody else handles it, so that the lock is given back instead of left to go stale.
     """
+    if not_first_rank():  # rank 0 of a data-parallel run holds the dir for all its ranks
+        yield None  # type: ignore[misc]
+        return
     lock = take_run_dir(run_dir)
     if lock.took_over:  # logged here, where the run's log file is open
         log.warning("run dir %s: took over the stale lock of %s", lock.run_dir, lock.took_over)
@@ -388,6 +401,8 @@ class LockRunDir(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
+        if not_first_rank():
+            return
         try:
             take_run_dir(run_dir)
         except QexpError as exc:

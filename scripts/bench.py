@@ -1,107 +1,208 @@
-"""Training-step throughput: full precision vs quantized (STE, 4-bit W/A), interleaved.
+"""Training-step time of the quantized network against a true float network, eager and compiled.
 
-Both models are built from the default config exactly as `qexp train` builds them, and their
-training steps (forward, backward, optimizer step, quantizer clamps) alternate in rounds inside
-one process, so machine noise hits both alike. Prints per-step times and their ratio.
+For each model (default: the small CNN on 28x28 inputs and ResNet-20 on 32x32 inputs) four
+training steps (forward, backward, optimizer step, and for the quantized net the quantizer
+clamps and weight-range refresh the trainer runs) are timed side by side in one process:
 
-    python scripts/bench.py                   # default model on Fashion-MNIST-shaped batches
-    python scripts/bench.py --rounds 20 --steps 10 model=resnet20 dataset=cifar10
-Target on CPU: quantized step time at most 1.25x full precision.
+- ``fp``: the plain float network (no quantized layer at all, not even 8-bit edges);
+- ``quant``: the network as ``qexp train`` builds it (default: W4/A4 uniform, STE, 8-bit edges);
+- ``fp+compile`` / ``quant+compile``: the same under ``torch.compile``.
+
+Each round runs every variant for ``--steps`` steps; the ratios are taken per round and their
+median reported, so machine load that drifts over the run hits all variants alike. On CPU the
+clock is this process's CPU time (``--clock cpu``), which other processes on a shared machine
+disturb far less than elapsed time; use ``--threads 1`` there, as OpenMP threads spin while
+they wait for each other.
+
+    python scripts/bench.py --threads 2
+    python scripts/bench.py --models small_cnn --no-compile estimator=clipped_ste bits=2
+Targets (CPU): quant <= 1.10x fp; quant+compile <= 1.0x fp and <= 1.15x fp+compile.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
+from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 from qexp.config.schema import register_schemas
+from qexp.estimators.base import Estimator
 from qexp.quant.base import Quantizer
-from qexp.train.build import build_model, resolve_device
+from qexp.quant.calibrate import calibration
+from qexp.quant.layers import refresh_weight_ranges
+from qexp.train.build import build_net, resolve_device
+from qexp.train.compile import compiled
 from qexp.train.optim import build_optimizer
+from qexp.train.run import build_model, trainer_settings
 
+#: data set whose input shape each benchmarked model gets
+MODELS = {"small_cnn": "fashion_mnist", "resnet20": "cifar10"}
 SHAPES = {"fashion_mnist": (1, 28), "mnist": (1, 28), "digits": (1, 8), "cifar10": (3, 32),
           "cifar100": (3, 32), "imagefolder": (3, 224)}
 CLASSES = {"cifar100": 100, "imagefolder": 1000}
 
+Step = Callable[[], None]
+
 
 class _Info:
+    """The parts of a data set's DataInfo that building a model reads (no data loaded)."""
+
     def __init__(self, name: str) -> None:
         self.name = name
         self.in_channels, self.image_size = SHAPES[name]
         self.num_classes = CLASSES.get(name, 10)
 
 
-def make_step(overrides: list[str], device: torch.device):
-    """A closure running one training step of the model the overrides describe."""
+def _batch(cfg, info: _Info, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    bs = int(cfg.trainer.batch_size)
+    x = torch.randn(bs, info.in_channels, info.image_size, info.image_size, device=device)
+    return x, torch.randint(0, info.num_classes, (bs,), device=device)
+
+
+def make_steps(
+    overrides: list[str], device: torch.device, compile_model: bool
+) -> dict[str, Step]:
+    """Training-step closures of the float (``fp``) and the quantized (``quant``) network."""
     with initialize_config_module("qexp.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
     info = _Info(cfg.dataset.name)
-    model = build_model(cfg, info, device, total_steps=1000)
-    opt = build_optimizer(model, cfg.trainer)
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
-    bs = int(cfg.trainer.batch_size)
-    x = torch.randn(bs, info.in_channels, info.image_size, info.image_size, device=device)
-    y = torch.randint(0, info.num_classes, (bs,), device=device)
-    model.train()
+    suffix = "+compile" if compile_model else ""
+    torch.manual_seed(0)
+    settings = trainer_settings(cfg)
+    fp = build_net(cfg.model, info).to(device)
+    # the same optimizer settings as the quantized net's (its float-weight groups)
+    fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), settings)
+    x, y = _batch(cfg, info, device)
 
-    def step() -> None:
-        loss, _, _ = model.estimator.loss(model, x, y, F.cross_entropy)
+    fp_call = compiled(fp) if compile_model else fp
+
+    def fp_step() -> None:
+        loss = F.cross_entropy(fp_call(x), y)
+        fp_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        fp_opt.step()
+
+    torch.manual_seed(0)
+    model = build_model(cfg, info, device, total_steps=1000)
+    opt = build_optimizer(model, settings)
+    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    count = [0]
+
+    train_model = [model]
+
+    def quant_step() -> None:
+        loss, _, _ = model.estimator.loss(train_model[0], x, y, F.cross_entropy)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         for q in quantizers:
             q.clamp_()
         model.estimator.after_optimizer_step()
+        count[0] += 1
+        refresh_weight_ranges(model, count[0])
 
-    return step
+    fp.train()
+    model.train()
+    with calibration(model):  # the first batch calibrates, eagerly, as in the trainer
+        quant_step()
+    if compile_model:  # as the trainer compiles (qexp/train/compile.py)
+        train_model[0] = compiled(model)
+    return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}
 
 
-def time_steps(step, n: int, device: torch.device) -> float:
+def time_steps(step: Step, n: int, device: torch.device, clock=time.perf_counter) -> float:
     """Seconds per step over ``n`` steps."""
     if device.type == "cuda":
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0 = clock()
     for _ in range(n):
         step()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return (time.perf_counter() - t0) / n
+    return (clock() - t0) / n
+
+
+def graph_breaks() -> int:
+    """Graph breaks torch.compile has met so far in this process."""
+    from torch._dynamo.utils import counters
+
+    return sum(counters["graph_break"].values())
+
+
+def bench_model(
+    model: str, overrides: list[str], args: argparse.Namespace, device: torch.device
+) -> None:
+    """Time the variants of one model in interleaved rounds and print times and ratios."""
+    base = [f"model={model}", f"dataset={MODELS[model]}", *overrides]
+    steps = make_steps(base, device, compile_model=False)
+    breaks = None
+    if args.compile:
+        before = graph_breaks()
+        steps.update(make_steps(base, device, compile_model=True))
+        for step in steps.values():  # warm-up; compiles the compiled variants
+            time_steps(step, 2, device)
+        breaks = graph_breaks() - before
+    for step in steps.values():
+        time_steps(step, 2, device)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(args.rounds):
+        for name, step in steps.items():
+            times[name].append(time_steps(step, args.steps, device, clock))
+    print(f"\n{model} ({MODELS[model]} shapes), overrides {overrides or '-'}")
+    for name, ts in times.items():
+        print(f"  {name:15s} {statistics.median(ts) * 1e3:9.2f} ms/step ({args.clock})")
+    pairs = [("quant", "fp", 1.10)]
+    if args.compile:
+        pairs += [("fp+compile", "fp", None), ("quant+compile", "fp", 1.0),
+                  ("quant+compile", "fp+compile", 1.15)]
+    for num, den, target in pairs:
+        r = [a / b for a, b in zip(times[num], times[den], strict=True)]
+        goal = f"  (target <= {target:.2f})" if target else ""
+        print(f"  {num:>13s} / {den:<10s} {statistics.median(r):6.3f}  "
+              f"[per-round min {min(r):.3f}, max {max(r):.3f}]{goal}")
+    if breaks is not None:
+        print(f"  graph breaks while compiling: {breaks}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds per model")
-    parser.add_argument("--steps", type=int, default=10, help="training steps per round")
+    parser.add_argument("--models", default=",".join(MODELS),
+                        help=f"comma-separated, from {', '.join(MODELS)}")
+    parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
+    parser.add_argument("--steps", type=int, default=5, help="training steps per variant a round")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("overrides", nargs="*", help="config overrides for both models")
+    parser.add_argument("--clock", choices=("auto", "cpu", "wall"), default="auto",
+                        help="cpu: CPU time of this process (robust on a machine shared with "
+                        "other work); wall: elapsed time; auto: cpu on CPU devices, else wall")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="eager variants only")
+    parser.add_argument("overrides", nargs="*", help="config overrides for the quantized net")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     register_schemas()
     device = resolve_device(args.device)
-    torch.manual_seed(0)
-    fp = make_step([*args.overrides, "bits=32"], device)
-    quant = make_step([*args.overrides, "bits=4", "estimator=ste"], device)
-    for step in (fp, quant):  # warm-up: allocator, first-batch calibration
-        time_steps(step, 3, device)
-    fp_times, q_times = [], []
-    for _ in range(args.rounds):
-        fp_times.append(time_steps(fp, args.steps, device))
-        q_times.append(time_steps(quant, args.steps, device))
-    fp_ms, q_ms = statistics.median(fp_times) * 1e3, statistics.median(q_times) * 1e3
-    ratios = [q / f for q, f in zip(q_times, fp_times, strict=True)]
-    print(f"device {device}, threads {torch.get_num_threads()}, overrides {args.overrides or '-'}")
-    print(f"full precision : {fp_ms:8.2f} ms/step (median of {args.rounds} rounds)")
-    print(f"quantized w4a4 : {q_ms:8.2f} ms/step")
-    print(f"ratio quantized/full precision: {q_ms / fp_ms:.3f} "
-          f"(per-round ratios: median {statistics.median(ratios):.3f}, "
-          f"min {min(ratios):.3f}, max {max(ratios):.3f}); target <= 1.25")
+    if args.clock == "auto":
+        args.clock = "cpu" if device.type == "cpu" else "wall"
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"device {device}, threads {torch.get_num_threads()}, torch {torch.__version__}, "
+          f"{args.rounds} rounds x {args.steps} steps, {args.clock} clock, load average {load:.1f} "
+          f"on {os.cpu_count()} cores")
+    for model in args.models.split(","):
+        if model not in MODELS:
+            parser.error(f"--models: {model!r} is not one of {', '.join(MODELS)}")
+        bench_model(model, args.overrides, args, device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(f"\nload average at the end: {load:.1f}")
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ class TrainerConfig:
     progress: str = "auto"
     histograms: bool = True
     patience: Optional[int] = None
+    compile: str = "auto"
 
 
 @dataclass

@@ -174,6 +174,11 @@ class Quantizer(nn.Module):
         while ``observing``: the calibration phase, and training for quantizers that
         ``tracks_during_training``); default: nothing to calibrate."""
 
+    def refresh(self, w: Tensor, step: int) -> None:
+        """Update state derived from the weight ``w`` after optimizer step ``step`` (weight
+        quantizers; called outside the forward, so costly work such as a range search never
+        sits in a compiled training graph); default: nothing."""
+
     def hard(self, x: Tensor) -> Tensor:
         """Values of ``x`` on the grid. Gradients through this are not meaningful."""
         with torch.no_grad():

@@ -122,6 +122,14 @@ def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
 
 
+def refresh_weight_ranges(model: nn.Module, step: int) -> None:
+    """After optimizer step ``step``: every weight quantizer updates what it derives from its
+    layer's weight (e.g. the uniform quantizer's periodic MSE range search)."""
+    for _, layer in quant_layers(model):
+        if layer.w_quant is not None:
+            layer.w_quant.refresh(layer.weight, step)
+
+
 @contextmanager
 def quant_mode(model: nn.Module, mode: str):
     """Temporarily set every quantized layer of ``model`` to ``mode`` (see MODES)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from qexp.estimators.model import QuantModel
 from qexp.quant.budget import budget_from_node
 from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
+from qexp.train import distributed
 from qexp.train.build import (
     build_data,
     build_estimator,
@@ -119,6 +121,7 @@ class RunParts:
     resume: bool
     #: called after each epoch (e.g. a tuner's pruning); set by the caller after build_run
     on_epoch: EpochHook | None = None
+    dist: distributed.DistInfo = distributed.SINGLE
 
     def trainer(self) -> Trainer:
         """The trainer of these parts."""
@@ -133,6 +136,7 @@ class RunParts:
             self.device,
             resume=self.resume,
             on_epoch=self.on_epoch,
+            dist=self.dist,
         )
 
 
@@ -143,6 +147,10 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))
     device = resolve_device(settings.device)
+    # several processes (torchrun, or Slurm tasks): join them; every rank builds the same run
+    dist = distributed.env_world()
+    device = distributed.init(dist, device)
+    run_dir = _shared_run_dir(run_dir, dist)
     seed_everything(int(cfg.seed))
     data = build_data(cfg.dataset)
     total_steps = int(settings.epochs) * data.steps_per_epoch(int(settings.batch_size))
@@ -168,11 +176,33 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
         device,
         total_steps,
     )
+    distributed.broadcast_state(model, dist)  # same seed, same weights; made certain
     return RunParts(
-        settings, model, data, optimizer, lr_curve, precision, run, device, bool(cfg.resume)
+        settings, model, data, optimizer, lr_curve, precision, run, device, bool(cfg.resume),
+        dist=dist,
     )
+
+
+def _shared_run_dir(run_dir: Path, dist: distributed.DistInfo) -> Path:
+    """Rank 0's run dir on every rank (a timestamped default may differ by a second between
+    ranks); other ranks log warnings only and remove a dir of their own that holds nothing
+    but Hydra's files."""
+    if dist.world <= 1:
+        return run_dir
+    main_dir = Path(str(distributed.from_main(str(run_dir), dist)))
+    if not dist.is_main:
+        logging.getLogger("qexp").setLevel(logging.WARNING)
+        stray = main_dir.resolve() != run_dir.resolve() and run_dir.is_dir()
+        if stray and {p.name for p in run_dir.iterdir()} <= {".hydra", "train.log"}:
+            shutil.rmtree(run_dir, ignore_errors=True)
+    return main_dir
 
 
 def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and test the run described by ``cfg`` in ``run_dir``; return its metrics."""
-    return build_run(cfg, run_dir).trainer().fit()
+    outermost = not distributed.joined()  # a partner's run nests inside its user's
+    try:
+        return build_run(cfg, run_dir).trainer().fit()
+    finally:
+        if outermost:
+            distributed.shutdown()

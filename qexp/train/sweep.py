@@ -33,6 +33,7 @@ from omegaconf import DictConfig, open_dict
 
 from qexp.errors import QexpError
 from qexp.record import config_fingerprint, mark_failed, read_json, read_record, write_json
+from qexp.train.gpu_assign import sweep_job_device, visible_gpu_count
 from qexp.train.run import run_training
 
 log = logging.getLogger("qexp")
@@ -178,7 +179,10 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
             if cfg.trainer.threads is None:
                 # several jobs share this machine: split its CPUs instead of oversubscribing
                 cfg.trainer.threads = launcher_threads(hc.get("launcher"))
-        marker.write(planned=planned, threads=cfg.trainer.threads)
+            cfg.trainer.device = sweep_job_device(
+                cfg.trainer.device, hc.get("launcher"), hc.job.get("num"), visible_gpu_count()
+            )
+        marker.write(planned=planned, threads=cfg.trainer.threads, device=cfg.trainer.device)
         metrics = run_training(cfg, run_dir)
     except QexpError as exc:
         if planned is not None:  # a failure inside training, not a refusal to touch the dir

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from qexp.config.schema import TrainerConfig
@@ -29,11 +30,23 @@ from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
 from qexp.quant.calibrate import calibration, set_observing
 from qexp.quant.cost import cost_metrics
-from qexp.quant.layers import quant_mode
+from qexp.quant.layers import quant_mode, refresh_weight_ranges
 from qexp.record import RunRecord, RunStatus, write_record
 from qexp.report.hparams import write_hparams
 from qexp.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from qexp.train.compile import compiled, wants_compile
+from qexp.train.distributed import (
+    SINGLE,
+    DistInfo,
+    average_gradients,
+    barrier,
+    broadcast_state,
+    eval_shard,
+    shard,
+    sum_over_ranks,
+)
 from qexp.train.inspect_levels import layer_table, weight_kb
+from qexp.train.memory import peak_memory, trim_heap
 from qexp.train.optim import set_lr
 from qexp.train.precision import PrecisionMonitor
 
@@ -74,6 +87,8 @@ class Trainer:
         device: where to train.
         resume: continue from the run dir's last checkpoint when there is one.
         on_epoch: optional :data:`EpochHook` (a tuner's pruning, a study's early stop).
+        dist: this process's rank in a data-parallel run (qexp.train.distributed): each rank
+            trains on its slice of every global batch; rank 0 alone writes files.
     """
 
     def __init__(
@@ -88,6 +103,7 @@ class Trainer:
         device: torch.device,
         resume: bool = False,
         on_epoch: EpochHook | None = None,
+        dist: DistInfo = SINGLE,
     ) -> None:
         self.tcfg, self.model, self.data, self.device = settings, model, data, device
         self.optimizer, self.lr_curve, self.precision = optimizer, lr_curve, precision
@@ -112,6 +128,12 @@ class Trainer:
         self.samples = 0
         self.history: list[dict[str, float]] = []
         self.quantizers = [m for m in model.net.modules() if isinstance(m, Quantizer)]
+        self.dist = dist
+        # What the training forward calls: the model, or the model under torch.compile (from
+        # the step after calibration on; qexp/train/compile.py).
+        self.train_model: nn.Module = model
+        self._compile_pending = wants_compile(settings.compile, device)
+        self.compiled = False
 
     # -- helpers ---------------------------------------------------------------------------------
     def _autocast(self):
@@ -120,6 +142,8 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def _progress_bar(self) -> bool:
+        if not self.dist.is_main:
+            return False
         mode = self.tcfg.progress
         return mode == "bar" or (mode == "auto" and sys.stderr.isatty())
 
@@ -135,10 +159,14 @@ class Trainer:
             "samples_per_s": round(self.samples / self.train_time, 1) if self.train_time else None,
             "history": self.history,
             **self.data.data_report(),
+            "compiled": self.compiled,
+            "ranks": self.dist.world,
+            **peak_memory(self.device),
             **extra,
         }
         record = RunRecord(status, reason, self.fingerprint, data)
-        write_record(self.run_dir, record)
+        if self.dist.is_main:
+            write_record(self.run_dir, record)
         return record
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -188,13 +216,17 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, split: str, mode: str = "auto") -> float:
         """Accuracy on ``split`` with quantized layers in ``mode`` (auto = hard grid in eval)."""
+        trim_heap()  # freed training memory serves the evaluation batches (peak RSS)
         self.model.eval()
         correct = total = 0
         with quant_mode(self.model, mode), self._autocast():
             for x, y in self.data.eval_batches(split, int(self.tcfg.eval_batch_size), self.device):
-                correct += int((self.model(x).argmax(dim=1) == y).sum())
-                total += y.numel()
+                x, y = eval_shard(x, y, self.dist)
+                if y.numel():
+                    correct += int((self.model(x).argmax(dim=1) == y).sum())
+                    total += y.numel()
         self.model.train()
+        correct, total = sum_over_ranks([correct, total], self.dist, self.device)
         return correct / total if total else float("nan")
 
     # -- training ------------------------------------------------------------------------------
@@ -227,14 +259,8 @@ class Trainer:
             for k, v in est.step(progress).items():
                 writer.add_scalar(f"train/{k}", v, self.step)
             lr = set_lr(opt, self.lr_curve(progress))
-            # The first step of a fresh run is the calibration phase: quantizers take their
-            # data-derived state from this batch (qexp.quant.calibrate).
-            calib = calibration(model) if self.step == 0 else contextlib.nullcontext()
-            with calib, self._autocast():
-                loss, logits, extra = est.loss(model, x, y, F.cross_entropy)
-            loss = loss + self.precision.penalty()
-            opt.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
+            x, y, n = shard(x, y, self.dist)
+            loss, logits, extra = self._forward_backward(x, y)
             if self.tcfg.grad_clip is not None:
                 self.scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), float(self.tcfg.grad_clip))
@@ -244,7 +270,9 @@ class Trainer:
                 q.clamp_()
             est.after_optimizer_step()
             self.step += 1
-            n = y.numel()
+            refresh_weight_ranges(model, self.step)
+            # every rank holds rank 0's calibrated state, and its buffers after every step
+            broadcast_state(model, self.dist, buffers_only=self.step > 1)
             batch_correct = (logits.detach().argmax(dim=1) == y).sum()
             loss_sum += loss.detach() * n
             correct += batch_correct
@@ -253,11 +281,14 @@ class Trainer:
             seen += n
             win_seen += n
             if self.step % every == 0 or i + 1 == self.steps_per_epoch:
-                wl = float(win_loss) / win_seen
+                w_loss, w_correct, w_seen = sum_over_ranks(
+                    [float(win_loss), float(win_correct), win_seen], self.dist, self.device
+                )
+                wl = w_loss / w_seen
                 if not math.isfinite(wl):
                     raise NonFiniteLoss(self._nan_message())
                 writer.add_scalar("train/loss", wl, self.step)
-                writer.add_scalar("train/acc", float(win_correct) / win_seen, self.step)
+                writer.add_scalar("train/acc", w_correct / w_seen, self.step)
                 writer.add_scalar("train/lr", lr, self.step)
                 for k, v in extra.items():
                     writer.add_scalar(f"train/{k}", v, self.step)
@@ -282,11 +313,57 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         self.train_time += time.perf_counter() - t0
-        self.samples += seen
-        epoch_loss = float(loss_sum) / max(seen, 1)
+        total_loss, total_correct, seen = sum_over_ranks(
+            [float(loss_sum), float(correct), seen], self.dist, self.device
+        )
+        self.samples += int(seen)
+        epoch_loss = total_loss / max(seen, 1)
         if not math.isfinite(epoch_loss):
             raise NonFiniteLoss(self._nan_message())
-        return epoch_loss, float(correct) / max(seen, 1)
+        return epoch_loss, total_correct / max(seen, 1)
+
+    def _forward_backward(self, x: torch.Tensor, y: torch.Tensor):
+        """Loss of the batch, its backward pass and the gradients averaged over the ranks;
+        returns (loss, logits, values to log). Compiles the model on the step after the
+        calibration step when ``trainer.compile`` asks for it."""
+        if self._compile_pending and self.step > 0:
+            self._compile_pending = False
+            return self._first_compiled_step(x, y)
+        # The first step of a fresh run is the calibration phase: quantizers take their
+        # data-derived state from this batch (qexp.quant.calibrate).
+        calib = calibration(self.model) if self.step == 0 else contextlib.nullcontext()
+        with calib, self._autocast():
+            loss, logits, extra = self.model.estimator.loss(
+                self.train_model, x, y, F.cross_entropy
+            )
+        loss = loss + self.precision.penalty()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        average_gradients(self.model, self.dist)
+        return loss, logits, extra
+
+    def _first_compiled_step(self, x: torch.Tensor, y: torch.Tensor):
+        """The first step under torch.compile; if compiling fails, one warning line, the state
+        from before the step back, and the step (and the rest of the run) eagerly."""
+        before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        rng = rng_state()
+        self.train_model = compiled(self.model)
+        try:
+            out = self._forward_backward(x, y)
+        except Exception as exc:  # any failure of the compiler stack: train eagerly instead
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            log.warning(
+                "trainer.compile: torch.compile failed (%s: %s); training eagerly",
+                type(exc).__name__,
+                reason,
+            )
+            self.train_model = self.model
+            self.model.load_state_dict(before)
+            set_rng_state(rng)
+            return self._forward_backward(x, y)
+        self.compiled = True
+        log.info("training forward compiled with torch.compile")
+        return out
 
     def _should_stop(self) -> bool:
         """Early stop on a validation plateau: no better epoch for ``patience`` epochs.
@@ -322,7 +399,11 @@ class Trainer:
             self._resume()
         if self.step > 0:  # calibrated before the checkpoint: only the trackers observe
             set_observing(self.model, "train")
-        writer = SummaryWriter(str(self.run_dir), purge_step=self.step if self.step else None)
+        writer = (
+            SummaryWriter(str(self.run_dir), purge_step=self.step if self.step else None)
+            if self.dist.is_main
+            else _NullWriter()
+        )
         try:
             self._write_metrics(RunStatus.RUNNING)
             while self.epoch < self.epochs and not self._should_stop():
@@ -341,10 +422,11 @@ class Trainer:
                     and val_acc > self.best_val
                 ):
                     self.best_val, self.best_epoch = val_acc, self.epoch
-                    save_checkpoint(
-                        {"model": self.model.state_dict(), "epoch": self.epoch},
-                        self.ckpt_dir / "best.pt",
-                    )
+                    if self.dist.is_main:
+                        save_checkpoint(
+                            {"model": self.model.state_dict(), "epoch": self.epoch},
+                            self.ckpt_dir / "best.pt",
+                        )
                 self.history.append(
                     {
                         "epoch": self.epoch + 1,
@@ -364,7 +446,9 @@ class Trainer:
                     time.perf_counter() - t_epoch,
                 )
                 self.epoch += 1
-                save_checkpoint(self._state(), self.ckpt_dir / "last.pt")
+                if self.dist.is_main:
+                    save_checkpoint(self._state(), self.ckpt_dir / "last.pt")
+                barrier(self.dist)  # the checkpoints are on disk before any rank reads them
                 self._write_metrics(RunStatus.RUNNING)
                 writer.flush()
                 if self.on_epoch is not None and self.on_epoch(self.history):
@@ -424,6 +508,20 @@ class Trainer:
             test_acc_latent,
             kb,
         )
+        peak = peak_memory(self.device)
+        log.info(
+            "peak memory: %.0f MB resident%s",
+            peak["peak_rss_mb"],
+            f", {peak['peak_gpu_mb']:.0f} MB GPU" if "peak_gpu_mb" in peak else "",
+        )
         metrics = record.to_json()
-        write_hparams(writer, metrics, self.run_dir, self.step)
+        if self.dist.is_main:
+            write_hparams(writer, metrics, self.run_dir, self.step)
         return metrics
+
+
+class _NullWriter:
+    """Stands in for the TensorBoard writer on ranks other than 0: records nothing."""
+
+    def __getattr__(self, name: str):
+        return lambda *args, **kwargs: None

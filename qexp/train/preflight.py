@@ -205,19 +205,11 @@ def check_budget_reachable(cfg: DictConfig) -> None:
         return
     import torch
 
-    from qexp.quant.wrap import LayerBits, quantize_model
-    from qexp.train.build import build_data, build_net, quantizer_factory
+    from qexp.train.build import build_data
+    from qexp.train.run import build_quantized_net
 
     info = build_data(cfg.dataset).info
-    net = build_net(cfg.model, info)
-    quantize_model(
-        net,
-        body=quantizer_factory(cfg.quantizer, "quantizer"),
-        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
-        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
-        first_bits=cfg.layers.first_bits,
-        last_bits=cfg.layers.last_bits,
-    )
+    net = build_quantized_net(cfg, info)
     layers = measure_layers(net, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
     budget.bind(layers)
     check_reachable(budget, layers)

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from qexp.config.schema import TrainerConfig
 from qexp.config.validate import validate_config
@@ -79,15 +80,8 @@ def run_identity(cfg: DictConfig, settings: TrainerConfig) -> dict[str, Any]:
     }
 
 
-def build_model(
-    cfg: DictConfig,
-    info: DataInfo,
-    device: torch.device,
-    total_steps: int,
-    run_dir: Path | None = None,
-) -> QuantModel:
-    """The quantized network of ``cfg`` with its estimator attached (and its partner, trained
-    or loaded first when the estimator needs one)."""
+def build_quantized_net(cfg: DictConfig, info: DataInfo) -> nn.Module:
+    """The float network of ``cfg`` with its Conv2d/Linear layers swapped for quantized ones."""
     net = build_net(cfg.model, info)
     quantize_model(
         net,
@@ -97,6 +91,19 @@ def build_model(
         first_bits=cfg.layers.first_bits,
         last_bits=cfg.layers.last_bits,
     )
+    return net
+
+
+def build_model(
+    cfg: DictConfig,
+    info: DataInfo,
+    device: torch.device,
+    total_steps: int,
+    run_dir: Path | None = None,
+) -> QuantModel:
+    """The quantized network of ``cfg`` with its estimator attached (and its partner, trained
+    or loaded first when the estimator needs one)."""
+    net = build_quantized_net(cfg, info)
     estimator = build_estimator(cfg.estimator)
     model = QuantModel(net, estimator).to(device)
     if cfg.get("init_from"):

@@ -30,6 +30,8 @@ METRICS_FILE = "metrics.json"
 RESUME_FREE_KEYS = (
     "resume", "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile"
 )
+#: config keys that change no result at all (reports neither group nor label runs by them)
+RESULT_FREE_KEYS = (*RESUME_FREE_KEYS, "trainer.log_every", "trainer.histograms")
 
 
 class RunStatus(str, Enum):

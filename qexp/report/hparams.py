@@ -22,6 +22,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from qexp.record import RESULT_FREE_KEYS
+
 #: hparam columns of every run (metrics.json keys)
 HPARAMS = ("estimator", "w_bits", "a_bits", "seed", "quantizer", "model", "dataset", "lr", "epochs")
 #: columns declared ``differs``: what tells apart the runs of a sweep, shown first
@@ -55,13 +57,8 @@ _NOT_KNOBS = {
     "seed",
     "trainer.lr",
     "trainer.epochs",
-    "resume",
-    "trainer.device",
-    "trainer.threads",
-    "trainer.progress",
-    "trainer.log_every",
-    "trainer.histograms",
     "experiment",
+    *RESULT_FREE_KEYS,
 }
 RUN_TEXT_TAG = "run"
 

@@ -21,20 +21,12 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from qexp.record import RunRecord, RunStatus, config_fingerprint
+from qexp.record import RESULT_FREE_KEYS, RunRecord, RunStatus, config_fingerprint
 
 #: the columns every group is labelled with (from metrics.json)
 LABEL_KEYS = ("dataset", "model", "quantizer", "estimator", "w_bits", "a_bits")
 #: config keys that do not change a run's results, or that are averaged over (seed)
-IGNORED_KEYS = {
-    "seed",
-    "resume",
-    "trainer.device",
-    "trainer.threads",
-    "trainer.progress",
-    "trainer.log_every",
-    "trainer.histograms",
-}
+IGNORED_KEYS = {"seed", *RESULT_FREE_KEYS}
 #: config keys already shown by the label columns
 _LABEL_CONFIG_KEYS = {
     "dataset.name",

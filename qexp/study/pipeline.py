@@ -143,7 +143,9 @@ class Study:
                 trained += fresh
                 record = read_record(run_dir)
                 assert record is not None
-                out[(setting.key, seed)] = _reference_row(setting, seed, run_dir, record, fp_cfg)
+                out[(setting.key, seed)] = _reference_row(
+                    self.spec, setting, seed, run_dir, record, fp_cfg
+                )
         n = len({r["run_dir"] for r in out.values()})
         progress(1, f"{n} full-precision networks ready ({trained} trained now, rest cached)")
         return out
@@ -242,14 +244,20 @@ def _cache_dir_of(key: str) -> Path:
     return cache_root() / "partners" / key
 
 
+def plateau_gain(history: list[dict[str, Any]], window: int) -> float | None:
+    """Best val accuracy of the last ``window`` epochs minus the best before them (None when
+    the run is too short to tell: fewer than ``window`` epochs before the last ``window``)."""
+    vals = [float(h["val_acc"]) for h in history if h.get("val_acc") is not None]
+    if len(vals) < 2 * window:
+        return None
+    return max(vals[-window:]) - max(vals[:-window])
+
+
 def _reference_row(
-    setting: Setting, seed: int, run_dir: Path, record: Any, fp_cfg: DictConfig
+    spec: StudySpec, setting: Setting, seed: int, run_dir: Path, record: Any, fp_cfg: DictConfig
 ) -> dict[str, Any]:
-    patience = fp_cfg.trainer.get("patience")
-    max_epochs = int(fp_cfg.trainer.epochs)
-    done = int(record.get("epochs_done") or 0)
-    best = record.get("best_epoch")
-    plateau = patience is not None and best is not None and done - int(best) >= int(patience)
+    history = record.get("history") or []
+    gain = plateau_gain(history, spec.plateau.window)
     return {
         "setting": setting.key,
         "seed": seed,
@@ -257,11 +265,11 @@ def _reference_row(
         "model": OmegaConf.to_container(fp_cfg.model, resolve=True),
         "test_acc": record.get("test_acc"),
         "best_val_acc": record.get("best_val_acc"),
-        "epochs_done": done,
-        "best_epoch": best,
-        "max_epochs": max_epochs,
-        "patience": patience,
-        "converged": bool(plateau),
+        "epochs_done": int(record.get("epochs_done") or 0),
+        "best_epoch": record.get("best_epoch"),
+        "max_epochs": int(fp_cfg.trainer.epochs),
+        "plateau_gain": gain,
+        "converged": gain is not None and gain < spec.plateau.tolerance,
         "train_time_s": record.get("train_time_s"),
     }
 

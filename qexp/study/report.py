@@ -70,11 +70,12 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         "",
         f"- Every run: `{' '.join(spec.base)}`.",
         "- **References.** One full-precision network per (network form, data set, seed), "
-        f"trained with `{' '.join(spec.reference)}` until validation accuracy stopped improving "
-        "(early stop after `trainer.patience` epochs without a better one) and cached with "
+        f"trained with `{' '.join(spec.reference)}` and cached with "
         "qexp's full-precision cache (the one block replacement's partner uses); every "
         "quantized run of a seed starts from it (`init_from`), and block replacement uses it "
-        "as its frozen partner.",
+        "as its frozen partner. A reference counts as converged when the best validation "
+        f"accuracy of its last {spec.plateau.window} epochs beats the best before them by "
+        f"less than {100 * spec.plateau.tolerance:.1f} points (the plateau column).",
         "- **Paired design.** For a seed, every method starts from the same reference weights, "
         "sees the same batch order (the data order is a function of the run seed) and the same "
         "validation split (`dataset.split_seed` is fixed).",
@@ -96,13 +97,15 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
     lines += [
         "## Full-precision references",
         "",
-        "| setting | seed | epochs run / cap | best epoch | converged (plateau) | val | test |",
-        "|---|---|---|---|---|---|---|",
+        f"| setting | seed | epochs run / cap | best epoch | val gain, last {spec.plateau.window} "
+        "epochs | converged | val | test |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results["references"]:
         lines.append(
             f"| {r['setting']} | {r['seed']} | {r['epochs_done']} / {r['max_epochs']} | "
-            f"{r['best_epoch']} | {'yes' if r['converged'] else 'no: hit the epoch cap'} | "
+            f"{r['best_epoch']} | {_gain(r.get('plateau_gain'))} | "
+            f"{'yes' if r['converged'] else 'no'} | "
             f"{_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
         )
     lines += [
@@ -279,6 +282,10 @@ def tensorboard(spec: StudySpec, results: dict[str, Any], folder: Path) -> None:
             if c["train_time_s"] is not None:
                 writer.add_scalar("study/train_time_s", c["train_time_s"], c["bits"])
         writer.close()
+
+
+def _gain(value: float | None) -> str:
+    return "too few epochs" if value is None else f"{100 * value:+.2f} pts"
 
 
 def write_all(spec: StudySpec, folder: Path, results: dict[str, Any]) -> dict[str, Path]:

@@ -17,7 +17,7 @@ from qexp.errors import QexpError
 #: top-level keys of a study spec
 SPEC_KEYS = {
     "name", "base", "reference", "seeds", "tuning", "final", "settings", "methods", "claims",
-    "alpha", "notes",
+    "alpha", "notes", "plateau",
 }
 
 
@@ -66,6 +66,15 @@ class Tuning:
 
 
 @dataclass(frozen=True)
+class Plateau:
+    """When a reference counts as converged: its best validation accuracy of the last
+    ``window`` epochs beats the best before them by less than ``tolerance`` (a fraction)."""
+
+    window: int = 3
+    tolerance: float = 0.005
+
+
+@dataclass(frozen=True)
 class StudySpec:
     """A whole study."""
 
@@ -79,6 +88,7 @@ class StudySpec:
     methods: tuple[Method, ...]
     claims: tuple[Claim, ...] = ()
     alpha: float = 0.05  # family-wise error rate of the verdicts (Holm)
+    plateau: Plateau = field(default_factory=Plateau)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def method(self, name: str) -> Method:
@@ -189,10 +199,21 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
             for c in plain.get("claims") or []
         ),
         alpha=float(plain.get("alpha", 0.05)),
+        plateau=_plateau(plain.get("plateau") or {}),
         raw=plain,
     )
     _check(spec)
     return spec
+
+
+def _plateau(node: dict[str, Any]) -> Plateau:
+    unknown = set(node) - {"window", "tolerance"}
+    if unknown:
+        raise QexpError(f"study spec: plateau takes window and tolerance, not {sorted(unknown)}")
+    plateau = Plateau(int(node.get("window", 3)), float(node.get("tolerance", 0.005)))
+    if plateau.window < 1 or not 0 <= plateau.tolerance < 1:
+        raise QexpError("study spec: plateau.window must be >= 1, 0 <= plateau.tolerance < 1")
+    return plateau
 
 
 def _check(spec: StudySpec) -> None:

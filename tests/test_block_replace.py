@@ -107,9 +107,10 @@ def test_loss_terms_and_buffer_restore():
     assert any(k.startswith(("stage1", "stage2")) for k in touched)  # mixed forwards ran
     with torch.no_grad():
         teacher = partner(x)
-    assert logs["lp_loss"] == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
-    assert logs["kd"] == pytest.approx(kd_loss(logits, teacher, 4.0).item(), rel=1e-5)
-    assert loss.item() == pytest.approx(logs["lp_loss"] + logs["kd"] + logs["mixed"], rel=1e-5)
+    lp, kd, mixed = (float(logs[k]) for k in ("lp_loss", "kd", "mixed"))
+    assert lp == pytest.approx(F.cross_entropy(logits, y).item(), rel=1e-5)
+    assert kd == pytest.approx(kd_loss(logits, teacher, 4.0).item(), rel=1e-5)
+    assert loss.item() == pytest.approx(lp + kd + mixed, rel=1e-5)
     loss.backward()
     est.after_optimizer_step()
     for k, v in model.net.named_buffers():

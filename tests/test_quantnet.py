@@ -151,9 +151,9 @@ def test_deployed_levels_within_bits_and_loss_regularizer(bits, cfg_train, tmp_p
             loss, logits, logs = est.loss(model, x, y, F.cross_entropy)
         # loss = task + lambda * mean(1 - b~^2) (k bits: the staircase's normalized slope)
         assert loss.item() == pytest.approx(
-            F.cross_entropy(logits, y).item() + est.reg_weight * logs["meta_reg"], rel=1e-5
+            F.cross_entropy(logits, y).item() + est.reg_weight * float(logs["meta_reg"]), rel=1e-5
         )
-        assert 0.0 < logs["meta_reg"] <= 1.0 + 1e-6 or bits > 1
+        assert 0.0 < float(logs["meta_reg"]) <= 1.0 + 1e-6 or bits > 1
         opt.zero_grad()
         loss.backward()
         opt.step()

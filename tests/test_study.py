@@ -11,8 +11,9 @@ import pytest
 import yaml
 
 from qexp.data.sealed import SealedSplitError, SealedTest
+from qexp.errors import QexpError
 from qexp.report.compare import main as compare_main
-from qexp.study.pipeline import EXIT_AFTER_ENV, Study
+from qexp.study.pipeline import EXIT_AFTER_ENV, Study, plateau_gain
 from qexp.study.pipeline import main as study_main
 from qexp.study.runs import hydra_configs
 from qexp.study.spec import load_spec, parse_spec
@@ -29,6 +30,7 @@ def spec_dict(**changes) -> dict:
         "name": "test",
         "base": BASE,
         "reference": ["trainer.epochs=3", "trainer.patience=1"],
+        "plateau": {"window": 1, "tolerance": 0.01},
         "seeds": [0, 1],
         "tuning": {"trials": 2, "seed": 0, "overrides": ["trainer.epochs=1"]},
         "final": ["trainer.epochs=1"],
@@ -146,6 +148,11 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert mtimes(tmp_path / "cache") == references  # nothing retrained
 
     results = json.loads((study_dir / "results.json").read_text())
+    for ref in results["references"]:  # converged: the plateau rule on the run's own curve
+        history = json.loads((Path(ref["run_dir"]) / "metrics.json").read_text())["history"]
+        vals = [h["val_acc"] for h in history]
+        assert ref["plateau_gain"] == pytest.approx(vals[-1] - max(vals[:-1]))
+        assert ref["converged"] == (vals[-1] - max(vals[:-1]) < 0.01)
     cells = {c["method"]: c for c in results["cells"]}
     assert cells["lsq"]["status"] == "failed" and "2 bits" in cells["lsq"]["error"]
     assert [t["state"] for t in cells["lsq"]["trials"]] == ["fail", "fail"]
@@ -183,3 +190,20 @@ def test_study_dir_refuses_another_spec(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("qexp: error:") and "another spec" in err
     assert os.listdir(study_dir) == ["study.json"]
+
+
+def test_plateau_gain_and_its_spec():
+    history = [{"val_acc": v} for v in (0.50, 0.80, 0.84, 0.83, 0.845, 0.846)]
+    # best of the last 3 (0.846) against the best before them (0.84)
+    assert plateau_gain(history, 3) == pytest.approx(0.006)
+    assert plateau_gain(history, 1) == pytest.approx(0.846 - 0.845)
+    assert plateau_gain(history[:5], 3) is None  # too short to tell
+    assert load_spec_dict(plateau={"window": 2}).plateau.window == 2
+    with pytest.raises(QexpError, match="plateau takes window and tolerance"):
+        load_spec_dict(plateau={"epochs": 2})
+    with pytest.raises(QexpError, match="plateau.window must be >= 1"):
+        load_spec_dict(plateau={"window": 0})
+
+
+def load_spec_dict(**changes):
+    return parse_spec(spec_dict(**changes))

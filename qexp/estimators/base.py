@@ -33,6 +33,9 @@ if TYPE_CHECKING:
     from qexp.quant.layers import QuantLayer
 
 Criterion = Callable[[Tensor, Tensor], Tensor]
+#: values an estimator logs for a batch: 0-d tensors stay on the device until the trainer writes
+#: them (every ``log_every`` steps), so a step needs no host sync to produce them
+LogValues = dict[str, float | Tensor]
 
 
 @dataclass
@@ -101,8 +104,9 @@ class Estimator(nn.Module):
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion
-    ) -> tuple[Tensor, Tensor, dict[str, float]]:
-        """Training loss of one batch: (loss, logits of the trained network, values to log)."""
+    ) -> tuple[Tensor, Tensor, LogValues]:
+        """Training loss of one batch: (loss, logits of the trained network, values to log,
+        detached 0-d tensors or floats)."""
         logits = model(x)
         return criterion(logits, y), logits, {}
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qexp.errors import QexpError
-from qexp.estimators.base import Criterion, Estimator, EstimatorContext
+from qexp.estimators.base import Criterion, Estimator, EstimatorContext, LogValues
 from qexp.estimators.ste import STE
 from qexp.quant.layers import QuantLayer
 
@@ -231,7 +231,7 @@ class BlockReplace(Estimator):
     # -- loss ---------------------------------------------------------------------------------
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion
-    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Tensor, LogValues]:
         """LP task loss (the base's) + KD from the partner + the mixed nets' losses."""
         self._restore_buffers()  # in case the last step's were not (loss called outside fit)
         task, logits, logs = self.base.loss(model, x, y, criterion)
@@ -239,7 +239,7 @@ class BlockReplace(Estimator):
             teacher = self.mixed_forward(x, None)
         kd = kd_loss(logits, teacher, self.temperature)
         total = self.w_task * task + self.w_kd * kd
-        logs = {**logs, "lp_loss": float(task.detach()), "kd": float(kd.detach())}
+        logs = {**logs, "lp_loss": task.detach(), "kd": kd.detach()}
         if self.w_mixed > 0:
             n = len(self.block_names)
             if self.replace == "one":
@@ -257,5 +257,5 @@ class BlockReplace(Estimator):
                     mixed = mixed + kd_loss(out, teacher, self.temperature)
             mixed = mixed / len(indices)
             total = total + self.w_mixed * mixed
-            logs["mixed"] = float(mixed.detach())
+            logs["mixed"] = mixed.detach()
         return total, logits, logs

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from qexp.curves import Curve
 from qexp.errors import QexpError
-from qexp.estimators.base import Criterion, Estimator, EstimatorContext
+from qexp.estimators.base import Criterion, Estimator, EstimatorContext, LogValues
 from qexp.estimators.compat import grid_input, refuse_without_grid
 from qexp.quant.base import Grid, Quantizer
 from qexp.quant.layers import QuantLayer
@@ -231,13 +231,15 @@ class QuantNet(Estimator):
 
     # -- per-step hooks -------------------------------------------------------------------------
     def step(self, progress: float) -> dict[str, float]:
-        if self.gamma_curve is not None:
-            self.gamma.fill_(float(self.gamma_curve(progress)))
-        return {"gamma": float(self.gamma)}
+        if self.gamma_curve is None:
+            return {"gamma": self.gamma.detach()}
+        gamma = float(self.gamma_curve(progress))
+        self.gamma.fill_(gamma)
+        return {"gamma": gamma}
 
     def loss(
         self, model: nn.Module, x: Tensor, y: Tensor, criterion: Criterion
-    ) -> tuple[Tensor, Tensor, dict[str, float]]:
+    ) -> tuple[Tensor, Tensor, LogValues]:
         """Task loss plus ``reg_weight * mean(1 - b~^2)`` over all meta-quantized weights."""
         self._reg_terms = []
         try:
@@ -246,11 +248,11 @@ class QuantNet(Estimator):
         finally:
             self._reg_terms = None
         task = criterion(logits, y)
-        logs = {"task": float(task.detach())}
+        logs: LogValues = {"task": task.detach()}
         if not terms:
             return task, logits, logs
         reg = torch.stack([s for s, _ in terms]).sum() / sum(c for _, c in terms)
-        logs["meta_reg"] = float(reg.detach())
+        logs["meta_reg"] = reg.detach()
         return task + self.reg_weight * reg, logits, logs
 
     def param_groups(self, lr: float) -> list[dict[str, Any]]:

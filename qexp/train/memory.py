@@ -1,4 +1,5 @@
-"""Peak memory of a run (resident set, GPU) and keeping the C heap from hoarding freed memory."""
+"""Peak memory of a run (resident set, GPU), keeping the C heap from hoarding freed memory, and
+keeping a GPU-only compiler out of processes without a GPU."""
 
 from __future__ import annotations
 
@@ -51,3 +52,19 @@ def trim_heap() -> bool:
         return True
     except (OSError, AttributeError):
         return False
+
+
+def hide_triton_without_gpu() -> bool:
+    """Keep triton (a GPU kernel compiler) from loading in a process that has no CUDA device.
+
+    torch.optim imports torch._dynamo on its first use, and dynamo imports triton whenever the
+    package is installed (it is a dependency of torch's CUDA wheels): 76 MB resident on this
+    stack for a module that only generates GPU kernels. With no CUDA device it can do nothing,
+    and torch's CPU-only wheels ship without it, so hiding it is a setup torch supports
+    (``torch.compile`` on CPU generates C++). Returns whether it was hidden; does nothing if a
+    GPU is visible or triton is already loaded.
+    """
+    if "triton" in sys.modules or torch.cuda.is_available():
+        return False
+    sys.modules["triton"] = None  # type: ignore[assignment]  # `import triton` -> ImportError
+    return True

@@ -39,6 +39,7 @@ from qexp.train.build import (
     resolve_device,
     wire_estimator,
 )
+from qexp.train.memory import hide_triton_without_gpu
 from qexp.train.optim import build_optimizer
 from qexp.train.partner import get_partner
 from qexp.train.precision import PrecisionMonitor
@@ -150,6 +151,7 @@ class RunParts:
 def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     """Validate ``cfg`` and assemble the parts of its run in ``run_dir``."""
     validate_config(cfg)
+    hide_triton_without_gpu()  # before the optimizer imports torch._dynamo
     settings = trainer_settings(cfg)
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))

@@ -257,7 +257,7 @@ class Trainer:
         for i, (x, y) in enumerate(batches):
             progress = self.step / self.total_steps
             for k, v in est.step(progress).items():
-                writer.add_scalar(f"train/{k}", v, self.step)
+                writer.add_scalar(f"train/{k}", float(v), self.step)
             lr = set_lr(opt, self.lr_curve(progress))
             x, y, n = shard(x, y, self.dist)
             loss, logits, extra = self._forward_backward(x, y)
@@ -290,8 +290,8 @@ class Trainer:
                 writer.add_scalar("train/loss", wl, self.step)
                 writer.add_scalar("train/acc", w_correct / w_seen, self.step)
                 writer.add_scalar("train/lr", lr, self.step)
-                for k, v in extra.items():
-                    writer.add_scalar(f"train/{k}", v, self.step)
+                for k, v in extra.items():  # device tensors: synced here, not every step
+                    writer.add_scalar(f"train/{k}", float(v), self.step)
                 self.precision.log(writer, self.step)
                 win_loss.zero_()
                 win_correct.zero_()

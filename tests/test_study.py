@@ -149,7 +149,9 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
 
     results = json.loads((study_dir / "results.json").read_text())
     for ref in results["references"]:  # converged: the plateau rule on the run's own curve
-        history = json.loads((Path(ref["run_dir"]) / "metrics.json").read_text())["history"]
+        assert ref["run_dir"].startswith("$QEXP_CACHE/")  # portable: no machine paths
+        ref_dir = Path(os.path.expandvars(ref["run_dir"]))
+        history = json.loads((ref_dir / "metrics.json").read_text())["history"]
         vals = [h["val_acc"] for h in history]
         assert ref["plateau_gain"] == pytest.approx(vals[-1] - max(vals[:-1]))
         assert ref["converged"] == (vals[-1] - max(vals[:-1]) < 0.01)
@@ -157,6 +159,7 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert cells["lsq"]["status"] == "failed" and "2 bits" in cells["lsq"]["error"]
     assert [t["state"] for t in cells["lsq"]["trials"]] == ["fail", "fail"]
     assert cells["ste"]["n"] == cells["clipped_ste"]["n"] == 2
+    assert {r["run_dir"].split("/")[0] for r in results["runs"]} == {"final"}
     [comparison] = results["comparisons"]
     assert (comparison["method"], comparison["baseline"]) == ("ste", "clipped_ste")
     report = (study_dir / "report.md").read_text()

@@ -232,10 +232,37 @@ class Study:
             _exit_if_asked("tuning")
             rows = self.final(refs, tuned)
             _exit_if_asked("final")
-        results = summarize(self.spec, refs, tuned, rows)
+        results = portable_paths(summarize(self.spec, refs, tuned, rows), self.dir)
         paths = study_report.write_all(self.spec, self.dir, results)
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results
+
+
+def portable_paths(results: dict[str, Any], study_dir: Path) -> dict[str, Any]:
+    """Run dirs in the outputs relative to the study dir, or to ``$QEXP_CACHE`` for the
+    cached references, so a study dir can be moved or committed without machine paths."""
+    from qexp.train.partner import cache_root
+
+    bases = [(study_dir.resolve(), ""), (cache_root().resolve(), "$QEXP_CACHE/")]
+
+    def portable(path: str) -> str:
+        resolved = Path(path).resolve()
+        for base, prefix in bases:
+            if resolved.is_relative_to(base):
+                return prefix + str(resolved.relative_to(base))
+        return path
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            return {
+                k: portable(v) if k == "run_dir" and isinstance(v, str) else walk(v)
+                for k, v in obj.items()
+            }
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        return obj
+
+    return walk(results)
 
 
 def _cache_dir_of(key: str) -> Path:

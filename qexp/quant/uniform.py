@@ -52,6 +52,22 @@ def max_abs_rows(x2d: Tensor, signed: bool) -> Tensor:
     return x2d.abs().amax(dim=1) if signed else x2d.clamp(min=0).amax(dim=1)
 
 
+#: the candidate ratios per (device, dtype), made once: no host-to-device copy per search, and
+#: a compiled search reads them instead of recomputing ``10 ** k`` for every value it visits
+_RATIO_CACHE: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+def _candidate_ratios(device: torch.device, dtype: torch.dtype) -> Tensor:
+    """``MSE_RATIOS`` as a tensor on ``device`` (torch.logspace there, made once)."""
+    key = (str(device), dtype)
+    ratios = _RATIO_CACHE.get(key)
+    if ratios is None:
+        ratios = torch.logspace(*_RATIO_SPAN, device=device, dtype=dtype)
+        if not torch.compiler.is_compiling():
+            _RATIO_CACHE[key] = ratios
+    return ratios
+
+
 @torch.no_grad()
 def mse_clip_ratio(
     x2d: Tensor, bits: int, signed: bool, signed_grid: str = "midrise"
@@ -67,8 +83,7 @@ def mse_clip_ratio(
     max_abs = max_abs_rows(x2d, signed)
     u = x2d / max_abs.clamp(min=1e-12)[:, None]
     offset, divisor, num_levels = _grid_shape(bits, signed, signed_grid)
-    # made on the device (no host-to-device copy per search); equal to MSE_RATIOS
-    ratios = torch.logspace(*_RATIO_SPAN, device=u.device, dtype=u.dtype)
+    ratios = _candidate_ratios(u.device, u.dtype)
     steps = ratios / divisor
     per_pass = max(1, _SEARCH_CHUNK // max(u.numel(), 1))
     errors = []

@@ -36,7 +36,7 @@ from qexp.study.space import Knob, knob_overrides, search_space
 from qexp.study.spec import Method, Setting, StudySpec, load_spec
 from qexp.study.stats import compare_all, mean_interval
 from qexp.study.tune import TuneResult, tune
-from qexp.train.partner import cached_fp_run, partner_config, partner_key
+from qexp.train.partner import cache_root, cached_fp_run, partner_config, partner_key
 
 log = logging.getLogger("qexp")
 
@@ -241,8 +241,6 @@ class Study:
 def portable_paths(results: dict[str, Any], study_dir: Path) -> dict[str, Any]:
     """Run dirs in the outputs relative to the study dir, or to ``$QEXP_CACHE`` for the
     cached references, so a study dir can be moved or committed without machine paths."""
-    from qexp.train.partner import cache_root
-
     bases = [(study_dir.resolve(), ""), (cache_root().resolve(), "$QEXP_CACHE/")]
 
     def portable(path: str) -> str:
@@ -266,8 +264,6 @@ def portable_paths(results: dict[str, Any], study_dir: Path) -> dict[str, Any]:
 
 
 def _cache_dir_of(key: str) -> Path:
-    from qexp.train.partner import cache_root
-
     return cache_root() / "partners" / key
 
 

@@ -6,7 +6,8 @@ clamps and weight-range refresh the trainer runs) are timed side by side in one 
 
 - ``fp``: the plain float network (no quantized layer at all, not even 8-bit edges);
 - ``quant``: the network as ``qexp train`` builds it (default: W4/A4 uniform, STE, 8-bit edges);
-- ``fp+compile`` / ``quant+compile``: the same under ``torch.compile``.
+- ``fp+compile``: the float network under plain ``torch.compile``;
+- ``quant+compile``: the quantized network compiled as ``qexp train`` compiles it.
 
 Each round runs every variant for ``--steps`` steps; the ratios are taken per round and their
 median reported, so machine load that drifts over the run hits all variants alike. On CPU the
@@ -81,7 +82,9 @@ def make_steps(
     fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), settings)
     x, y = _batch(cfg, info, device)
 
-    fp_call = compiled(fp) if compile_model else fp
+    # plain torch.compile: the floor the quantized net is held to (qexp's own compile path,
+    # used for the quantized net below, also swaps CPU ReLUs: qexp/train/compile.py)
+    fp_call = torch.compile(fp) if compile_model else fp
 
     def fp_step() -> None:
         loss = F.cross_entropy(fp_call(x), y)

@@ -8,7 +8,7 @@ from conftest import FAST, compose_config, read_metrics, run_qexp
 
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import refresh_weight_ranges
-from qexp.train.compile import compiled, wants_compile
+from qexp.train.compile import OutputMaskReLU, compiled, use_output_mask_relus, wants_compile
 from qexp.train.run import build_model
 
 COMMON = [*FAST, "trainer.epochs=3"]
@@ -34,6 +34,39 @@ def test_quantized_training_forward_is_one_graph(overrides):
     explained = torch._dynamo.explain(model)(x)
     assert explained.graph_break_count == 0, [b.reason for b in explained.break_reasons]
     assert explained.graph_count == 1
+
+
+def test_output_mask_relu_has_relus_values_and_gradients():
+    """Against autograd through torch.relu: values and input gradients, zeros and ties
+    included (sign(0) must give a zero gradient, as relu's backward does at 0)."""
+    x = torch.tensor([-2.0, -0.0, 0.0, 1e-30, 0.5, 3.0]).repeat(3, 1) * torch.randn(3, 1).abs()
+    upstream = torch.randn_like(x)
+    ref_in = x.clone().requires_grad_(True)
+    torch.relu(ref_in).backward(upstream)
+    ours_in = x.clone().requires_grad_(True)
+    out = OutputMaskReLU()(ours_in)
+    out.backward(upstream)
+    torch.testing.assert_close(out, torch.relu(x), rtol=0, atol=0)
+    torch.testing.assert_close(ours_in.grad, ref_in.grad, rtol=0, atol=0)
+
+
+def test_cpu_compile_swaps_plain_relus_only():
+    """compiled() on CPU swaps every plain nn.ReLU (not other activations) and leaves the
+    parameters and buffers, hence checkpoints, as they were."""
+    net = torch.nn.Sequential(
+        torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Sequential(torch.nn.ReLU(inplace=True)),
+        torch.nn.Hardtanh(), torch.nn.Linear(4, 2),
+    )  # fmt: skip
+    keys = list(net.state_dict())
+    x = torch.randn(8, 4)
+    before = net(x)
+    compiled(net, torch.device("cpu"))
+    kinds = [type(m) for m in net.modules()]
+    assert kinds.count(OutputMaskReLU) == 2 and torch.nn.ReLU not in kinds
+    assert torch.nn.Hardtanh in kinds
+    assert list(net.state_dict()) == keys
+    torch.testing.assert_close(net(x), before, rtol=0, atol=0)
+    assert use_output_mask_relus(net) == 0  # already swapped: nothing left to do
 
 
 def test_compile_modes():

@@ -47,7 +47,10 @@ class Grid:
         # No autograd: work in place on one buffer (about 3x faster than fresh tensors, and
         # faster than torch's fake-quant kernels on CPU).
         y = torch.div(x, self.step)
-        y.sub_(self.offset).round_().clamp_(0, self.num_levels - 1).add_(self.offset)
+        if self.offset:  # unsigned grids (offset 0) skip two passes over the tensor
+            y.sub_(self.offset).round_().clamp_(0, self.num_levels - 1).add_(self.offset)
+        else:
+            y.round_().clamp_(0, self.num_levels - 1)
         return y.mul_(self.step)
 
 

@@ -347,7 +347,7 @@ class Trainer:
         from before the step back, and the step (and the rest of the run) eagerly."""
         before = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         rng = rng_state()
-        self.train_model = compiled(self.model)
+        self.train_model = compiled(self.model, self.device)
         try:
             out = self._forward_backward(x, y)
         except Exception as exc:  # any failure of the compiler stack: train eagerly instead

@@ -1,8 +1,9 @@
 """What a training process holds resident before qexp allocates anything: the memory floor.
 
-Each stage runs in a fresh Python process and prints its resident set (VmRSS, in MB of 10^6 bytes like ``peak_rss_mb``), split into
-anonymous and file-backed pages, plus the libraries with the most resident pages (a library's
-zero-initialised data shows up as the anonymous mapping right after its file mappings):
+Each stage runs in a fresh Python process and prints its resident set (VmRSS, in MB of 10^6
+bytes like ``peak_rss_mb``), split into anonymous and file-backed pages, plus the libraries with
+the most resident pages (a library's zero-initialised data shows up as the anonymous mapping
+right after its file mappings):
 
 - ``python``: the bare interpreter;
 - ``import torch``: torch and the libraries it links (a CUDA build loads the CUDA libraries

@@ -7,7 +7,9 @@ clamps and weight-range refresh the trainer runs) are timed side by side in one 
 - ``fp``: the plain float network (no quantized layer at all, not even 8-bit edges);
 - ``quant``: the network as ``qexp train`` builds it (default: W4/A4 uniform, STE, 8-bit edges);
 - ``fp+compile``: the float network under plain ``torch.compile``;
-- ``quant+compile``: the quantized network compiled as ``qexp train`` compiles it.
+- ``quant+compile``: the quantized network compiled as ``qexp train`` compiles it;
+- ``fp+copy`` (``--copy-floor``): the float network computing each convolution on a copy of
+  its input, the memory traffic of fake quantization without its arithmetic.
 
 Each round runs every variant for ``--steps`` steps; the ratios are taken per round and their
 median reported, so machine load that drifts over the run hits all variants alike. On CPU the
@@ -67,10 +69,20 @@ def _batch(cfg, info: _Info, device: torch.device) -> tuple[torch.Tensor, torch.
     return x, torch.randint(0, info.num_classes, (bs,), device=device)
 
 
+def copy_conv_inputs(net: torch.nn.Module) -> None:
+    """Make every convolution of ``net`` compute on a copy of its input: one more live tensor
+    per layer, as fake quantization has (the float activation and its snapped copy), with no
+    quantization work at all."""
+    for m in net.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            m.register_forward_pre_hook(lambda _, args: (args[0] * 1.0, *args[1:]))
+
+
 def make_steps(
-    overrides: list[str], device: torch.device, compile_model: bool
+    overrides: list[str], device: torch.device, compile_model: bool, copy_floor: bool = False
 ) -> dict[str, Step]:
-    """Training-step closures of the float (``fp``) and the quantized (``quant``) network."""
+    """Training-step closures of the float (``fp``) and the quantized (``quant``) network, and
+    with ``copy_floor`` of the float network copying its convolutions' inputs (``fp+copy``)."""
     with initialize_config_module("qexp.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
     info = _Info(cfg.dataset.name)
@@ -91,6 +103,22 @@ def make_steps(
         fp_opt.zero_grad(set_to_none=True)
         loss.backward()
         fp_opt.step()
+
+    steps = {}
+    if copy_floor:
+        torch.manual_seed(0)
+        fp_copy = build_net(cfg.model, info).to(device)
+        copy_conv_inputs(fp_copy)
+        copy_opt = build_optimizer(SimpleNamespace(net=fp_copy, estimator=Estimator()), settings)
+
+        def copy_step() -> None:
+            loss = F.cross_entropy(fp_copy(x), y)
+            copy_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            copy_opt.step()
+
+        fp_copy.train()
+        steps["fp+copy"] = copy_step
 
     torch.manual_seed(0)
     model = build_model(cfg, info, device, total_steps=1000)
@@ -117,7 +145,7 @@ def make_steps(
         quant_step()
     if compile_model:  # as the trainer compiles (qexp/train/compile.py)
         train_model[0] = compiled(model)
-    return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}
+    return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step, **steps}
 
 
 def time_steps(step: Step, n: int, device: torch.device, clock=time.perf_counter) -> float:
@@ -144,7 +172,7 @@ def bench_model(
 ) -> None:
     """Time the variants of one model in interleaved rounds and print times and ratios."""
     base = [f"model={model}", f"dataset={MODELS[model]}", *overrides]
-    steps = make_steps(base, device, compile_model=False)
+    steps = make_steps(base, device, compile_model=False, copy_floor=args.copy_floor)
     breaks = None
     if args.compile:
         before = graph_breaks()
@@ -163,6 +191,8 @@ def bench_model(
     for name, ts in times.items():
         print(f"  {name:15s} {statistics.median(ts) * 1e3:9.2f} ms/step ({args.clock})")
     pairs = [("quant", "fp", 1.10)]
+    if args.copy_floor:
+        pairs.append(("fp+copy", "fp", None))
     if args.compile:
         pairs += [("fp+compile", "fp", None), ("quant+compile", "fp", 1.0),
                   ("quant+compile", "fp+compile", 1.15)]
@@ -188,6 +218,9 @@ def main() -> None:
                         "other work); wall: elapsed time; auto: cpu on CPU devices, else wall")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="eager variants only")
+    parser.add_argument("--copy-floor", action="store_true",
+                        help="also time the float net with a copy of every convolution's input "
+                        "(fp+copy): the cost of one more live tensor per layer, no quantization")
     parser.add_argument("overrides", nargs="*", help="config overrides for the quantized net")
     args = parser.parse_args()
     if args.threads:

@@ -67,6 +67,9 @@ def test_cpu_compile_swaps_plain_relus_only():
     assert list(net.state_dict()) == keys
     torch.testing.assert_close(net(x), before, rtol=0, atol=0)
     assert use_output_mask_relus(net) == 0  # already swapped: nothing left to do
+    on_gpu = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU())
+    compiled(on_gpu, torch.device("cuda"))  # lazy: nothing runs on the device here
+    assert type(on_gpu[1]) is torch.nn.ReLU  # CUDA keeps its byte masks (4x smaller)
 
 
 def test_compile_modes():

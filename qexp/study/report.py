@@ -55,6 +55,19 @@ def _comparison(results: dict[str, Any], setting: str, method: str) -> dict[str,
     )
 
 
+def claim_position(claimed: float | None, comp: dict[str, Any] | None) -> str:
+    """Where a paper's claimed gain falls against qexp's 95% interval of the same difference:
+    "inside" (consistent with the measurement), "above" / "below" (not reproduced), or "–"
+    (no number claimed, or nothing measured)."""
+    if claimed is None or comp is None or comp.get("low") is None or comp.get("high") is None:
+        return "–"
+    if claimed > comp["high"]:
+        return "above"
+    if claimed < comp["low"]:
+        return "below"
+    return "inside"
+
+
 def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
     """The report: protocol, choices and reasons, references, tuning, results, claims."""
     t = spec.tuning
@@ -158,8 +171,9 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
             "",
             "## The papers' claims beside qexp's measurement",
             "",
-            "| method | setting | claim | claimed gain | measured vs baseline [95% CI] | verdict |",
-            "|---|---|---|---|---|---|",
+            "| method | setting | claim | claimed gain | measured vs baseline [95% CI] "
+            "| claim vs interval | verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
         for claim in results["claims"]:
             comp = _comparison(results, claim["setting"], claim["method"])
@@ -167,7 +181,8 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
             lines.append(
                 f"| {claim['method']} | {claim['setting']} | {claim['text']} ({claim['source']}) "
                 f"| {_pct(claim['diff'], True) if claim['diff'] is not None else 'not numeric'} "
-                f"| {measured} | {comp['verdict'] if comp else '–'} |"
+                f"| {measured} | {claim_position(claim['diff'], comp)} "
+                f"| {comp['verdict'] if comp else '–'} |"
             )
     lines += [
         "",

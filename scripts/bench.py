@@ -87,38 +87,30 @@ def make_steps(
         cfg = compose("config", overrides=overrides)
     info = _Info(cfg.dataset.name)
     suffix = "+compile" if compile_model else ""
-    torch.manual_seed(0)
     settings = trainer_settings(cfg)
-    fp = build_net(cfg.model, info).to(device)
-    # the same optimizer settings as the quantized net's (its float-weight groups)
-    fp_opt = build_optimizer(SimpleNamespace(net=fp, estimator=Estimator()), settings)
-    x, y = _batch(cfg, info, device)
 
-    # plain torch.compile: the floor the quantized net is held to (qexp's own compile path,
-    # used for the quantized net below, also swaps CPU ReLUs: qexp/train/compile.py)
-    fp_call = torch.compile(fp) if compile_model else fp
-
-    def fp_step() -> None:
-        loss = F.cross_entropy(fp_call(x), y)
-        fp_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        fp_opt.step()
-
-    steps = {}
-    if copy_floor:
+    def float_step(copy_inputs: bool = False) -> Step:
+        """A float network's training step (seed 0, the quantized net's optimizer settings)."""
         torch.manual_seed(0)
-        fp_copy = build_net(cfg.model, info).to(device)
-        copy_conv_inputs(fp_copy)
-        copy_opt = build_optimizer(SimpleNamespace(net=fp_copy, estimator=Estimator()), settings)
+        net = build_net(cfg.model, info).to(device).train()
+        if copy_inputs:
+            copy_conv_inputs(net)
+        net_opt = build_optimizer(SimpleNamespace(net=net, estimator=Estimator()), settings)
+        # plain torch.compile: the floor the quantized net is held to (qexp's own compile
+        # path, used for the quantized net below, also swaps CPU ReLUs: qexp/train/compile.py)
+        call = torch.compile(net) if compile_model else net
 
-        def copy_step() -> None:
-            loss = F.cross_entropy(fp_copy(x), y)
-            copy_opt.zero_grad(set_to_none=True)
+        def step() -> None:
+            loss = F.cross_entropy(call(x), y)
+            net_opt.zero_grad(set_to_none=True)
             loss.backward()
-            copy_opt.step()
+            net_opt.step()
 
-        fp_copy.train()
-        steps["fp+copy"] = copy_step
+        return step
+
+    fp_step = float_step()
+    x, y = _batch(cfg, info, device)  # the steps read the batch when they run
+    copy_step = float_step(copy_inputs=True) if copy_floor else None
 
     torch.manual_seed(0)
     model = build_model(cfg, info, device, total_steps=1000)
@@ -139,13 +131,13 @@ def make_steps(
         count[0] += 1
         refresh_weight_ranges(model, count[0])
 
-    fp.train()
     model.train()
     with calibration(model):  # the first batch calibrates, eagerly, as in the trainer
         quant_step()
     if compile_model:  # as the trainer compiles (qexp/train/compile.py)
         train_model[0] = compiled(model)
-    return {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step, **steps}
+    steps = {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}
+    return steps if copy_step is None else {**steps, "fp+copy": copy_step}
 
 
 def time_steps(step: Step, n: int, device: torch.device, clock=time.perf_counter) -> float:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import FAST, compose_config, run_qexp
 
 from qexp.data.sealed import SealedSplitError, SealedTest
 from qexp.errors import QexpError
@@ -18,7 +19,6 @@ from qexp.study.pipeline import main as study_main
 from qexp.study.runs import hydra_configs
 from qexp.study.spec import load_spec, parse_spec
 from qexp.train.run import build_run
-from tests.conftest import FAST, compose_config, run_qexp
 
 BASE = [*FAST, "model=mlp", "model.hidden=[32,32]", "trainer.log_every=1000"]
 

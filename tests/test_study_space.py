@@ -5,11 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from conftest import compose_config
 
 from qexp.config.validate import validate_config
 from qexp.errors import QexpError
 from qexp.study.space import Knob, knob_overrides, parse_knob, search_space
-from tests.conftest import compose_config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 ESTIMATORS = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))

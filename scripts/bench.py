@@ -25,6 +25,7 @@ Targets (CPU): quant <= 1.10x fp; quant+compile <= 1.0x fp and <= 1.15x fp+compi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import statistics
 import time
@@ -36,14 +37,12 @@ import torch.nn.functional as F
 from hydra import compose, initialize_config_module
 
 from qexp.config.schema import register_schemas
+from qexp.curves import ConstantLR
 from qexp.estimators.base import Estimator
-from qexp.quant.base import Quantizer
-from qexp.quant.calibrate import calibration
-from qexp.quant.layers import refresh_weight_ranges
 from qexp.train.build import build_net, resolve_device
-from qexp.train.compile import compiled
 from qexp.train.optim import build_optimizer
 from qexp.train.run import build_model, trainer_settings
+from qexp.train.step import TrainStep
 
 #: data set whose input shape each benchmarked model gets
 MODELS = {"small_cnn": "fashion_mnist", "resnet20": "cifar10"}
@@ -114,28 +113,24 @@ def make_steps(
 
     torch.manual_seed(0)
     model = build_model(cfg, info, device, total_steps=1000)
-    opt = build_optimizer(model, settings)
-    quantizers = [m for m in model.modules() if isinstance(m, Quantizer)]
+    # the trainer's own step (qexp/train/step.py): estimator schedule, LR, loss, backward,
+    # optimizer, quantizer clamps, weight-range refresh; its first call is the calibration
+    # phase, and with compile on, its second call compiles as `qexp train` does
+    quant_train = TrainStep(
+        model,
+        build_optimizer(model, settings),
+        ConstantLR(),
+        dataclasses.replace(settings, compile="on" if compile_model else "off", grad_clip=None),
+        device,
+    )
     count = [0]
 
-    train_model = [model]
-
     def quant_step() -> None:
-        loss, _, _ = model.estimator.loss(train_model[0], x, y, F.cross_entropy)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        for q in quantizers:
-            q.clamp_()
-        model.estimator.after_optimizer_step()
+        quant_train(x, y, count[0], 1000)
         count[0] += 1
-        refresh_weight_ranges(model, count[0])
 
     model.train()
-    with calibration(model):  # the first batch calibrates, eagerly, as in the trainer
-        quant_step()
-    if compile_model:  # as the trainer compiles (qexp/train/compile.py)
-        train_model[0] = compiled(model)
+    quant_step()  # the calibration step, eagerly, as in the trainer
     steps = {f"fp{suffix}": fp_step, f"quant{suffix}": quant_step}
     return steps if copy_step is None else {**steps, "fp+copy": copy_step}
 

@@ -25,6 +25,7 @@ LAYERS = {
     "qexp.config": 2,
     "qexp.report": 2,
     "qexp.curves": 1,
+    "qexp.spec": 1,
     "qexp.record": 1,
     "qexp.bitops": 1,
     "qexp.rundir_lock": 1,

@@ -128,6 +128,7 @@ BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=
 def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     from qexp.train import partner as partner_mod
     from qexp.train.run import build_run
+    from qexp.train.trainer import Trainer
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="qexp")
@@ -144,7 +145,7 @@ def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     partner = model.estimator.partner
     assert not partner.training and not any(p.requires_grad for p in partner.parameters())
     snapshot = copy.deepcopy(partner.state_dict())
-    metrics = parts.trainer().fit()
+    metrics = Trainer(parts).fit()
     assert metrics["status"] == "completed"
     for k, v in partner.state_dict().items():
         torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)

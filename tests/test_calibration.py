@@ -101,11 +101,12 @@ def test_calibrate_helper_leaves_batchnorm_statistics_alone():
 
 def test_the_trainer_calibrates_on_its_first_batch_only(monkeypatch, cfg_train, tmp_path):
     from qexp.train.run import build_run
+    from qexp.train.trainer import Trainer
 
     calls = _count_observe(monkeypatch, LSQQuantizer)
     parts = build_run(cfg_train("quantizer=lsq", "trainer.epochs=2"), tmp_path)
     n_lsq = sum(isinstance(m, LSQQuantizer) for m in parts.model.modules())
     assert n_lsq > 0 and calls == []  # building the run calibrates nothing
-    metrics = parts.trainer().fit()
+    metrics = Trainer(parts).fit()
     assert metrics["status"] == "completed"
     assert len(calls) == n_lsq and len(set(map(id, calls))) == n_lsq  # each once, step 0

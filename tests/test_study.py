@@ -19,6 +19,7 @@ from qexp.study.pipeline import main as study_main
 from qexp.study.runs import hydra_configs
 from qexp.study.spec import load_spec, parse_spec
 from qexp.train.run import build_run
+from qexp.train.trainer import Trainer
 
 BASE = [*FAST, "model=mlp", "model.hidden=[32,32]", "trainer.log_every=1000"]
 
@@ -71,7 +72,7 @@ def test_sealed_data_refuses_the_test_split():
 
 def test_epoch_hook_and_patience_stop_training(tmp_path):
     cfg = compose_config(*BASE, "bits=32", "trainer.epochs=40", "trainer.patience=2")
-    metrics = build_run(cfg, tmp_path / "plateau").trainer().fit()
+    metrics = Trainer(build_run(cfg, tmp_path / "plateau")).fit()
     done, best = metrics["epochs_done"], metrics["best_epoch"]
     assert done < 40 and done - best == 2  # stopped two epochs after its best one
     vals = [h["val_acc"] for h in metrics["history"]]
@@ -81,7 +82,7 @@ def test_epoch_hook_and_patience_stop_training(tmp_path):
     parts = build_run(cfg, tmp_path / "hook")
     seen = []
     parts.on_epoch = lambda history: seen.append(len(history)) or len(history) == 2
-    assert parts.trainer().fit()["epochs_done"] == 2 and seen == [1, 2]
+    assert Trainer(parts).fit()["epochs_done"] == 2 and seen == [1, 2]
 
 
 @pytest.mark.slow

@@ -8,39 +8,28 @@ group's ``_target_`` are checked by qexp.config.validate before any work starts.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from qexp.spec import TrainerSettings
+
 # OmegaConf needs typing.Optional (not "X | None") in structured configs.
 # ruff: noqa: UP045
 
 
-@dataclass
-class TrainerConfig:
-    """Optimisation and hardware settings shared by every run."""
+def _unfrozen(frozen: type) -> type:
+    """A mutable copy of a frozen dataclass: Hydra must be able to apply overrides to the
+    node, which OmegaConf forbids on a frozen dataclass's config."""
+    fields = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(frozen)]
+    return dataclasses.make_dataclass(frozen.__name__.replace("Settings", "Config"), fields)
 
-    epochs: int = 3
-    batch_size: int = 128
-    eval_batch_size: int = 1000
-    lr: float = 2e-3
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 0.0
-    quantizer_lr: Optional[float] = None
-    grad_clip: Optional[float] = None
-    device: str = "auto"
-    amp: bool = False
-    amp_dtype: str = "bfloat16"
-    threads: Optional[int] = None
-    log_every: int = 50
-    progress: str = "auto"
-    histograms: bool = True
-    patience: Optional[int] = None
-    compile: str = "auto"
+
+#: the ``trainer`` node: the fields of :class:`qexp.spec.TrainerSettings`
+TrainerConfig = _unfrozen(TrainerSettings)
 
 
 @dataclass

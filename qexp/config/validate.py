@@ -19,12 +19,9 @@ from typing import Any, Union
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
+from qexp.spec import AMP_DTYPES, COMPILE_MODES, OPTIMIZERS, PROGRESS_MODES
 
 BITS_ALLOWED = "an integer from 1 to 16, or 32 for full precision"
-OPTIMIZERS = ("sgd", "adam", "adamw")
-PROGRESS = ("auto", "bar", "log", "none")
-AMP_DTYPES = ("bfloat16", "float16")
-COMPILE_MODES = ("off", "on", "auto")
 GROUPS = ("model", "dataset", "quantizer", "estimator", "schedule")
 #: keys of a component node that are not constructor arguments
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "name"}
@@ -107,7 +104,8 @@ def validate_config(cfg: DictConfig) -> None:
     _check(
         th is None or th >= 1, "trainer.threads", th, "null (torch's default) or an integer >= 1"
     )
-    _check(t["progress"] in PROGRESS, "trainer.progress", t["progress"], " | ".join(PROGRESS))
+    progress = " | ".join(PROGRESS_MODES)
+    _check(t["progress"] in PROGRESS_MODES, "trainer.progress", t["progress"], progress)
     modes = " | ".join(COMPILE_MODES)
     _check(t["compile"] in COMPILE_MODES, "trainer.compile", t["compile"], modes)
     _check(t["log_every"] >= 1, "trainer.log_every", t["log_every"], "an integer >= 1")

@@ -31,8 +31,9 @@ from qexp.record import (
     write_json,
 )
 from qexp.rundir_lock import hold_run_dir
+from qexp.train.parts import EpochHook
 from qexp.train.run import build_run
-from qexp.train.trainer import EpochHook
+from qexp.train.trainer import Trainer
 
 log = logging.getLogger("qexp")
 
@@ -110,7 +111,7 @@ def train_run(
                 parts.data = SealedTest(parts.data)
             parts.on_epoch = on_epoch
             write_json(parts.model.estimator.passes_per_step(), run_dir / COST_FILE)
-            return parts.trainer().fit()
+            return Trainer(parts).fit()
         except Exception as exc:
             reason = _reason(exc)
             log.error("run %s stopped: %s\n%s", run_dir, reason, traceback.format_exc(limit=8))

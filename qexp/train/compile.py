@@ -26,7 +26,7 @@ import shutil
 import torch
 from torch import nn
 
-from qexp.config.validate import COMPILE_MODES as MODES
+from qexp.spec import COMPILE_MODES as MODES
 
 log = logging.getLogger("qexp")
 

@@ -6,12 +6,12 @@ from typing import Any
 
 import torch
 
-from qexp.config.schema import TrainerConfig
 from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
+from qexp.spec import TrainerSettings
 
 
-def param_groups(model: QuantModel, tcfg: TrainerConfig) -> list[dict[str, Any]]:
+def param_groups(model: QuantModel, tcfg: TrainerSettings) -> list[dict[str, Any]]:
     """Split parameters into groups, each remembering its own base LR as ``base_lr``.
 
     Conv/linear weights get ``weight_decay``; biases and BatchNorm get none; learnable quantizer
@@ -41,7 +41,7 @@ def param_groups(model: QuantModel, tcfg: TrainerConfig) -> list[dict[str, Any]]
     return groups
 
 
-def build_optimizer(model: QuantModel, tcfg: TrainerConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: QuantModel, tcfg: TrainerSettings) -> torch.optim.Optimizer:
     """sgd | adam | adamw over :func:`param_groups`."""
     groups = param_groups(model, tcfg)
     name = tcfg.optimizer

@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,14 +19,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from qexp.config.schema import TrainerConfig
 from qexp.config.validate import validate_config
-from qexp.curves import Curve
-from qexp.data.base import DataInfo, DataModule
+from qexp.data.base import DataInfo
 from qexp.estimators.model import QuantModel
 from qexp.quant.budget import budget_from_node
 from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
+from qexp.spec import TrainerSettings
 from qexp.train import distributed
 from qexp.train.build import (
     build_data,
@@ -42,8 +40,9 @@ from qexp.train.build import (
 from qexp.train.memory import hide_triton_without_gpu
 from qexp.train.optim import build_optimizer
 from qexp.train.partner import get_partner
+from qexp.train.parts import RunInfo, RunParts
 from qexp.train.precision import PrecisionMonitor
-from qexp.train.trainer import EpochHook, RunInfo, Trainer
+from qexp.train.trainer import Trainer
 
 log = logging.getLogger("qexp")
 
@@ -54,14 +53,14 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def trainer_settings(cfg: DictConfig) -> TrainerConfig:
-    """The ``trainer`` node as the typed :class:`TrainerConfig`."""
+def trainer_settings(cfg: DictConfig) -> TrainerSettings:
+    """The ``trainer`` node as the typed :class:`TrainerSettings`."""
     node = OmegaConf.to_container(cfg.trainer, resolve=True)
     assert isinstance(node, dict)
-    return TrainerConfig(**node)
+    return TrainerSettings(**node)
 
 
-def run_identity(cfg: DictConfig, settings: TrainerConfig) -> dict[str, Any]:
+def run_identity(cfg: DictConfig, settings: TrainerSettings) -> dict[str, Any]:
     """The fields that say which run this is; they head its ``metrics.json``."""
     return {
         "estimator": cfg.estimator.name,
@@ -112,40 +111,6 @@ def build_model(
     estimator.check_model(net)  # before any costly preparation such as training a partner
     partner = get_partner(cfg, info, device, run_training) if estimator.needs_partner else None
     return wire_estimator(model, device, total_steps, run_dir, partner)
-
-
-@dataclass
-class RunParts:
-    """Everything a :class:`Trainer` needs, assembled from one config."""
-
-    settings: TrainerConfig
-    model: QuantModel
-    data: DataModule
-    optimizer: torch.optim.Optimizer
-    lr_curve: Curve
-    precision: PrecisionMonitor
-    run: RunInfo
-    device: torch.device
-    resume: bool
-    #: called after each epoch (e.g. a tuner's pruning); set by the caller after build_run
-    on_epoch: EpochHook | None = None
-    dist: distributed.DistInfo = distributed.SINGLE
-
-    def trainer(self) -> Trainer:
-        """The trainer of these parts."""
-        return Trainer(
-            self.settings,
-            self.model,
-            self.data,
-            self.optimizer,
-            self.lr_curve,
-            self.precision,
-            self.run,
-            self.device,
-            resume=self.resume,
-            on_epoch=self.on_epoch,
-            dist=self.dist,
-        )
 
 
 def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
@@ -211,7 +176,7 @@ def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     """Train and test the run described by ``cfg`` in ``run_dir``; return its metrics."""
     outermost = not distributed.joined()  # a partner's run nests inside its user's
     try:
-        return build_run(cfg, run_dir).trainer().fit()
+        return Trainer(build_run(cfg, run_dir)).fit()
     finally:
         if outermost:
             distributed.shutdown()

@@ -22,8 +22,6 @@ from enum import Enum
 from pathlib import Path
 from typing import IO, Any
 
-from omegaconf import DictConfig, OmegaConf
-
 METRICS_FILE = "metrics.json"
 
 #: config keys that may differ between a run and its resumption (they change no result)
@@ -158,14 +156,14 @@ def mark_failed(run_dir: Path, reason: str, config_hash: str | None = None) -> N
 
 
 # -- config fingerprint --------------------------------------------------------------------------
-def config_fingerprint(cfg: DictConfig | Mapping[str, Any]) -> str:
+def config_fingerprint(config: Mapping[str, Any]) -> str:
     """Hash of the resolved run config minus the keys that change no result (resume, device...).
 
     Two runs with the same fingerprint compute the same numbers; a run dir is resumed, skipped
-    or reused (partner cache) only by a config with its fingerprint.
+    or reused (partner cache) only by a config with its fingerprint. ``config`` is the plain
+    resolved config (the composition root converts Hydra's).
     """
-    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    plain = json.loads(json.dumps(plain))  # a deep copy we may edit
+    plain = json.loads(json.dumps(config))  # a deep copy we may edit
     plain.pop("hydra", None)
     for key in RESUME_FREE_KEYS:
         node, _, leaf = key.partition(".")

@@ -33,7 +33,6 @@ import logging
 import os
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -42,9 +41,6 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
-
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
 
@@ -390,21 +386,3 @@ def hold_run_dir(run_dir: Path | str) -> Iterator[RunDirLock]:
             signal.signal(signal.SIGTERM, sigterm)
         _HELD.pop(lock.run_dir, None)
         lock.release()
-
-
-class LockRunDir(Callback):
-    """Hydra callback: locks a single run's dir before Hydra writes into it (.hydra/, train.log).
-
-    A sweep job's dir is known only inside the job, after Hydra has written its files there;
-    sweep jobs are locked by the run's entry point (:func:`hold_run_dir`).
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        run_dir = os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir")))
-        if not_first_rank():
-            return
-        try:
-            take_run_dir(run_dir)
-        except QexpError as exc:
-            print(f"qexp: error: {exc}", file=sys.stderr)
-            raise SystemExit(2) from None

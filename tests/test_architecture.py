@@ -29,9 +29,8 @@ LAYERS = {
     "qexp.record": 1,
     "qexp.bitops": 1,
     "qexp.rundir_lock": 1,
-    "qexp.resolvers": 1,
     "qexp.errors": 1,
-    "qexp": 1,  # the package's __init__ only (it registers the config resolvers)
+    "qexp": 1,  # the package's __init__ only
 }
 
 

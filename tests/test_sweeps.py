@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
-from qexp.train.sweep import MARKER, SUMMARY_FILE, available_cpus, launcher_threads, plan_job
+from qexp.train.job import plan_job
+from qexp.train.sweep import MARKER, SUMMARY_FILE, available_cpus, launcher_threads
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 BASE = [

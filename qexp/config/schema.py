@@ -15,7 +15,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from qexp.spec import TrainerSettings
+from qexp.config.resolvers import register_resolvers
+from qexp.spec import BudgetSpec, PartnerSpec, TrainerSettings
 
 # OmegaConf needs typing.Optional (not "X | None") in structured configs.
 # ruff: noqa: UP045
@@ -25,11 +26,16 @@ def _unfrozen(frozen: type) -> type:
     """A mutable copy of a frozen dataclass: Hydra must be able to apply overrides to the
     node, which OmegaConf forbids on a frozen dataclass's config."""
     fields = [(f.name, f.type, field(default=f.default)) for f in dataclasses.fields(frozen)]
-    return dataclasses.make_dataclass(frozen.__name__.replace("Settings", "Config"), fields)
+    name = frozen.__name__.replace("Settings", "Config").replace("Spec", "Config")
+    return dataclasses.make_dataclass(name, fields)
 
 
 #: the ``trainer`` node: the fields of :class:`qexp.spec.TrainerSettings`
 TrainerConfig = _unfrozen(TrainerSettings)
+#: the ``budget`` node (learned bit widths under a memory budget): :class:`qexp.spec.BudgetSpec`
+BudgetConfig = _unfrozen(BudgetSpec)
+#: the ``partner`` node (block replacement's float partner): :class:`qexp.spec.PartnerSpec`
+PartnerConfig = _unfrozen(PartnerSpec)
 
 
 @dataclass
@@ -54,6 +60,8 @@ class QexpConfig:
     schedule: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     layers: LayersConfig = field(default_factory=LayersConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)  # type: ignore[valid-type]
+    partner: PartnerConfig = field(default_factory=PartnerConfig)  # type: ignore[valid-type]
     seed: int = 0
     bits: int = 4
     w_bits: int = "${bits}"  # type: ignore[assignment]
@@ -64,5 +72,7 @@ class QexpConfig:
 
 
 def register_schemas() -> None:
-    """Register the schemas with Hydra (idempotent)."""
+    """Register the schemas with Hydra and the config files' resolvers with OmegaConf
+    (idempotent); every entry point that composes or loads a run config calls it first."""
+    register_resolvers()
     ConfigStore.instance().store(name="qexp_schema", node=QexpConfig)

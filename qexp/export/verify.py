@@ -11,6 +11,7 @@ evaluation (``reference.safetensors``, written by ``qexp export``); the results 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 from typing import Any
@@ -34,19 +35,19 @@ MIN_IDENTICAL = 0.999
 
 
 def rebuild_test_batches(config: dict[str, Any], batch_size: int):
-    """The run's test set, rebuilt from its stored dataset config (qexp.data only)."""
-    import hydra.utils
+    """The run's test set, rebuilt from its stored dataset config (qexp.data only).
 
-    spec = dict(config["dataset"])
+    The dataset node is a flat ``_target_`` node (a data module's class and its options), so
+    it is built here directly rather than through Hydra.
+    """
+    options = {k: v for k, v in config["dataset"].items() if k not in ("_target_", "name")}
+    module_name, _, cls_name = str(config["dataset"]["_target_"]).rpartition(".")
     try:
-        data = hydra.utils.instantiate(spec, _convert_="all")
+        data = getattr(importlib.import_module(module_name), cls_name)(**options)
     except QexpError:
         raise
     except Exception as exc:
-        cause = exc.__cause__ or exc
-        if isinstance(cause, QexpError):
-            raise cause from None
-        raise QexpError(f"cannot rebuild the run's test set: {cause}") from None
+        raise QexpError(f"cannot rebuild the run's test set: {exc}") from None
     return data.eval_batches("test", batch_size, torch.device("cpu"))
 
 

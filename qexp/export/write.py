@@ -19,7 +19,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from torch import Tensor
 
 from qexp.errors import QexpError
@@ -39,17 +38,16 @@ def _atomic_write(path: Path, data: bytes) -> None:
 
 
 def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, Any]]:
-    """(config, data, quantized model with the checkpoint loaded, checkpoint facts)."""
-    from qexp.config.schema import register_schemas
+    """(run spec, data, quantized model with the checkpoint loaded, checkpoint facts).
+
+    The model is built for evaluation only: an estimator's training partner is not needed
+    (and never trained) to export.
+    """
     from qexp.train.build import build_data
     from qexp.train.checkpoint import checkpoint_file, load_checkpoint
-    from qexp.train.run import build_model
+    from qexp.train.run import build_model, load_run_spec
 
-    cfg_path = run_dir / ".hydra" / "config.yaml"
-    if not cfg_path.is_file():
-        raise QexpError(f"{run_dir} is not a qexp run dir (no .hydra/config.yaml)")
-    register_schemas()
-    cfg = OmegaConf.load(cfg_path)
+    spec = load_run_spec(run_dir)
     if checkpoint in ("best", "last"):
         path = run_dir / "checkpoints" / f"{checkpoint}.pt"
         if checkpoint == "best" and not path.is_file():
@@ -57,12 +55,12 @@ def load_run(run_dir: Path, checkpoint: str) -> tuple[Any, Any, Any, dict[str, A
     else:
         path = Path(checkpoint)
     state = load_checkpoint(path)
-    data = build_data(cfg.dataset)
+    data = build_data(spec.dataset)
     device = torch.device("cpu")
-    model = build_model(cfg, data.info, device, total_steps=1, run_dir=run_dir)
+    model = build_model(spec, data.info, device, total_steps=1, run_dir=run_dir)
     model.load_state_dict(state["model"])
     model.eval()
-    return cfg, data, model, {"checkpoint": str(path), "epoch": state.get("epoch")}
+    return spec, data, model, {"checkpoint": str(path), "epoch": state.get("epoch")}
 
 
 def _tested(run_dir: Path, checkpoint: str) -> bool:
@@ -97,8 +95,8 @@ def export_run(
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export"
-    cfg, data, model, ckpt = load_run(run_dir, checkpoint)
-    batch_size = int(cfg.trainer.eval_batch_size)
+    spec, data, model, ckpt = load_run(run_dir, checkpoint)
+    batch_size = int(spec.trainer.eval_batch_size)
     x, _ = next(iter(data.eval_batches("test", 256, torch.device("cpu"))))
     graph, tensors = build_graph(model.net, x, fold_bn=fold_bn)
     packed_bytes = sum(
@@ -107,8 +105,7 @@ def export_run(
         if "codes" in n.get("weight", {})
     )
     metrics = read_json(run_dir / METRICS_FILE) or {}
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    plain.pop("hydra", None)
+    plain = spec.config
     info = data.info
     meta = {
         "graph": graph,

@@ -96,6 +96,8 @@ class Quantizer(nn.Module):
     #: whether observation goes on through training after the calibration phase (running
     #: statistics such as an EMA range); quantizers that only initialise from data say False
     tracks_during_training: bool = False
+    #: whether the bit width is learned in training (learned mixed precision)
+    learns_bits: bool = False
 
     def __init__(self, bits: int, role: str = "weight") -> None:
         super().__init__()

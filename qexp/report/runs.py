@@ -142,9 +142,9 @@ def _config_rest(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     path = run_dir / ".hydra" / "config.yaml"
     if path.is_file():
         try:
-            cfg = OmegaConf.load(path)
-            if config_fingerprint(cfg) == metrics.get("config_hash"):
-                plain = OmegaConf.to_container(cfg, resolve=True)
+            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+            if config_fingerprint(loaded) == metrics.get("config_hash"):
+                plain = loaded
         except Exception:  # an unreadable config only costs the finer grouping
             plain = None
     if isinstance(plain, dict):

@@ -19,42 +19,33 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from qexp.errors import QexpError
 from qexp.record import read_json, read_record, write_json
+from qexp.spec import RunSpec
 from qexp.study import report as study_report
-from qexp.study.runs import COST_FILE, completed, compose_run, fp_train, hydra_configs, train_run
+from qexp.study.runs import compose_run, hydra_configs, load_spec, train_study_run
 from qexp.study.space import Knob, knob_overrides, search_space
-from qexp.study.spec import Method, Setting, StudySpec, load_spec
+from qexp.study.spec import Method, Setting, StudySpec
 from qexp.study.stats import compare_all, mean_interval
 from qexp.study.tune import TuneResult, tune
-from qexp.train.partner import cache_root, cached_fp_run, partner_config, partner_key
+from qexp.train.partner import cache_root, cached_dir, cached_fp_run, partner_config
+from qexp.train.run import needs_partner, train_cached_run
 
 log = logging.getLogger("qexp")
 
 STAGES = ("references", "tuning", "final", "report")
-#: test hook: exit the process right after this stage (a killed study, without a race)
-EXIT_AFTER_ENV = "QEXP_STUDY_EXIT_AFTER"
 SPEC_FILE = "study.json"
 
 
 def progress(stage: int, text: str) -> None:
     """One progress line per stage on stdout."""
     print(f"[study] stage {stage}/{len(STAGES)} {STAGES[stage - 1]}: {text}", flush=True)
-
-
-def _exit_if_asked(stage: str) -> None:
-    if os.environ.get(EXIT_AFTER_ENV) == stage:
-        sys.stdout.flush()
-        os._exit(17)
 
 
 @dataclass
@@ -75,17 +66,19 @@ class Study:
             *method.at.get(setting.key, ()),
         ]
 
-    def reference_config(self, setting: Setting, seed: int) -> DictConfig:
-        """The full-precision reference run of ``setting``'s network form at ``seed``."""
-        cfg = compose_run(
+    def reference_config(self, setting: Setting, seed: int) -> dict[str, Any]:
+        """The (plain) config of the full-precision reference run of ``setting``'s network
+        form at ``seed``."""
+        spec = compose_run(
             [*self.spec.base, *setting.overrides, f"bits={setting.bits}", *self.spec.reference,
              f"seed={seed}"]
         )
-        return partner_config(cfg)
+        return partner_config(spec.config)
 
     def reference_dir(self, setting: Setting, seed: int) -> Path:
         """The cached reference of (setting, seed), trained first if missing."""
-        return cached_fp_run(self.reference_config(setting, seed), fp_train, what="reference")
+        config = self.reference_config(setting, seed)
+        return cached_fp_run(config, train_cached_run, what="reference")
 
     def run_config(
         self,
@@ -95,8 +88,7 @@ class Study:
         stage: tuple[str, ...],
         knobs: list[str],
         reference: Path,
-        resume: bool,
-    ) -> DictConfig:
+    ) -> RunSpec:
         """A quantized run of the study, starting from ``reference`` (its partner too)."""
         overrides = [
             *self.cell_overrides(setting, method),
@@ -104,17 +96,18 @@ class Study:
             *knobs,
             f"seed={seed}",
             f"init_from={reference}",
-            f"resume={str(resume).lower()}",
         ]
-        cfg = compose_run(overrides)
-        if "partner" in cfg.estimator and cfg.estimator.partner is None:
-            cfg = compose_run([*overrides, f"estimator.partner={reference}"])
-        return cfg
+        spec = compose_run(overrides)
+        if needs_partner(spec) and spec.partner.source is None:
+            spec = compose_run([*overrides, f"partner.source={reference}"])
+        return spec
 
     def knobs(self, setting: Setting, method: Method) -> list[Knob]:
         """The search space of a cell (from its estimator's and quantizer's files)."""
-        cfg = compose_run(self.cell_overrides(setting, method))
-        return search_space(str(cfg.estimator.name), str(cfg.quantizer.name), method.space)
+        spec = compose_run(self.cell_overrides(setting, method))
+        return search_space(
+            spec.identity["estimator"], spec.identity["quantizer"], method.space
+        )
 
     # -- stages -------------------------------------------------------------------------------
     def check_dir(self) -> None:
@@ -136,8 +129,7 @@ class Study:
         for setting in self.spec.settings:
             for seed in seeds:
                 fp_cfg = self.reference_config(setting, seed)
-                key, _ = partner_key(fp_cfg)
-                before = read_record(_cache_dir_of(key))
+                before = read_record(cached_dir(fp_cfg))
                 fresh = before is None or not before.completed
                 run_dir = self.reference_dir(setting, seed)
                 trained += fresh
@@ -160,10 +152,9 @@ class Study:
                 knobs = self.knobs(setting, method)
                 cell_dir = self.dir / "tuning" / setting.key / method.name
 
-                def make_cfg(values, s=setting, m=method, k=knobs, ref=reference):
+                def make_spec(values, s=setting, m=method, k=knobs, ref=reference):
                     return self.run_config(
-                        s, m, seed, spec.tuning.overrides, knob_overrides(k, values), ref,
-                        resume=False,
+                        s, m, seed, spec.tuning.overrides, knob_overrides(k, values), ref
                     )
 
                 result = tune(
@@ -171,7 +162,7 @@ class Study:
                     f"{setting.key}/{method.name}",
                     spec.tuning.trials,
                     knobs,
-                    make_cfg,
+                    make_spec,
                     lambda n, d=cell_dir: d / f"trial{n:03d}",
                     spec.tuning.sampler_seed,
                     spec.tuning.prune_startup_trials,
@@ -207,12 +198,11 @@ class Study:
                     row = {"setting": setting.key, "method": method.name, "seed": seed,
                            "run_dir": str(run_dir)}
                     try:
-                        cfg = self.run_config(
-                            setting, method, seed, self.spec.final, extra, reference, resume=True
+                        spec = self.run_config(
+                            setting, method, seed, self.spec.final, extra, reference
                         )
-                        if completed(run_dir, cfg) is None:
-                            ran += 1
-                            train_run(cfg, run_dir)
+                        result = train_study_run(spec, run_dir)
+                        ran += result.outcome.value != "skipped"
                     except Exception as exc:  # one run's failure is reported, not fatal
                         row["error"] = (str(exc).splitlines() or [type(exc).__name__])[0]
                     rows.append({**row, **_run_row(run_dir)})
@@ -227,11 +217,8 @@ class Study:
         t0 = time.perf_counter()
         with hydra_configs():
             refs = self.references()
-            _exit_if_asked("references")
             tuned = self.tuning(refs)
-            _exit_if_asked("tuning")
             rows = self.final(refs, tuned)
-            _exit_if_asked("final")
         results = portable_paths(summarize(self.spec, refs, tuned, rows), self.dir)
         paths = study_report.write_all(self.spec, self.dir, results)
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
@@ -263,10 +250,6 @@ def portable_paths(results: dict[str, Any], study_dir: Path) -> dict[str, Any]:
     return walk(results)
 
 
-def _cache_dir_of(key: str) -> Path:
-    return cache_root() / "partners" / key
-
-
 def plateau_gain(history: list[dict[str, Any]], window: int) -> float | None:
     """Best val accuracy of the last ``window`` epochs minus the best before them (None when
     the run is too short to tell: fewer than ``window`` epochs before the last ``window``)."""
@@ -277,7 +260,12 @@ def plateau_gain(history: list[dict[str, Any]], window: int) -> float | None:
 
 
 def _reference_row(
-    spec: StudySpec, setting: Setting, seed: int, run_dir: Path, record: Any, fp_cfg: DictConfig
+    spec: StudySpec,
+    setting: Setting,
+    seed: int,
+    run_dir: Path,
+    record: Any,
+    fp_cfg: dict[str, Any],
 ) -> dict[str, Any]:
     history = record.get("history") or []
     gain = plateau_gain(history, spec.plateau.window)
@@ -285,12 +273,12 @@ def _reference_row(
         "setting": setting.key,
         "seed": seed,
         "run_dir": str(run_dir),
-        "model": OmegaConf.to_container(fp_cfg.model, resolve=True),
+        "model": fp_cfg["model"],
         "test_acc": record.get("test_acc"),
         "best_val_acc": record.get("best_val_acc"),
         "epochs_done": int(record.get("epochs_done") or 0),
         "best_epoch": record.get("best_epoch"),
-        "max_epochs": int(fp_cfg.trainer.epochs),
+        "max_epochs": int(fp_cfg["trainer"]["epochs"]),
         "plateau_gain": gain,
         "converged": gain is not None and gain < spec.plateau.tolerance,
         "train_time_s": record.get("train_time_s"),
@@ -299,7 +287,6 @@ def _reference_row(
 
 def _run_row(run_dir: Path) -> dict[str, Any]:
     record = read_record(run_dir)
-    cost = read_json(run_dir / COST_FILE) or {}
     if record is None:
         return {"status": "missing"}
     return {
@@ -309,8 +296,8 @@ def _run_row(run_dir: Path) -> dict[str, Any]:
         "best_val_acc": record.get("best_val_acc"),
         "epochs_done": record.get("epochs_done"),
         "train_time_s": record.get("train_time_s"),
-        "forward_per_step": cost.get("forward"),
-        "backward_per_step": cost.get("backward"),
+        "forward_per_step": (record.get("passes_per_step") or {}).get("forward"),
+        "backward_per_step": (record.get("passes_per_step") or {}).get("backward"),
     }
 
 

@@ -10,8 +10,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
 from qexp.errors import QexpError
 
 #: top-level keys of a study spec
@@ -111,21 +109,6 @@ def preset_path(name_or_path: str) -> Path:
             f"no study preset {name_or_path!r}; presets: {', '.join(names)} (or give a YAML path)"
         )
     return candidate
-
-
-def load_spec(name_or_path: str, overrides: list[str] | None = None) -> StudySpec:
-    """Read a preset or YAML file, apply ``key=value`` overrides, and check it."""
-    path = preset_path(name_or_path)
-    try:
-        cfg = OmegaConf.load(path)
-        if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
-    except Exception as exc:  # YAML or dotlist syntax
-        raise QexpError(f"study spec {path}: {str(exc).splitlines()[0]}") from None
-    assert isinstance(cfg, DictConfig)
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    assert isinstance(plain, dict)
-    return parse_spec(plain)
 
 
 def _strs(value: Any, key: str) -> tuple[str, ...]:

@@ -25,8 +25,9 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from qexp.study.runs import train_run
+from qexp.study.runs import train_study_run
 from qexp.study.space import Knob, suggest
+from qexp.train.job import Policy
 
 log = logging.getLogger("qexp")
 
@@ -74,7 +75,10 @@ def pruning_hook(trial: optuna.Trial):
         epoch = len(history)
         trial.report(float(history[-1]["val_acc"]), step=epoch)
         if trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at epoch {epoch}")
+            raise optuna.TrialPruned(
+                f"pruned by the tuner at epoch {epoch} (validation curve below the median of "
+                "earlier trials)"
+            )
         return False
 
     return on_epoch
@@ -85,7 +89,7 @@ def tune(
     name: str,
     trials: int,
     knobs: list[Knob],
-    make_cfg,
+    make_spec,
     run_dir_of,
     sampler_seed: int,
     prune_startup_trials: int,
@@ -93,7 +97,7 @@ def tune(
 ) -> TuneResult:
     """Run the trials of one (setting, method) until ``trials`` have counted.
 
-    ``make_cfg(values)`` composes the run config of chosen knob values; ``run_dir_of(number)``
+    ``make_spec(values)`` composes the run spec of chosen knob values; ``run_dir_of(number)``
     is the run dir of a trial.
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -119,7 +123,10 @@ def tune(
         trial.set_user_attr("run_dir", str(run_dir))
         ran += 1
         try:
-            metrics = train_run(make_cfg(values), run_dir, pruning_hook(trial), seal_test=True)
+            metrics = train_study_run(
+                make_spec(values), run_dir, pruning_hook(trial), seal_test=True,
+                policy=Policy.FRESH,
+            ).metrics
         except optuna.TrialPruned:
             study.tell(trial, state=TrialState.PRUNED)
             continue

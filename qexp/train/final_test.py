@@ -58,6 +58,7 @@ def final_test(trainer: Any) -> dict[str, Any]:
     extra.update(trainer.precision.final(reporter.writer, table, step))
     extra.update(cost_metrics(model.net, x))
     extra.update(model.estimator.state_summary())
+    extra["passes_per_step"] = model.estimator.passes_per_step()  # a study's cost columns
     record = reporter.record(
         status,
         progress,

@@ -10,13 +10,13 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from qexp.config.launcher import check_launcher
 from qexp.config.validate import validate_config
 from qexp.errors import QexpError
+from qexp.quant.base import Quantizer
 
 #: Hydra flags after which no job runs (help, printing the config, shell completion...).
 _NO_JOB_FLAGS = (
@@ -195,26 +195,26 @@ def dry_build(cfg: DictConfig) -> None:
 
 
 def check_budget_reachable(cfg: DictConfig) -> None:
-    """Refuse a memory budget below the smallest size the model can reach (one line naming
-    it); builds the data set and the quantized network only when a budget is set."""
-    from qexp.quant.budget import budget_from_node, check_reachable, measure_layers
+    """Refuse a memory budget where no bit width can move, or below the smallest size the
+    model can reach (one line naming it); builds the data set and the quantized network only
+    when a budget is set."""
+    from qexp.quant.budget import check_reachable, measure_layers
+    from qexp.train.build import build_data
+    from qexp.train.run import budget_penalty, build_quantized_net, run_spec
 
-    node = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    budget = budget_from_node(node if isinstance(node, dict) else None)
+    spec = run_spec(cfg)
+    budget = budget_penalty(spec.budget)
     if not budget.active:
         return
     import torch
 
-    from qexp.train.build import build_data
-    from qexp.train.run import build_quantized_net
-
-    info = build_data(cfg.dataset).info
-    net = build_quantized_net(cfg, info)
+    info = build_data(spec.dataset).info
+    net = build_quantized_net(spec, info)
+    if not any(q.learns_bits for q in net.modules() if isinstance(q, Quantizer)):
+        raise QexpError(
+            "budget.* is set but no quantizer learns its bit width: use a learned-precision "
+            "quantizer (quantizer=dq_u1 | dq_u2 | dq_u3 | dq_pow2) or drop the budget"
+        )
     layers = measure_layers(net, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
     budget.bind(layers)
     check_reachable(budget, layers)
-
-
-def describe(cfg: Any) -> str:
-    """YAML of a config, for messages and debugging."""
-    return OmegaConf.to_yaml(cfg)

@@ -1,10 +1,12 @@
 """The composition root: the one place that reads a run's composed config and assembles it.
 
-``build_run`` turns the config into ready parts (data, quantized model with its estimator and
-partner, optimizer, LR curve, precision monitor, typed trainer settings, run identity);
-``run_training`` hands them to the :class:`~qexp.train.trainer.Trainer`. Everything below this
-module gets only the parts it needs, never the config; the full-precision partner is trained
-through ``run_training`` itself, passed down as a function, so nothing calls back up here.
+:func:`run_spec` reads the composed config once into a frozen :class:`~qexp.spec.RunSpec`;
+nothing below this module sees the config. :func:`build_run` turns a spec into ready parts
+(data, quantized model with its estimator and partner, optimizer, LR curve, precision monitor)
+for the :class:`~qexp.train.trainer.Trainer`; :func:`train_run` trains them. The partner of
+estimators that need one is resolved to a file before the model is built (trained once into
+the cache through the ordinary job lifecycle, qexp.train.job); evaluating or exporting a run
+never trains anything.
 """
 
 from __future__ import annotations
@@ -15,17 +17,21 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import hydra.utils
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qexp.config.schema import register_schemas
 from qexp.config.validate import validate_config
 from qexp.data.base import DataInfo
+from qexp.data.sealed import SealedTest
+from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
-from qexp.quant.budget import budget_from_node
+from qexp.quant.budget import BudgetPenalty
 from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
-from qexp.spec import TrainerSettings
+from qexp.spec import BudgetSpec, LayersSpec, PartnerSpec, RunSpec, TrainerSettings
 from qexp.train import distributed
 from qexp.train.build import (
     build_data,
@@ -37,87 +43,172 @@ from qexp.train.build import (
     resolve_device,
     wire_estimator,
 )
+from qexp.train.checkpoint import rng_state, set_rng_state
+from qexp.train.job import JobResult, Policy, run_job
 from qexp.train.memory import hide_triton_without_gpu
 from qexp.train.optim import build_optimizer
-from qexp.train.partner import get_partner
-from qexp.train.parts import RunInfo, RunParts
+from qexp.train.partner import cached_fp_run, freeze, load_partner_weights, partner_config
+from qexp.train.parts import EpochHook, RunInfo, RunParts
 from qexp.train.precision import PrecisionMonitor
 from qexp.train.trainer import Trainer
 
 log = logging.getLogger("qexp")
 
 
+# -- reading the config --------------------------------------------------------------------------
+def run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
+    """The typed spec of a composed run config (validated first when it is a DictConfig)."""
+    if isinstance(cfg, DictConfig):
+        validate_config(cfg)
+        plain = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(plain, dict)
+    else:
+        plain = dict(cfg)
+    plain.pop("hydra", None)
+    trainer = TrainerSettings(**plain["trainer"])
+    layers = LayersSpec(**plain["layers"])
+    identity = {
+        "estimator": _name(plain["estimator"]),
+        "quantizer": _name(plain["quantizer"]),
+        "model": _name(plain["model"]),
+        "dataset": _name(plain["dataset"]),
+        "w_bits": int(plain["w_bits"]),
+        "a_bits": int(plain["a_bits"]),
+        "seed": int(plain["seed"]),
+        "epochs": int(trainer.epochs),
+        "lr": float(trainer.lr),
+        "optimizer": trainer.optimizer,
+        "batch_size": int(trainer.batch_size),
+        "first_bits": layers.first_bits,
+        "last_bits": layers.last_bits,
+        "tag": plain.get("tag"),
+    }
+    return RunSpec(
+        config=plain,
+        fingerprint=config_fingerprint(plain),
+        identity=identity,
+        seed=int(plain["seed"]),
+        w_bits=int(plain["w_bits"]),
+        a_bits=int(plain["a_bits"]),
+        model=plain["model"],
+        dataset=plain["dataset"],
+        quantizer=plain["quantizer"],
+        estimator=plain["estimator"],
+        lr_schedule=plain["schedule"]["lr"],
+        layers=layers,
+        budget=BudgetSpec(**(plain.get("budget") or {})),
+        trainer=trainer,
+        partner=PartnerSpec(**(plain.get("partner") or {})),
+        init_from=plain.get("init_from"),
+        resume=bool(plain.get("resume")),
+    )
+
+
+def _name(node: dict[str, Any]) -> str:
+    """A component's label: its ``name``, else its class name."""
+    if node.get("name"):
+        return str(node["name"])
+    target = str(node.get("_target_") or node.get("weight", {}).get("_target_", "none"))
+    return target.rpartition(".")[2].lower()
+
+
+def load_run_spec(run_dir: Path) -> RunSpec:
+    """The spec of the run in ``run_dir``, from its ``.hydra/config.yaml``."""
+    path = Path(run_dir) / ".hydra" / "config.yaml"
+    if not path.is_file():
+        raise QexpError(f"{run_dir} is not a qexp run dir (no .hydra/config.yaml)")
+    register_schemas()
+    return run_spec(OmegaConf.load(path))
+
+
+# -- building ------------------------------------------------------------------------------------
 def seed_everything(seed: int) -> None:
     """Seed Python and torch (CPU and CUDA) generators."""
     random.seed(seed)
     torch.manual_seed(seed)
 
 
-def trainer_settings(cfg: DictConfig) -> TrainerSettings:
-    """The ``trainer`` node as the typed :class:`TrainerSettings`."""
-    node = OmegaConf.to_container(cfg.trainer, resolve=True)
-    assert isinstance(node, dict)
-    return TrainerSettings(**node)
-
-
-def run_identity(cfg: DictConfig, settings: TrainerSettings) -> dict[str, Any]:
-    """The fields that say which run this is; they head its ``metrics.json``."""
-    return {
-        "estimator": cfg.estimator.name,
-        "quantizer": cfg.quantizer.name,
-        "model": cfg.model.name,
-        "dataset": cfg.dataset.name,
-        "w_bits": int(cfg.w_bits),
-        "a_bits": int(cfg.a_bits),
-        "seed": int(cfg.seed),
-        "epochs": int(settings.epochs),
-        "lr": float(settings.lr),
-        "optimizer": settings.optimizer,
-        "batch_size": int(settings.batch_size),
-        "first_bits": cfg.layers.first_bits,
-        "last_bits": cfg.layers.last_bits,
-        "tag": cfg.get("tag"),
-    }
-
-
-def build_quantized_net(cfg: DictConfig, info: DataInfo) -> nn.Module:
-    """The float network of ``cfg`` with its Conv2d/Linear layers swapped for quantized ones."""
-    net = build_net(cfg.model, info)
+def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
+    """The float network of ``spec`` with its Conv2d/Linear layers swapped for quantized ones."""
+    net = build_net(spec.model, info)
     quantize_model(
         net,
-        body=quantizer_factory(cfg.quantizer, "quantizer"),
-        edge=quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer"),
-        body_bits=LayerBits(int(cfg.w_bits), int(cfg.a_bits)),
-        first_bits=cfg.layers.first_bits,
-        last_bits=cfg.layers.last_bits,
+        body=quantizer_factory(spec.quantizer, "quantizer"),
+        edge=quantizer_factory(spec.layers.edge_quantizer, "layers.edge_quantizer"),
+        body_bits=LayerBits(spec.w_bits, spec.a_bits),
+        first_bits=spec.layers.first_bits,
+        last_bits=spec.layers.last_bits,
     )
     return net
 
 
+def needs_partner(spec: RunSpec) -> bool:
+    """Whether the run's estimator trains against a frozen full-precision partner."""
+    return bool(hydra.utils.get_class(spec.estimator["_target_"]).needs_partner)
+
+
+def resolve_partner(spec: RunSpec, info: DataInfo) -> Path:
+    """The partner's checkpoint file or run dir: ``partner.source``, or the cached
+    full-precision run of the spec, trained first when missing. The estimator checks the model
+    before that costly step; the RNG state is left as it was."""
+    saved = rng_state()
+    try:
+        build_estimator(spec.estimator).check_model(build_net(spec.model, info))
+        if spec.partner.source:
+            return Path(spec.partner.source).expanduser()
+        return cached_fp_run(partner_config(spec.config), train_cached_run)
+    finally:
+        set_rng_state(saved)
+
+
+def train_cached_run(config: dict[str, Any], run_dir: Path) -> JobResult:
+    """Train a cached full-precision run (partner or study reference) as its own job."""
+    return run_job(run_spec(config), run_dir, train_run, Policy.AUTO, standalone=True)
+
+
 def build_model(
-    cfg: DictConfig,
+    spec: RunSpec,
     info: DataInfo,
     device: torch.device,
     total_steps: int,
     run_dir: Path | None = None,
+    partner: Path | None = None,
 ) -> QuantModel:
-    """The quantized network of ``cfg`` with its estimator attached (and its partner, trained
-    or loaded first when the estimator needs one)."""
-    net = build_quantized_net(cfg, info)
-    estimator = build_estimator(cfg.estimator)
+    """The quantized network of ``spec`` with its estimator attached.
+
+    An estimator that needs a partner gets the float network of ``partner``; without one (to
+    evaluate or export a trained run, which never reads the partner) an untrained stand-in of
+    the same architecture.
+    """
+    net = build_quantized_net(spec, info)
+    estimator = build_estimator(spec.estimator)
     model = QuantModel(net, estimator).to(device)
-    if cfg.get("init_from"):
-        load_initial_weights(model, str(cfg.init_from))
-    estimator.check_model(net)  # before any costly preparation such as training a partner
-    partner = get_partner(cfg, info, device, run_training) if estimator.needs_partner else None
-    return wire_estimator(model, device, total_steps, run_dir, partner)
+    if spec.init_from:
+        load_initial_weights(model, str(spec.init_from))
+    estimator.check_model(net)
+    partner_net = None
+    if estimator.needs_partner:
+        saved = rng_state()  # the stand-in's init must not shift the run's random numbers
+        float_net = build_net(spec.model, info)
+        set_rng_state(saved)
+        model_name = _name(spec.model)
+        partner_net = (
+            load_partner_weights(float_net, partner, model_name) if partner else freeze(float_net)
+        )
+        partner_net.to(device)
+    return wire_estimator(model, device, total_steps, run_dir, partner_net)
 
 
-def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
-    """Validate ``cfg`` and assemble the parts of its run in ``run_dir``."""
-    validate_config(cfg)
+def build_run(
+    spec: RunSpec, run_dir: Path, on_epoch: EpochHook | None = None, seal_test: bool = False
+) -> RunParts:
+    """Assemble the parts of the run of ``spec`` in ``run_dir``.
+
+    ``on_epoch``: called after every epoch (a tuner's pruning); ``seal_test``: a tuning run,
+    whose data refuses to hand out the test split and which ends without a test.
+    """
     hide_triton_without_gpu()  # before the optimizer imports torch._dynamo
-    settings = trainer_settings(cfg)
+    settings = spec.trainer
     if settings.threads is not None:
         torch.set_num_threads(int(settings.threads))
     device = resolve_device(settings.device)
@@ -125,36 +216,37 @@ def build_run(cfg: DictConfig, run_dir: Path) -> RunParts:
     dist = distributed.env_world()
     device = distributed.init(dist, device)
     run_dir = _shared_run_dir(run_dir, dist)
-    seed_everything(int(cfg.seed))
-    data = build_data(cfg.dataset)
+    seed_everything(spec.seed)
+    data = build_data(spec.dataset)
     total_steps = int(settings.epochs) * data.steps_per_epoch(int(settings.batch_size))
-    model = build_model(cfg, data.info, device, total_steps, run_dir)
+    partner = resolve_partner(spec, data.info) if needs_partner(spec) else None
+    model = build_model(spec, data.info, device, total_steps, run_dir, partner)
     optimizer = build_optimizer(model, settings)
-    lr_curve = instantiate(cfg.schedule.lr, "schedule.lr")
-    quantizer_node = OmegaConf.to_container(cfg.quantizer, resolve=True)
-    budget = budget_from_node(quantizer_node if isinstance(quantizer_node, dict) else None)
+    lr_curve = instantiate(spec.lr_schedule, "schedule.lr")
+    budget = budget_penalty(spec.budget)
     info = data.info
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
     precision = PrecisionMonitor(model.net, budget, example)
-    run = RunInfo(run_dir, int(cfg.seed), config_fingerprint(cfg), run_identity(cfg, settings))
+    run = RunInfo(run_dir, spec.seed, spec.fingerprint, dict(spec.identity))
     log.info(
         "run %s: %s/%s on %s, w%d a%d (first layer %s bits, last %s), %s, %d steps",
-        run_dir,
-        cfg.estimator.name,
-        cfg.quantizer.name,
-        cfg.dataset.name,
-        cfg.w_bits,
-        cfg.a_bits,
-        cfg.layers.first_bits,
-        cfg.layers.last_bits,
-        device,
-        total_steps,
-    )
+        run_dir, spec.identity["estimator"], spec.identity["quantizer"],
+        spec.identity["dataset"], spec.w_bits, spec.a_bits, spec.layers.first_bits,
+        spec.layers.last_bits, device, total_steps,
+    )  # fmt: skip
     distributed.broadcast_state(model, dist)  # same seed, same weights; made certain
     return RunParts(
-        settings, model, data, optimizer, lr_curve, precision, run, device, bool(cfg.resume),
-        dist=dist,
-    )
+        settings, model, SealedTest(data) if seal_test else data, optimizer, lr_curve,
+        precision, run, device, spec.resume, on_epoch=on_epoch, dist=dist,
+    )  # fmt: skip
+
+
+def budget_penalty(budget: BudgetSpec) -> BudgetPenalty:
+    """The budget penalty of a budget spec (bad values: one line naming ``budget``)."""
+    try:
+        return BudgetPenalty(**budget.penalty_options())
+    except (TypeError, ValueError) as exc:
+        raise QexpError(f"budget: {exc}") from None
 
 
 def _shared_run_dir(run_dir: Path, dist: distributed.DistInfo) -> Path:
@@ -172,11 +264,21 @@ def _shared_run_dir(run_dir: Path, dist: distributed.DistInfo) -> Path:
     return main_dir
 
 
-def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
-    """Train and test the run described by ``cfg`` in ``run_dir``; return its metrics."""
+# -- training ------------------------------------------------------------------------------------
+def train_run(
+    spec: RunSpec, run_dir: Path, on_epoch: EpochHook | None = None, seal_test: bool = False
+) -> dict[str, Any]:
+    """Train and test the run of ``spec`` in ``run_dir``; return its metrics (the job
+    lifecycle's train function)."""
     outermost = not distributed.joined()  # a partner's run nests inside its user's
     try:
-        return Trainer(build_run(cfg, run_dir)).fit()
+        return Trainer(build_run(spec, run_dir, on_epoch, seal_test)).fit()
     finally:
         if outermost:
             distributed.shutdown()
+
+
+def run_training(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    """Train and test the run of a composed config in ``run_dir`` (no job lifecycle: no lock,
+    no skip or resume decision); return its metrics."""
+    return train_run(run_spec(cfg), run_dir)

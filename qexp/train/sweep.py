@@ -1,12 +1,10 @@
 """Sweep jobs that can be re-run: skip finished runs, resume cut-off ones, summarise the sweep.
 
-Every job of a multirun (`qexp train -m ...`) goes through :func:`run_sweep_job` instead of
-calling ``run_training`` directly. It decides what the job has to do from what its run dir
-already holds:
+Every job of a multirun (`qexp train -m ...`) goes through :func:`run_sweep_job`, which gives
+it its share of the machine (CPU threads, a GPU) and leaves a marker of what it did:
 
-* ``metrics.json`` says ``completed...`` with the job's own config hash -> **skipped** (no work);
-* ``checkpoints/last.pt`` exists -> **resumed** (same path as ``resume=true``);
-* otherwise -> **fresh**;
+* the job lifecycle (qexp/train/job.py) skips a run completed with the job's own config,
+  resumes a cut-off one, trains a fresh one;
 * another live process holds the run dir's lock (qexp/rundir_lock.py) -> **held**: the job
   touches nothing there and records itself under ``<sweep dir>/.qexp_held/`` instead.
 
@@ -23,18 +21,17 @@ import logging
 import os
 import time
 import traceback
-import uuid
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, open_dict
-
 from qexp.errors import QexpError
-from qexp.record import config_fingerprint, mark_failed, read_json, read_record, write_json
+from qexp.record import read_json, write_json
+from qexp.rundir_lock import RunDirHeld
+from qexp.spec import RunSpec
 from qexp.train.gpu_assign import sweep_job_device, visible_gpu_count
-from qexp.train.run import run_training
+from qexp.train.job import Outcome, Policy, one_line, run_job
+from qexp.train.run import train_run
 
 log = logging.getLogger("qexp")
 
@@ -92,47 +89,20 @@ def launcher_threads(launcher: Mapping[str, Any] | None, cpus: int | None = None
 
 
 # -- reading run dirs ----------------------------------------------------------------------
-def _sweep_dir(hc: Any) -> Path:
+def sweep_dir_of(hc: Any) -> Path:
     """The sweep dir as an absolute path (relative ones are relative to the launch dir)."""
     path = Path(str(hc.sweep.dir))
     return path if path.is_absolute() else Path(str(hc.runtime.cwd)) / path
-
-
-def _one_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    text = f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-    return text[:limit]
 
 
 def current_sweep_id(hc: Any) -> str | None:
     """The id of the sweep this job belongs to."""
     if os.environ.get(SWEEP_ID_ENV):
         return os.environ[SWEEP_ID_ENV]
-    return (read_json(_sweep_dir(hc) / SWEEP_ID_FILE) or {}).get("id")
+    return (read_json(sweep_dir_of(hc) / SWEEP_ID_FILE) or {}).get("id")
 
 
 # -- the job side ---------------------------------------------------------------------------
-def plan_job(fingerprint: str, run_dir: Path) -> str:
-    """What a sweep job must do in ``run_dir``: "skipped", "resumed" or "fresh".
-
-    Raises QexpError when the dir already holds a run of another config: training over it
-    would destroy those results, and resuming it would mix two configs.
-    """
-    record = read_record(run_dir)
-    old_hash = record.config_hash if record else None
-    if old_hash is not None and old_hash != fingerprint:
-        raise QexpError(
-            f"{run_dir} already holds a run with a different config (config_hash {old_hash}, "
-            f"this job {fingerprint}): point hydra.sweep.dir at a new folder, or delete that "
-            "run dir"
-        )
-    if record is not None and record.completed:
-        return "skipped"
-    if (run_dir / "checkpoints" / "last.pt").is_file():
-        return "resumed"
-    return "fresh"
-
-
 class _Marker:
     """The job's marker file: written when the job starts and again when it ends."""
 
@@ -154,45 +124,39 @@ class _Marker:
             log.warning("could not write %s: %s", self.path, exc)
 
 
-def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
-    """Run one job of a multirun: skip, resume or train it, and leave its marker.
+def run_sweep_job(spec: RunSpec, run_dir: Path, hc: Any) -> dict[str, Any]:
+    """Run one job of a multirun through the job lifecycle (skip, resume or train it) with
+    its share of the CPUs and its GPU, and leave its marker.
 
     Returns the run's metrics. A QexpError is re-raised (after recording it) for the caller's
-    usual handling; any other exception is recorded in metrics.json as ``failed: ...`` and
-    turned into a QexpError, so one broken job never stops the others.
+    usual handling; any other exception is recorded and turned into a QexpError, so one broken
+    job never stops the others.
     """
     marker = _Marker(run_dir, hc)
-    planned = None
+    marker.data["config_hash"] = spec.fingerprint
+    launcher = hc.get("launcher")
+    # several jobs share this machine: split its CPUs instead of oversubscribing
+    threads = spec.trainer.threads
+    if threads is None:
+        threads = launcher_threads(launcher)
+    device = sweep_job_device(
+        spec.trainer.device, launcher, hc.job.get("num"), visible_gpu_count()
+    )
+    spec = spec.with_runtime(threads=threads, device=device)
+
+    def on_plan(planned: Outcome) -> None:
+        marker.write(planned=planned.value, threads=threads, device=device)
+
     try:
-        fingerprint = config_fingerprint(cfg)
-        marker.data["config_hash"] = fingerprint
-        planned = plan_job(fingerprint, run_dir)
-        if planned == "skipped":
-            record = read_record(run_dir)
-            metrics = record.to_json() if record else {}
-            log.info("%s: already completed with this config, skipping", run_dir)
-            marker.write(outcome="skipped", status=metrics.get("status"), ended_at=time.time())
-            return metrics
-        with open_dict(cfg):
-            if planned == "resumed":
-                cfg.resume = True
-            if cfg.trainer.threads is None:
-                # several jobs share this machine: split its CPUs instead of oversubscribing
-                cfg.trainer.threads = launcher_threads(hc.get("launcher"))
-            cfg.trainer.device = sweep_job_device(
-                cfg.trainer.device, hc.get("launcher"), hc.job.get("num"), visible_gpu_count()
-            )
-        marker.write(planned=planned, threads=cfg.trainer.threads, device=cfg.trainer.device)
-        metrics = run_training(cfg, run_dir)
+        result = run_job(spec, run_dir, train_run, Policy.AUTO, on_plan=on_plan)
+    except RunDirHeld:
+        raise
     except QexpError as exc:
-        if planned is not None:  # a failure inside training, not a refusal to touch the dir
-            mark_failed(run_dir, str(exc)[:300], marker.data.get("config_hash"))
         marker.write(outcome="failed", error=str(exc), ended_at=time.time())
         raise
     except Exception as exc:
         log.exception("job in %s failed", run_dir)
-        error = _one_line(exc)
-        mark_failed(run_dir, error, marker.data.get("config_hash"))
+        error = one_line(exc)
         marker.write(
             outcome="failed",
             error=error,
@@ -200,22 +164,22 @@ def run_sweep_job(cfg: DictConfig, run_dir: Path, hc: Any) -> dict[str, Any]:
             ended_at=time.time(),
         )
         raise QexpError(f"{run_dir}: {error}") from exc
-    status = str(metrics.get("status", ""))
-    outcome = planned if status == "completed" else "failed"
+    status = result.metrics.get("status")
+    failed = result.outcome is Outcome.FAILED
     marker.write(
-        outcome=outcome,
+        outcome=result.outcome.value,
         status=status,
-        error=None if outcome != "failed" else metrics.get("reason") or status,
+        error=(result.reason or status) if failed else None,
         ended_at=time.time(),
     )
-    return metrics
+    return result.metrics
 
 
 def record_held(run_dir: Path, hc: Any, reason: str) -> None:
     """Record a job whose run dir another live process holds (in the sweep dir, not the run
     dir: that one has a writer already)."""
     log.warning("%s", reason)
-    sweep_dir = _sweep_dir(hc)
+    sweep_dir = sweep_dir_of(hc)
     sweep_id = current_sweep_id(hc)
     job_num = int(hc.job.num) if hc.job.get("num") is not None else 0
     record = {
@@ -290,26 +254,3 @@ def format_summary(summary: dict[str, Any]) -> str:
     for p in summary["problems"]:
         lines.append(f"  {p['outcome']}: {p['run_dir']}: {p['error'] or 'no error recorded'}")
     return "\n".join(lines)
-
-
-class SweepSummary(Callback):
-    """Hydra callback: tags the sweep's jobs with an id and summarises them at the end."""
-
-    def __init__(self) -> None:
-        self.sweep_id: str | None = None
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self.sweep_id = uuid.uuid4().hex
-        os.environ[SWEEP_ID_ENV] = self.sweep_id
-        sweep_dir = _sweep_dir(config.hydra)
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_json({"id": self.sweep_id, "started_at": time.time()}, sweep_dir / SWEEP_ID_FILE)
-
-    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = _sweep_dir(config.hydra)
-        summary = summarize(sweep_dir, self.sweep_id)
-        try:
-            write_json(summary, sweep_dir / SUMMARY_FILE)
-        except OSError as exc:
-            log.warning("could not write the sweep summary: %s", exc)
-        print(format_summary(summary), flush=True)

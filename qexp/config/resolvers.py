@@ -1,4 +1,4 @@
-"""OmegaConf resolvers the config files use (registered when qexp is imported).
+"""OmegaConf resolvers the config files use (registered with the schemas: qexp.config.schema).
 
 ``${qexp.edge_bits:${w_bits},${a_bits}}``: the default bits of the first and last layers.
 A full-precision run (both widths 32) keeps its edges in full precision too, so ``bits=32``

@@ -27,7 +27,7 @@ from qexp.config.schema import register_schemas
 from qexp.quant.calibrate import calibrate
 from qexp.quant.layers import quant_layers
 from qexp.train.build import build_data
-from qexp.train.run import build_model, run_training
+from qexp.train.run import build_model, run_spec, run_training
 
 COMMON = ["dataset=digits", "trainer.threads=1", "trainer.progress=none", "trainer.histograms=false"]
 
@@ -50,7 +50,7 @@ def body_grads(overrides: list[str], init: Path, progress: float) -> dict[str, t
     cfg = _cfg([f"init_from={init}", *overrides])
     torch.manual_seed(0)
     data = build_data(cfg.dataset)
-    model = build_model(cfg, data.info, torch.device("cpu"), 100)
+    model = build_model(run_spec(cfg), data.info, torch.device("cpu"), 100)
     x, y = next(iter(data.train_batches(256, 0, 0, torch.device("cpu"))))
     calibrate(model, x)
     model.train()

@@ -41,7 +41,7 @@ from qexp.curves import ConstantLR
 from qexp.estimators.base import Estimator
 from qexp.train.build import build_net, resolve_device
 from qexp.train.optim import build_optimizer
-from qexp.train.run import build_model, trainer_settings
+from qexp.train.run import build_model, run_spec
 from qexp.train.step import TrainStep
 
 #: data set whose input shape each benchmarked model gets
@@ -84,14 +84,15 @@ def make_steps(
     with ``copy_floor`` of the float network copying its convolutions' inputs (``fp+copy``)."""
     with initialize_config_module("qexp.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
+    spec = run_spec(cfg)
     info = _Info(cfg.dataset.name)
     suffix = "+compile" if compile_model else ""
-    settings = trainer_settings(cfg)
+    settings = spec.trainer
 
     def float_step(copy_inputs: bool = False) -> Step:
         """A float network's training step (seed 0, the quantized net's optimizer settings)."""
         torch.manual_seed(0)
-        net = build_net(cfg.model, info).to(device).train()
+        net = build_net(spec.model, info).to(device).train()
         if copy_inputs:
             copy_conv_inputs(net)
         net_opt = build_optimizer(SimpleNamespace(net=net, estimator=Estimator()), settings)
@@ -112,7 +113,7 @@ def make_steps(
     copy_step = float_step(copy_inputs=True) if copy_floor else None
 
     torch.manual_seed(0)
-    model = build_model(cfg, info, device, total_steps=1000)
+    model = build_model(spec, info, device, total_steps=1000)
     # the trainer's own step (qexp/train/step.py): estimator schedule, LR, loss, backward,
     # optimizer, quantizer clamps, weight-range refresh; its first call is the calibration
     # phase, and with compile on, its second call compiles as `qexp train` does

@@ -22,7 +22,7 @@ RUNS = {
     "uniform W2/A2": ["bits=2"],
     "binary W1/A1": ["quantizer=binary", "bits=1"],
     # starts at 4 bits; the weight budget makes the layers learn their own, lower bit widths
-    "dq_u3 mixed": ["quantizer=dq_u3", "bits=4", "quantizer.weight_budget_kb=20",
+    "dq_u3 mixed": ["quantizer=dq_u3", "bits=4", "budget.weight_kb=20",
                     "quantizer.lambda_w=10", "trainer.epochs=15"],
     "lsq W4/A4": ["quantizer=lsq", "bits=4"],
     "quantnet W1/A1": ["estimator=quantnet", "bits=1"],

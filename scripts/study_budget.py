@@ -19,10 +19,10 @@ import time
 from pathlib import Path
 
 from qexp.study.pipeline import Study
-from qexp.study.runs import compose_run, hydra_configs, train_run
-from qexp.study.spec import load_spec
+from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.train.build import build_data
 from qexp.train.partner import partner_config, partner_key
+from qexp.train.run import run_spec, train_run
 
 
 def _override(items: tuple[str, ...], key: str) -> str | None:
@@ -44,10 +44,10 @@ def main() -> None:
     forms: set[str] = set()  # distinct full-precision networks per seed (ReLU, hardtanh...)
     with hydra_configs():
         for setting in spec.settings:
-            fp = partner_config(compose_run([
+            fp = run_spec(partner_config(compose_run([
                 *spec.base, *setting.overrides, f"bits={setting.bits}", "trainer.epochs=1",
                 f"dataset.subset={args.images}",
-            ]))
+            ]).config))
             forms.add(partner_key(study.reference_config(setting, 0))[0])
             ref = study.dir / f"ref_{setting.key}"
             t0 = time.perf_counter()
@@ -59,7 +59,7 @@ def main() -> None:
                 train_images = build_data(full.dataset).num_train
             for method in methods:
                 cfg = study.run_config(setting, method, 0, ("trainer.epochs=1",
-                                       f"dataset.subset={args.images}"), [], ref, resume=False)
+                                       f"dataset.subset={args.images}"), [], ref)
                 m = train_run(cfg, study.dir / setting.key / method.name)
                 per_image[(setting.key, method.name)] = m["train_time_s"] / args.images
                 ms, fp_ms = (1e3 * per_image[(setting.key, k)] for k in (method.name, "fp"))

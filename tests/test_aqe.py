@@ -155,11 +155,11 @@ def test_beta_state_round_trips_and_defaults_follow_the_yaml():
 
 def _train_digits(tmp_path, overrides):
     """A one-epoch digits run in process; returns the trained (best) model and a test batch."""
-    from qexp.train.run import build_run
+    from qexp.train.run import build_run, run_spec
     from qexp.train.trainer import Trainer
 
     cfg = compose_config(*FAST_CFG, "trainer.epochs=1", *overrides)
-    parts = build_run(cfg, tmp_path)
+    parts = build_run(run_spec(cfg), tmp_path)
     metrics = Trainer(parts).fit()
     x, _ = next(iter(parts.data.eval_batches("test", 256, torch.device("cpu"))))
     return parts.model, x, metrics

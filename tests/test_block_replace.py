@@ -126,15 +126,14 @@ BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=
 
 
 def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
-    from qexp.train import partner as partner_mod
-    from qexp.train.run import build_run
+    import qexp.train.run as run_mod
     from qexp.train.trainer import Trainer
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
     caplog.set_level(logging.INFO, logger="qexp")
-    cfg = _compose(*BR_ARGS)
+    spec = run_mod.run_spec(_compose(*BR_ARGS))
     cpu = torch.device("cpu")
-    parts = build_run(cfg, tmp_path / "a")
+    parts = run_mod.build_run(spec, tmp_path / "a")
     data, model = parts.data, parts.model
     assert "training the full-precision partner" in caplog.text
     partners = list((tmp_path / "cache" / "partners").iterdir())
@@ -151,30 +150,32 @@ def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
         torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)
     assert not any("partner" in k for k in model.state_dict())
 
-    # Second run with the same key: loads the cached partner, never trains.
+    # Second run with the same key: resolves to the cached partner, never trains.
     def no_training(*args, **kwargs):
         raise AssertionError("the cached partner was trained again")
 
+    monkeypatch.setattr(run_mod, "train_cached_run", no_training)
     caplog.clear()
     rng = torch.get_rng_state()
-    again = partner_mod.get_partner(cfg, data.info, cpu, train=no_training)
+    source = run_mod.resolve_partner(spec, data.info)
+    assert source == key_dirs[0]
     assert "reusing the cached full-precision partner" in caplog.text
     assert best.stat().st_mtime_ns == mtime
-    for k, v in again.state_dict().items():
-        torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)
     assert torch.equal(torch.get_rng_state(), rng)  # the run's random stream is untouched
-    # an explicit partner path works too
-    explicit = _compose(*BR_ARGS, f"estimator.partner={key_dirs[0]}")
-    loaded = partner_mod.get_partner(explicit, data.info, cpu, train=no_training)
-    for k, v in loaded.state_dict().items():
+    again = run_mod.build_model(spec, data.info, cpu, total_steps=10, partner=source)
+    for k, v in again.estimator.partner.state_dict().items():
         torch.testing.assert_close(v, snapshot[k], rtol=0, atol=0)
+    # an explicit partner path works too, and is used as it is
+    explicit = run_mod.run_spec(_compose(*BR_ARGS, f"partner.source={key_dirs[0]}"))
+    assert run_mod.resolve_partner(explicit, data.info) == key_dirs[0]
 
 
 def test_partner_key_depends_on_what_determines_it():
     from qexp.train.partner import partner_config, partner_key
+    from qexp.train.run import run_spec
 
     def key(*extra: str) -> str:
-        return partner_key(partner_config(_compose(*BR_ARGS, *extra)))[0]
+        return partner_key(partner_config(run_spec(_compose(*BR_ARGS, *extra)).config))[0]
 
     base = key()
     # the LP side (bits, estimator options, quantizer) shares one partner ...
@@ -184,7 +185,7 @@ def test_partner_key_depends_on_what_determines_it():
     # ... what shapes the FP training does not
     changes = ["seed=1", "trainer.lr=0.01", "model.width=16", "dataset.subset=500",
                "trainer.batch_size=64", "schedule=constant",
-               "estimator.partner_epochs=3"]  # fmt: skip
+               "partner.epochs=3"]  # fmt: skip
     for extra in changes:
         assert key(extra) != base, extra
 
@@ -208,7 +209,7 @@ def test_cli_block_replace_end_to_end(tmp_path):
     # Second run, QuantNet as the base estimator and 1 epoch, but a partner trained for 2 epochs
     # (the same key): reuses the cached partner, and logs the soft/hard gap of its base.
     proc = run_qexp("train", "estimator=block_replace", "bits=1", "model=small_cnn",
-                    "model.width=8", "trainer.epochs=1", "estimator.partner_epochs=2", *FAST,
+                    "model.width=8", "trainer.epochs=1", "partner.epochs=2", *FAST,
                     f"hydra.run.dir={tmp_path / 'b'}",
                     "estimator.base._target_=qexp.estimators.quantnet.QuantNet",
                     "+estimator.base.gamma=${schedule.gamma}", cwd=tmp_path, env=env)  # fmt: skip
@@ -221,15 +222,16 @@ def test_cli_block_replace_end_to_end(tmp_path):
 def test_unfinished_partner_with_other_settings_is_discarded(tmp_path, monkeypatch):
     from qexp.train import partner as partner_mod
     from qexp.train.checkpoint import save_checkpoint
+    from qexp.train.run import run_spec
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path))
-    cfg = _compose(*BR_ARGS)
-    key, _ = partner_mod.partner_key(partner_mod.partner_config(cfg))
+    fp = partner_mod.partner_config(run_spec(_compose(*BR_ARGS)).config)
+    key, _ = partner_mod.partner_key(fp)
     stale = tmp_path / "partners" / key / "checkpoints" / "last.pt"
     save_checkpoint({"config_hash": "from-other-settings"}, stale)
     calls = []
     train = lambda c, d: calls.append(d) or {}  # noqa: E731
-    assert partner_mod.cached_partner_dir(cfg, train) == tmp_path / "partners" / key
+    assert partner_mod.cached_fp_run(fp, train) == tmp_path / "partners" / key
     assert calls == [tmp_path / "partners" / key] and not stale.exists()
 
 
@@ -241,25 +243,34 @@ def test_model_without_blocks_is_refused_before_any_partner_is_trained(monkeypat
     def no_partner(*args, **kwargs):
         raise AssertionError("the partner must not be built for a model without blocks")
 
-    monkeypatch.setattr(run_mod, "get_partner", no_partner)
-    cfg = _compose("estimator=block_replace", "model=mlp", "model.hidden=[32]", "dataset=digits")
+    monkeypatch.setattr(run_mod, "cached_fp_run", no_partner)
+    spec = run_mod.run_spec(
+        _compose("estimator=block_replace", "model=mlp", "model.hidden=[32]", "dataset=digits")
+    )
     info = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8)
     with pytest.raises(QexpError, match="no blocks"):
-        run_mod.build_model(cfg, info, torch.device("cpu"), total_steps=10)
+        run_mod.resolve_partner(spec, info)
+    with pytest.raises(QexpError, match="no blocks"):
+        run_mod.build_model(spec, info, torch.device("cpu"), total_steps=10)
 
 
 def test_partner_of_a_budget_run_is_full_precision_and_reused(tmp_path, monkeypatch):
     """block_replace + dq_u3 under a memory budget: the partner carries no quantizer options
     (so no budget it could never meet), completes, is cached, and a second run reuses it."""
+    import qexp.train.run as run_mod
     from qexp.train import partner as partner_mod
-    from qexp.train.run import run_training
+    from qexp.train.run import run_spec, run_training
 
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
-    budget = ["quantizer=dq_u3", "quantizer.weight_budget_kb=18", "bits=4"]
+    budget = ["quantizer=dq_u3", "budget.weight_kb=18", "bits=4"]
     cfg = _compose(*BR_ARGS, *budget)
-    fp = partner_mod.partner_config(cfg)
-    assert set(fp.quantizer) == {"_target_", "name"}  # no budget, no quantizer options
-    assert (fp.w_bits, fp.a_bits, fp.layers.first_bits, fp.layers.last_bits) == (32, 32, None, None)
+    fp = partner_mod.partner_config(run_spec(cfg).config)
+    assert set(fp["quantizer"]) == {"_target_", "name"}  # no quantizer options
+    assert fp["budget"]["weight_kb"] is None  # and no budget it could never meet
+    layers = fp["layers"]
+    assert (fp["w_bits"], fp["a_bits"], layers["first_bits"], layers["last_bits"]) == (
+        32, 32, None, None,
+    )
     first = run_training(cfg, tmp_path / "a")
     assert first["status"] == "completed"
     key_dirs = [p for p in (tmp_path / "cache" / "partners").iterdir() if p.is_dir()]
@@ -274,9 +285,33 @@ def test_partner_of_a_budget_run_is_full_precision_and_reused(tmp_path, monkeypa
         raise AssertionError("the cached partner was trained again")
 
     second = _compose(*BR_ARGS, *budget, "estimator.w_kd=0.5")
-    real = partner_mod.cached_partner_dir
-    monkeypatch.setattr(
-        partner_mod, "cached_partner_dir", lambda c, train: real(c, no_training)
-    )
+    monkeypatch.setattr(run_mod, "train_cached_run", no_training)
     again = run_training(second, tmp_path / "b")
     assert again["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_export_of_a_block_replace_run_trains_nothing(tmp_path, monkeypatch):
+    """Exporting needs the trained LP network only: with the partner cache emptied, `qexp
+    export` of a finished block_replace run succeeds and trains no partner."""
+    import shutil
+
+    import qexp.train.run as run_mod
+    from qexp.export.write import main as export_main
+
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("QEXP_CACHE", str(cache))
+    run_dir = tmp_path / "run"
+    run_qexp("train", *BR_ARGS, f"hydra.run.dir={run_dir}", cwd=tmp_path,
+             env={"QEXP_CACHE": str(cache)})  # fmt: skip
+    assert read_metrics(run_dir)["status"] == "completed"
+    shutil.rmtree(cache)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("exporting trained a partner")
+
+    monkeypatch.setattr(run_mod, "train_cached_run", no_training)
+    monkeypatch.setattr(run_mod, "cached_fp_run", no_training)
+    assert export_main([str(run_dir)]) == 0
+    assert (run_dir / "export" / "model.safetensors").is_file()
+    assert not cache.exists()

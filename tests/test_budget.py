@@ -10,12 +10,13 @@ from conftest import FAST, compose_config, read_metrics
 from torch import nn
 
 from qexp.errors import QexpError
-from qexp.quant.budget import BudgetPenalty, budget_from_node, measure_layers
+from qexp.quant.budget import BudgetPenalty, budget_from_spec, measure_layers
 from qexp.quant.calibrate import calibration
 from qexp.quant.dq import DQU3Quantizer
 from qexp.quant.layers import quant_layers
 from qexp.quant.uniform import UniformQuantizer
 from qexp.quant.wrap import LayerBits, quantize_model
+from qexp.spec import BudgetSpec
 from qexp.train.inspect_levels import layer_table, weight_kb
 
 KB = 8 * 1024
@@ -139,16 +140,16 @@ def test_average_bits_convert_to_kb_for_the_model():
 @pytest.mark.parametrize(
     ("node", "match"),
     [
-        ({"weight_budget_kb": 10, "weight_avg_bits": 3}, "not both"),
-        ({"act_budget_mode": "mean"}, "max | sum"),
-        ({"weight_budget_kb": -1}, "positive"),
+        ({"weight_kb": 10, "weight_avg_bits": 3}, "budget.weight_kb or budget.weight_avg_bits"),
+        ({"act_mode": "mean"}, "max | sum"),
+        ({"weight_kb": -1}, "budget.weight_kb=-1: use null or a positive number"),
         ({"lambda_w": "big"}, "lambda_w"),
     ],
 )
 def test_bad_budget_options_are_one_line_errors(node, match):
     with pytest.raises(QexpError, match=match):
-        budget_from_node(node)
-    assert not budget_from_node({"name": "uniform", "weight": {}}).active
+        budget_from_spec(BudgetSpec(**node))
+    assert not budget_from_spec(BudgetSpec()).active
 
 
 def test_validate_rejects_bad_budget_and_accepts_the_yaml():
@@ -156,8 +157,8 @@ def test_validate_rejects_bad_budget_and_accepts_the_yaml():
 
     for name in ("dq_u1", "dq_u2", "dq_u3", "dq_pow2", "lsq", "pact", "dorefa"):
         validate_config(compose_config(f"quantizer={name}"))
-    bad = compose_config("quantizer=dq_u3", "quantizer.act_budget_mode=mean")
-    with pytest.raises(QexpError, match="act_budget_mode"):
+    bad = compose_config("quantizer=dq_u3", "budget.act_mode=mean")
+    with pytest.raises(QexpError, match="budget.act_mode"):
         validate_config(bad)
 
 
@@ -165,17 +166,17 @@ def test_dq_u3_initialises_from_init_from_weights(tmp_path: Path):
     """Quantizer ranges come from the loaded weights, not from the random initial ones."""
     from qexp.data.base import DataInfo
     from qexp.train.checkpoint import save_checkpoint
-    from qexp.train.run import build_model
+    from qexp.train.run import build_model, run_spec
 
     info = DataInfo(name="digits", num_classes=10, in_channels=1, image_size=8)
     src_cfg = compose_config("bits=32", "dataset=digits")
-    src = build_model(src_cfg, info, torch.device("cpu"), total_steps=1)
+    src = build_model(run_spec(src_cfg), info, torch.device("cpu"), total_steps=1)
     with torch.no_grad():
         for p in src.parameters():
             p.mul_(3.0)  # distinct from any fresh initialisation
     save_checkpoint({"model": src.state_dict()}, tmp_path / "fp.pt")
     cfg = compose_config("quantizer=dq_u3", "dataset=digits", f"init_from={tmp_path / 'fp.pt'}")
-    model = build_model(cfg, info, torch.device("cpu"), total_steps=1)
+    model = build_model(run_spec(cfg), info, torch.device("cpu"), total_steps=1)
     body = [(n, m) for n, m in model.layers() if m.layer_role == "body"]
     assert body and not any(bool(m.w_quant.initialized) for _, m in body)
     model.train()
@@ -212,7 +213,7 @@ def test_budget_run_meets_the_budget_and_logs_bits(tmp_path: Path):
     m = _train(
         run_dir,
         "quantizer=dq_u3",
-        f"quantizer.weight_budget_kb={budget}",
+        f"budget.weight_kb={budget}",
         "trainer.epochs=2",
         "trainer.batch_size=32",
         "trainer.quantizer_lr=0.01",
@@ -240,7 +241,7 @@ def test_budget_run_meets_the_budget_and_logs_bits(tmp_path: Path):
 def test_unreachable_budget_reports_the_last_epoch_plainly(tmp_path: Path):
     run_dir = tmp_path / "r"
     # below even 2-bit body weights (16.7 KB)
-    m = _train(run_dir, "quantizer=dq_u3", "quantizer.weight_budget_kb=5", "trainer.epochs=1")
+    m = _train(run_dir, "quantizer=dq_u3", "budget.weight_kb=5", "trainer.epochs=1")
     assert m["status"] == "completed"
     assert m["reason"].startswith("budget not met (weights ") and "> 5.00 KB" in m["reason"]
     assert m["budget_met"] is False and m["best_epoch"] is None
@@ -271,8 +272,8 @@ def test_preflight_refuses_a_budget_below_the_smallest_reachable_size(
     # independent count: edges at 8 bits, body layers at dq_u3's b_min = 2
     smallest = (8 * (sizes[0] + sizes[-1]) + 2 * sum(sizes[1:-1])) / KB
     monkeypatch.chdir(tmp_path)
-    for override in ("quantizer.weight_budget_kb=10", "quantizer.weight_avg_bits=1.5"):
-        extra = ["quantizer.weight_budget_kb=null"] if "avg" in override else []
+    for override in ("budget.weight_kb=10", "budget.weight_avg_bits=1.5"):
+        extra = ["budget.weight_kb=null"] if "avg" in override else []
         code = main(["train", "dataset=digits", "quantizer=dq_u3", override, *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1, err
@@ -281,7 +282,7 @@ def test_preflight_refuses_a_budget_below_the_smallest_reachable_size(
     # a budget just above it is accepted by the preflight (the run itself is not started)
     from qexp.train.preflight import check_command_line
 
-    above = f"quantizer.weight_budget_kb={smallest + 0.01:.2f}"
+    above = f"budget.weight_kb={smallest + 0.01:.2f}"
     check_command_line(["dataset=digits", "quantizer=dq_u3", above])
 
 
@@ -290,7 +291,7 @@ def test_default_dq_u3_meets_a_60_percent_budget_with_mixed_bits(tmp_path: Path)
     sizes = _digits_conv_sizes()
     four_bit = (8 * (sizes[0] + sizes[-1]) + 4 * sum(sizes[1:-1])) / KB
     budget = round(0.6 * four_bit, 2)  # 19.4 KB for the default small_cnn
-    overrides = ("quantizer=dq_u3", f"quantizer.weight_budget_kb={budget}", "trainer.epochs=10")
+    overrides = ("quantizer=dq_u3", f"budget.weight_kb={budget}", "trainer.epochs=10")
     m = _train(tmp_path / "r", *overrides)
     assert m["status"] == "completed", m["status"]
     assert m["weight_kb"] <= budget and m["budget_met"] is True

@@ -100,11 +100,11 @@ def test_calibrate_helper_leaves_batchnorm_statistics_alone():
 
 
 def test_the_trainer_calibrates_on_its_first_batch_only(monkeypatch, cfg_train, tmp_path):
-    from qexp.train.run import build_run
+    from qexp.train.run import build_run, run_spec
     from qexp.train.trainer import Trainer
 
     calls = _count_observe(monkeypatch, LSQQuantizer)
-    parts = build_run(cfg_train("quantizer=lsq", "trainer.epochs=2"), tmp_path)
+    parts = build_run(run_spec(cfg_train("quantizer=lsq", "trainer.epochs=2")), tmp_path)
     n_lsq = sum(isinstance(m, LSQQuantizer) for m in parts.model.modules())
     assert n_lsq > 0 and calls == []  # building the run calibrates nothing
     metrics = Trainer(parts).fit()

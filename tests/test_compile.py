@@ -9,7 +9,7 @@ from conftest import FAST, compose_config, read_metrics, run_qexp
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import refresh_weight_ranges
 from qexp.train.compile import OutputMaskReLU, compiled, use_output_mask_relus, wants_compile
-from qexp.train.run import build_model
+from qexp.train.run import build_model, run_spec
 
 COMMON = [*FAST, "trainer.epochs=3"]
 
@@ -25,7 +25,7 @@ def test_quantized_training_forward_is_one_graph(overrides):
     class Info:
         in_channels, image_size, num_classes = 1, 8, 10
 
-    model = build_model(cfg, Info(), torch.device("cpu"), total_steps=10)
+    model = build_model(run_spec(cfg), Info(), torch.device("cpu"), total_steps=10)
     x = torch.randn(4, 1, 8, 8)
     model.train()
     with calibration(model):
@@ -96,7 +96,7 @@ def test_compiled_step_matches_eager_within_float_noise():
         in_channels, image_size, num_classes = 1, 8, 10
 
     torch.manual_seed(0)
-    model = build_model(cfg, Info(), torch.device("cpu"), total_steps=10)
+    model = build_model(run_spec(cfg), Info(), torch.device("cpu"), total_steps=10)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     model.train()
     with calibration(model):

@@ -25,7 +25,7 @@ from qexp.cli import main
         ("layers.first_bits=0", ["layers.first_bits", "null"]),
         ("quantizer=dq_pow2 estimator=aqe", ["estimator=aqe", "uniform grid", "estimator=ste"]),
         ("quantizer=dq_pow2 estimator=quantnet bits=2", ["estimator=quantnet", "uniform grid"]),
-        ("quantizer=dq_u3 quantizer.weight_budget_kb=1", ["weight_budget_kb", "smallest size"]),
+        ("quantizer=dq_u3 budget.weight_kb=1", ["budget.weight_kb", "smallest size"]),
     ],
 )
 def test_bad_override_fails_with_one_line(override, expected, capsys, tmp_path, monkeypatch):

@@ -236,11 +236,11 @@ def test_unsupported_quantizer_is_a_one_line_error(tmp_path):
     from qexp.export.graph import build_graph
     from qexp.quant.calibrate import calibrate
     from qexp.train.build import build_data
-    from qexp.train.run import build_model
+    from qexp.train.run import build_model, run_spec
 
     cfg = compose_config(*SMALL, "quantizer=dq_pow2", "bits=3")
     data = build_data(cfg.dataset)
-    model = build_model(cfg, data.info, torch.device("cpu"), total_steps=1)
+    model = build_model(run_spec(cfg), data.info, torch.device("cpu"), total_steps=1)
     x, _ = next(iter(data.eval_batches("test", 16, torch.device("cpu"))))
     calibrate(model, x)
     with pytest.raises(QexpError, match="export: layer stage1.0 uses DQPow2Quantizer"):

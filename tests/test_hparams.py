@@ -48,13 +48,13 @@ def test_knobs_are_the_command_line_settings_beyond_the_columns(tmp_path):
     overrides = [
         "estimator=ste", "bits=2", "seed=1", "dataset=digits", "trainer.threads=1",
         "trainer.lr=0.1", "trainer.epochs=3", "+experiment=estimators_vs_bits",
-        "quantizer.weight_budget_kb=20.5", "+estimator.alpha_end=0.9",
+        "budget.weight_kb=20.5", "+estimator.alpha_end=0.9",
         "trainer.momentum=0.8", "layers.first_bits=null", "tag=baseline",
     ]  # fmt: skip
     (tmp_path / ".hydra").mkdir()
     (tmp_path / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     assert knobs(tmp_path) == {
-        "quantizer.weight_budget_kb": 20.5,
+        "budget.weight_kb": 20.5,
         "estimator.alpha_end": 0.9,
         "trainer.momentum": 0.8,
         "layers.first_bits": None,
@@ -72,10 +72,10 @@ def test_every_column_reaches_the_hparams_tab(tmp_path):
     }
     for name, metrics in runs.items():
         _write_run(tmp_path / name, metrics, [f"estimator={metrics['estimator']}", "bits=2",
-                                              "quantizer.weight_budget_kb=20"])  # fmt: skip
+                                              "budget.weight_kb=20"])  # fmt: skip
     seen = hparams_backend(tmp_path)
     infos = {h["name"]: h for h in seen["experiment"]["hparamInfos"]}
-    knob = "quantizer.weight_budget_kb"
+    knob = "budget.weight_kb"
     assert set(infos) == {*HPARAMS, knob}
     assert [m["displayName"] for m in seen["experiment"]["metricInfos"]] == list(METRICS)
     # TensorBoard shows the first five hparam columns, `differs` ones first, by name: the

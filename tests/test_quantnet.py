@@ -131,11 +131,11 @@ def test_staircase_tends_to_hard_levels():
 
 @pytest.mark.parametrize("bits", [1, 2])
 def test_deployed_levels_within_bits_and_loss_regularizer(bits, cfg_train, tmp_path):
-    from qexp.train.run import build_run
+    from qexp.train.run import build_run, run_spec
 
     cfg = cfg_train("estimator=quantnet", f"bits={bits}", "model.width=8",
                     "estimator.embed_dim=2", "estimator.meta_lr=0.01")  # fmt: skip
-    parts = build_run(cfg, tmp_path)
+    parts = build_run(run_spec(cfg), tmp_path)
     data, model, opt = parts.data, parts.model, parts.optimizer
     est = model.estimator
     meta_group = [g for g in opt.param_groups if g["name"].startswith("estimator")]

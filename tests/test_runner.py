@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import re
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAST, hparams_backend, qexp_cmd, read_metrics, run_qexp
+from conftest import FAST, hparams_backend, read_metrics, run_qexp
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from qexp.report.hparams import HPARAMS, METRICS
+from qexp.train.faults import FAULT_ENV, KILLED_STATUS
 
 METRIC_FIELDS = {
     "estimator", "quantizer", "model", "dataset", "w_bits", "a_bits", "seed", "epochs",
@@ -141,20 +138,15 @@ def test_sweep_leaves_one_run_dir_per_job(tmp_path):
 
 
 def test_killed_run_resumes_to_the_same_result(tmp_path):
-    # Small batches make an epoch long enough (~1 s) to kill the run inside its second one.
     args = [*FAST, "trainer.epochs=3", "trainer.batch_size=8", "trainer.lr=0.001"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
     run_qexp("train", *args, f"hydra.run.dir={ref_dir}", cwd=tmp_path)
 
-    proc = subprocess.Popen(qexp_cmd("train", *args, f"hydra.run.dir={run_dir}"), cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.time() + 120
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    state = torch.load(last, weights_only=True)
+    # dies like a SIGKILLed process at the end of epoch 1 (qexp/train/faults.py)
+    killed = run_qexp("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=False,
+                      env={FAULT_ENV: "kill@epoch:1"})  # fmt: skip
+    assert killed.returncode == KILLED_STATUS
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 1, "the run must be killed during its second epoch"
     assert read_metrics(run_dir)["status"] == "running"
 

@@ -14,11 +14,12 @@ from conftest import FAST, compose_config, run_qexp
 from qexp.data.sealed import SealedSplitError, SealedTest
 from qexp.errors import QexpError
 from qexp.report.compare import main as compare_main
-from qexp.study.pipeline import EXIT_AFTER_ENV, Study, plateau_gain
+from qexp.study.pipeline import Study, plateau_gain
 from qexp.study.pipeline import main as study_main
-from qexp.study.runs import hydra_configs
-from qexp.study.spec import load_spec, parse_spec
-from qexp.train.run import build_run
+from qexp.study.runs import hydra_configs, load_spec
+from qexp.study.spec import parse_spec
+from qexp.train.faults import FAULT_ENV, KILLED_STATUS
+from qexp.train.run import build_run, run_spec
 from qexp.train.trainer import Trainer
 
 BASE = [*FAST, "model=mlp", "model.hidden=[32,32]", "trainer.log_every=1000"]
@@ -65,21 +66,21 @@ def test_sealed_data_refuses_the_test_split():
     with pytest.raises(SealedSplitError):
         import torch
 
-        SealedTest(build_run(cfg, Path("/nonexistent")).data).eval_batches(
+        SealedTest(build_run(run_spec(cfg), Path("/nonexistent")).data).eval_batches(
             "test", 10, torch.device("cpu")
         )
 
 
 def test_epoch_hook_and_patience_stop_training(tmp_path):
     cfg = compose_config(*BASE, "bits=32", "trainer.epochs=40", "trainer.patience=2")
-    metrics = Trainer(build_run(cfg, tmp_path / "plateau")).fit()
+    metrics = Trainer(build_run(run_spec(cfg), tmp_path / "plateau")).fit()
     done, best = metrics["epochs_done"], metrics["best_epoch"]
     assert done < 40 and done - best == 2  # stopped two epochs after its best one
     vals = [h["val_acc"] for h in metrics["history"]]
     assert max(vals[best:]) <= vals[best - 1]
 
     cfg = compose_config(*BASE, "bits=32", "trainer.epochs=5")
-    parts = build_run(cfg, tmp_path / "hook")
+    parts = build_run(run_spec(cfg), tmp_path / "hook")
     seen = []
     parts.on_epoch = lambda history: seen.append(len(history)) or len(history) == 2
     assert Trainer(parts).fit()["epochs_done"] == 2 and seen == [1, 2]
@@ -134,10 +135,11 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     monkeypatch.setenv("QEXP_CACHE", env["QEXP_CACHE"])
     study_dir = tmp_path / "study"
 
-    # killed right after stage 1 (os._exit: nothing is flushed or cleaned up)
+    # killed right after stage 1, as its first tuning run starts (os._exit: nothing is
+    # flushed or cleaned up)
     first = run_qexp("study", str(spec), "--dir", str(study_dir), cwd=tmp_path, check=False,
-                     env={**env, EXIT_AFTER_ENV: "references"})
-    assert first.returncode == 17, first.stderr
+                     env={**env, FAULT_ENV: "kill@start/tuning"})
+    assert first.returncode == KILLED_STATUS, first.stderr
     assert "2 full-precision networks ready (2 trained now" in first.stdout
     references = mtimes(tmp_path / "cache")
     assert len(references) == 2

@@ -66,7 +66,7 @@ def test_bad_ranges_are_one_line_errors(node):
 
 @pytest.mark.parametrize("preset", sorted(p.stem for p in (CONF / "study").glob("*.yaml")))
 def test_presets_load_and_name_existing_options(preset):
-    from qexp.study.spec import load_spec
+    from qexp.study.runs import load_spec
 
     spec = load_spec(preset)
     for method in spec.methods:
@@ -78,7 +78,7 @@ def test_presets_load_and_name_existing_options(preset):
 
 
 def test_spec_errors_are_one_line(tmp_path):
-    from qexp.study.spec import load_spec
+    from qexp.study.runs import load_spec
 
     path = tmp_path / "bad.yaml"
     path.write_text("name: x\nsettings: []\nmethods: {}\nseeds: [0, 1]\ntuning: {trials: 1}\n")

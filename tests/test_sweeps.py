@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
+from qexp.train.faults import FAULT_ENV
 from qexp.train.job import plan_job
 from qexp.train.sweep import MARKER, SUMMARY_FILE, available_cpus, launcher_threads
 
@@ -31,46 +32,17 @@ BASE = [
 GRID = ["estimator=ste,clipped_ste", "bits=1,4", "seed=0,1"]
 TIMEOUT = 240
 
-# Runs `qexp ...` but dies like a SIGKILLed process when a run starts its second epoch, i.e.
-# right after the epoch-1 checkpoint (checkpoints/last.pt) and metrics.json "running" are on disk.
-KILLED_IN_EPOCH_2 = """
-import os, sys
-from qexp.train import trainer
-
-_train_epoch = trainer.Trainer._train_epoch
-
-def train_epoch(self, writer):
-    if self.epoch == 1:
-        os._exit(137)
-    return _train_epoch(self, writer)
-
-trainer.Trainer._train_epoch = train_epoch
-from qexp.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
-
-# Runs `qexp ...` with a bug planted in every clipped_ste run (a non-QexpError exception).
-CLIPPED_STE_CRASHES = """
-import sys
-from qexp.train import trainer
-
-_fit = trainer.Trainer.fit
-
-def fit(self):
-    if self.run.identity["estimator"] == "clipped_ste":
-        raise RuntimeError("planted bug")
-    return _fit(self)
-
-trainer.Trainer.fit = fit
-from qexp.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# A run that dies like a SIGKILLed process right after its epoch-1 checkpoint and metrics.json
+# ("running") are on disk (qexp/train/faults.py).
+KILLED_IN_EPOCH_2 = {FAULT_ENV: "kill@epoch:1"}
+# A crash (a non-QexpError exception) planted in every clipped_ste run as it starts.
+CLIPPED_STE_CRASHES = {FAULT_ENV: "crash@start/clipped_ste-"}
 
 
-def qexp(cwd: Path, *args: str, script: str | None = None) -> subprocess.CompletedProcess:
-    """Run the CLI (or ``script`` standing in for it) in ``cwd``; returns the finished process."""
-    head = [sys.executable, "-c", script] if script else [sys.executable, "-m", "qexp.cli"]
-    env = {**os.environ, "HYDRA_FULL_ERROR": "1"}
+def qexp(cwd: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in ``cwd`` (with ``env`` added); returns the finished process."""
+    head = [sys.executable, "-m", "qexp.cli"]
+    env = {**os.environ, "HYDRA_FULL_ERROR": "1", **(env or {})}
     return subprocess.run(
         [*head, *args],
         cwd=cwd,
@@ -156,7 +128,7 @@ def joblib_sweep(tmp_path_factory):
     # 1. the run ste / 1 bit / seed 0 dies after its epoch-1 checkpoint
     killed = qexp(
         cwd, "train", "-m", *preset, "estimator=ste", "bits=1", "seed=0", *BASE,
-        script=KILLED_IN_EPOCH_2,
+        env=KILLED_IN_EPOCH_2,
     )  # fmt: skip
     assert killed.returncode == 137, killed.stdout[-2000:] + killed.stderr[-2000:]
     (cut_off,) = run_dirs(sweep)
@@ -281,13 +253,13 @@ def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
     overrides = ["estimator=clipped_ste,ste", "bits=2", *BASE[:2], "trainer.epochs=1"]
     overrides += ["trainer.threads=1", "trainer.progress=none", f"hydra.sweep.dir={sweep}"]
-    out = ok(qexp(tmp_path, "train", "-m", *overrides, script=CLIPPED_STE_CRASHES))
+    out = ok(qexp(tmp_path, "train", "-m", *overrides, env=CLIPPED_STE_CRASHES))
     by_estimator = {}
     for d in sweep.iterdir():
         if d.is_dir():
             by_estimator[d.name.split("-")[0]] = metrics(d)
     assert by_estimator["clipped_ste"]["status"] == "failed"
-    assert by_estimator["clipped_ste"]["reason"] == "RuntimeError: planted bug"
+    assert by_estimator["clipped_ste"]["reason"].startswith("InjectedCrash: QEXP_FAULT=")
     assert by_estimator["ste"]["status"] == "completed"  # ran after the crash
     assert summary(sweep) == {
         "fresh": 1,
@@ -297,7 +269,7 @@ def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
         "failed": 1,
         "unfinished": 0,
     }
-    assert "planted bug" in out
+    assert "InjectedCrash" in out
 
 
 @pytest.mark.slow

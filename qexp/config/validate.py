@@ -19,7 +19,7 @@ from typing import Any, Union
 from omegaconf import DictConfig, OmegaConf
 
 from qexp.errors import QexpError
-from qexp.spec import AMP_DTYPES, COMPILE_MODES, OPTIMIZERS, PROGRESS_MODES
+from qexp.spec import AMP_DTYPES, COMPILE_MODES, OPTIMIZERS, PROGRESS_MODES, BudgetSpec
 
 BITS_ALLOWED = "an integer from 1 to 16, or 32 for full precision"
 GROUPS = ("model", "dataset", "quantizer", "estimator", "schedule")
@@ -116,9 +116,9 @@ def validate_config(cfg: DictConfig) -> None:
             raise QexpError(f"config group '{group}' is missing: pick one with {group}=<option>")
         check_component(group, node)
     check_component("layers.edge_quantizer", layers["edge_quantizer"])
-    from qexp.quant.budget import budget_from_node  # memory budget keys of the quantizer group
+    from qexp.quant.budget import budget_from_spec
 
-    budget_from_node(plain["quantizer"])
+    budget_from_spec(BudgetSpec(**plain["budget"]))
 
 
 def _import(path: str, key: str) -> Any:

@@ -15,7 +15,6 @@ the penalty moves d and q_max (or b) towards fewer bits while a budget is exceed
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,19 +24,18 @@ from torch import Tensor, nn
 from qexp.errors import QexpError
 from qexp.quant.base import Quantizer
 from qexp.quant.layers import QuantLayer, quant_layers, quant_mode
+from qexp.spec import BudgetSpec
 
 ACT_MODES = ("max", "sum")
-#: the quantizer group's keys that configure the budget (everything else builds quantizers)
-BUDGET_KEYS = (
-    "budget_margin",
-    "weight_budget_kb",
-    "act_budget_kb",
-    "act_budget_mode",
-    "weight_avg_bits",
-    "act_avg_bits",
-    "lambda_w",
-    "lambda_a",
-)
+#: BudgetPenalty's options -> the config keys users write (conf/config.yaml ``budget:``)
+_CONFIG_KEYS = {
+    "weight_budget_kb": "budget.weight_kb",
+    "act_budget_kb": "budget.act_kb",
+    "act_budget_mode": "budget.act_mode",
+    "budget_margin": "budget.margin",
+    "weight_avg_bits": "budget.weight_avg_bits",
+    "act_avg_bits": "budget.act_avg_bits",
+}
 _KB = 8 * 1024
 
 
@@ -280,9 +278,9 @@ def check_reachable(budget: BudgetPenalty, layers: list[LayerSize]) -> None:
         if target is None or target >= smallest - 1e-9:
             continue
         given = (
-            f"quantizer.{kind}_avg_bits={avg_bits} ({_kb(target)} KB)"
+            f"budget.{kind}_avg_bits={avg_bits} ({_kb(target)} KB)"
             if avg_bits is not None
-            else f"quantizer.{kind}_budget_kb={_kb(target)} KB"
+            else f"budget.{kind}_kb={_kb(target)} KB"
         )
         raise QexpError(
             f"{given} is below the smallest size this model can reach, "
@@ -291,14 +289,13 @@ def check_reachable(budget: BudgetPenalty, layers: list[LayerSize]) -> None:
         )
 
 
-def budget_from_node(node: Mapping[str, Any] | None, key: str = "quantizer") -> BudgetPenalty:
-    """The budget configured in a quantizer group node (keys :data:`BUDGET_KEYS`).
-
-    Quantizer options without budget keys give an inactive budget. Bad values raise QexpError
-    naming ``key``.
-    """
-    opts = {k: node[k] for k in BUDGET_KEYS if node is not None and k in node}
+def budget_from_spec(spec: BudgetSpec) -> BudgetPenalty:
+    """The penalty of the run's ``budget`` node; bad values raise a one-line QexpError that
+    names the config keys."""
     try:
-        return BudgetPenalty(**opts)
+        return BudgetPenalty(**spec.penalty_options())
     except (TypeError, ValueError) as exc:
-        raise QexpError(f"{key}: {exc}") from None
+        text = str(exc)
+        for option, key in _CONFIG_KEYS.items():
+            text = text.replace(option, key)
+        raise QexpError(f"budget: {text}") from None

@@ -12,7 +12,6 @@ import torch
 
 from qexp.errors import QexpError
 from qexp.record import atomic_write
-from qexp.train.faults import fault_point
 
 log = logging.getLogger("qexp")
 
@@ -110,8 +109,7 @@ class RunCheckpoints:
         return True
 
     def on_epoch_end(self, trainer: Any, new_best: bool) -> None:
-        """``best.pt`` when the epoch just done is the new best, then ``last.pt``; then the
-        fault-injection point ``epoch:N`` (qexp.train.faults)."""
+        """``best.pt`` when the epoch just done is the new best, then ``last.pt``."""
         progress = trainer.progress
         if self.writes:
             if new_best:
@@ -130,7 +128,6 @@ class RunCheckpoints:
                 },
                 self.last,
             )
-        fault_point(f"epoch:{progress.epoch}", self.run_dir)
 
     def load_best(self, model: torch.nn.Module) -> None:
         """Load ``best.pt`` into ``model`` when there is one (else the model stays as it is)."""

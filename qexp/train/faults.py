@@ -3,13 +3,14 @@
 ``QEXP_FAULT`` names a point in a run's life where the process dies as if killed (``kill``:
 ``os._exit(137)``, nothing flushed or cleaned up) or crashes (``crash``: an exception):
 
-    QEXP_FAULT=kill@epoch:2           after the checkpoint of epoch 2 is on disk
+    QEXP_FAULT=kill@epoch:2           after epoch 2 (its checkpoint and metrics.json on disk)
     QEXP_FAULT=kill@start/tuning      when a run job starts in a run dir whose path contains
                                       "tuning" (e.g. a study right after its references)
     QEXP_FAULT=crash@epoch:1/seed3    a Python exception after epoch 1 of runs matching "seed3"
 
 Events: ``start`` (the job lifecycle, after the run dir is locked) and ``epoch:N`` (the trainer,
-right after ``checkpoints/last.pt`` of epoch N is written). Unset, it costs one dict lookup.
+at the end of epoch N: ``checkpoints/last.pt`` and ``metrics.json`` written). Unset, it costs one
+environment lookup.
 """
 
 from __future__ import annotations

@@ -198,12 +198,12 @@ def check_budget_reachable(cfg: DictConfig) -> None:
     """Refuse a memory budget where no bit width can move, or below the smallest size the
     model can reach (one line naming it); builds the data set and the quantized network only
     when a budget is set."""
-    from qexp.quant.budget import check_reachable, measure_layers
+    from qexp.quant.budget import budget_from_spec, check_reachable, measure_layers
     from qexp.train.build import build_data
-    from qexp.train.run import budget_penalty, build_quantized_net, run_spec
+    from qexp.train.run import build_quantized_net, run_spec
 
     spec = run_spec(cfg)
-    budget = budget_penalty(spec.budget)
+    budget = budget_from_spec(spec.budget)
     if not budget.active:
         return
     import torch

@@ -28,7 +28,7 @@ from qexp.data.base import DataInfo
 from qexp.data.sealed import SealedTest
 from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
-from qexp.quant.budget import BudgetPenalty
+from qexp.quant.budget import budget_from_spec
 from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
 from qexp.spec import BudgetSpec, LayersSpec, PartnerSpec, RunSpec, TrainerSettings
@@ -223,7 +223,7 @@ def build_run(
     model = build_model(spec, data.info, device, total_steps, run_dir, partner)
     optimizer = build_optimizer(model, settings)
     lr_curve = instantiate(spec.lr_schedule, "schedule.lr")
-    budget = budget_penalty(spec.budget)
+    budget = budget_from_spec(spec.budget)
     info = data.info
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
     precision = PrecisionMonitor(model.net, budget, example)
@@ -239,14 +239,6 @@ def build_run(
         settings, model, SealedTest(data) if seal_test else data, optimizer, lr_curve,
         precision, run, device, spec.resume, on_epoch=on_epoch, dist=dist,
     )  # fmt: skip
-
-
-def budget_penalty(budget: BudgetSpec) -> BudgetPenalty:
-    """The budget penalty of a budget spec (bad values: one line naming ``budget``)."""
-    try:
-        return BudgetPenalty(**budget.penalty_options())
-    except (TypeError, ValueError) as exc:
-        raise QexpError(f"budget: {exc}") from None
 
 
 def _shared_run_dir(run_dir: Path, dist: distributed.DistInfo) -> Path:

@@ -23,6 +23,7 @@ from qexp.record import RunRecord, RunStatus
 from qexp.train.checkpoint import RunCheckpoints
 from qexp.train.distributed import barrier
 from qexp.train.evaluate import evaluate
+from qexp.train.faults import fault_point
 from qexp.train.final_test import final_test
 from qexp.train.parts import RunParts
 from qexp.train.progress import Progress
@@ -147,6 +148,7 @@ class Trainer:
         barrier(p.dist)  # the checkpoints are on disk before any rank reads them
         self._record(RunStatus.RUNNING)
         reporter.flush()
+        fault_point(f"epoch:{prog.epoch}", p.run.run_dir)  # tests: die as if killed here
         return p.on_epoch is not None and bool(p.on_epoch(prog.history))
 
     def _train_epoch(self) -> tuple[float, float]:

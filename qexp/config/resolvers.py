@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from omegaconf import OmegaConf
 
+from qexp.record import RESUME_FREE_KEYS
+
 #: edge bits of a quantized run when not set explicitly
 QUANTIZED_EDGE_BITS = 8
 
@@ -19,7 +21,15 @@ def edge_bits(w_bits: int, a_bits: int) -> int:
     return 32 if int(w_bits) >= 32 and int(a_bits) >= 32 else QUANTIZED_EDGE_BITS
 
 
+def resume_free_keys(*extra: str) -> list[str]:
+    """The config keys that change no result (qexp.record.RESUME_FREE_KEYS) plus ``extra``:
+    Hydra leaves them out of a sweep job's dir name, so a resumed job finds its dir again."""
+    return [*RESUME_FREE_KEYS, *extra]
+
+
 def register_resolvers() -> None:
     """Register qexp's resolvers with OmegaConf (idempotent)."""
     if not OmegaConf.has_resolver("qexp.edge_bits"):
         OmegaConf.register_new_resolver("qexp.edge_bits", edge_bits)
+    if not OmegaConf.has_resolver("qexp.resume_free_keys"):
+        OmegaConf.register_new_resolver("qexp.resume_free_keys", resume_free_keys)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +23,15 @@ EpochHook = Callable[[list[dict[str, Any]]], bool]
 
 @dataclass
 class RunInfo:
-    """Who the run is: where it writes, its seed, its config fingerprint, and the identity
-    fields (estimator, quantizer, model, bits, ...) that head its ``metrics.json``."""
+    """Who the run is: where it writes, its seed, its config fingerprint, the identity fields
+    (estimator, quantizer, model, bits, ...) that head its ``metrics.json``, and the resolved
+    config that ends it (so reports read a run's settings from its record alone)."""
 
     run_dir: Path
     seed: int
     fingerprint: str
     identity: dict[str, Any]
+    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -35,6 +35,7 @@ class RunReporter:
         fingerprint: the run's config fingerprint (in every record).
         identity: the fields that head ``metrics.json`` (estimator, bits, seed...).
         facts: constant facts of the run added to every record (data report, ranks).
+        config: the run's resolved config, the last entry of every record.
         device: for the peak-memory fields.
         purge_step: a resumed run's step: TensorBoard events after it (from the cut-off part
             of the run) are dropped.
@@ -49,10 +50,11 @@ class RunReporter:
         identity: dict[str, Any],
         facts: dict[str, Any],
         device: torch.device,
+        config: dict[str, Any] | None = None,
         purge_step: int | None = None,
     ) -> None:
         self.run_dir, self.fingerprint, self.device = run_dir, fingerprint, device
-        self.identity, self.facts = identity, facts
+        self.identity, self.facts, self.config = identity, facts, config or {}
         self.writer: Any = self._open_writer(purge_step)
 
     def _open_writer(self, purge_step: int | None) -> Any:
@@ -84,6 +86,7 @@ class RunReporter:
             **self.facts,
             **peak_memory(self.device),
             **results,
+            "config": self.config,
         }
         record = RunRecord(status, reason, self.fingerprint, data)
         if self.writes:

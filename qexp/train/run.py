@@ -227,7 +227,7 @@ def build_run(
     info = data.info
     example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
     precision = PrecisionMonitor(model.net, budget, example)
-    run = RunInfo(run_dir, spec.seed, spec.fingerprint, dict(spec.identity))
+    run = RunInfo(run_dir, spec.seed, spec.fingerprint, dict(spec.identity), spec.config)
     log.info(
         "run %s: %s/%s on %s, w%d a%d (first layer %s bits, last %s), %s, %d steps",
         run_dir, spec.identity["estimator"], spec.identity["quantizer"],

@@ -93,7 +93,7 @@ class Trainer:
         reporter_cls = RunReporter if p.dist.is_main else SilentReporter
         facts = {**p.data.data_report(), "ranks": p.dist.world}
         self.reporter = reporter_cls(
-            p.run.run_dir, p.run.fingerprint, p.run.identity, facts, p.device,
+            p.run.run_dir, p.run.fingerprint, p.run.identity, facts, p.device, p.run.config,
             purge_step=self.progress.step or None,
         )  # fmt: skip
         try:

@@ -17,6 +17,7 @@ from conftest import FAST, read_metrics, run_qexp
 
 from qexp import rundir_lock
 from qexp.rundir_lock import LOCK_NAME, RunDirHeld, RunDirLock, machine_id, pid_start, read_lock
+from qexp.train.faults import FAULT_ENV, GO_ENV
 
 
 def write_lock(run_dir: Path, age_s: float = 0.0, **fields) -> Path:
@@ -153,35 +154,16 @@ def test_only_one_of_many_racing_processes_takes_over_a_stale_lock(tmp_path):
 
 
 # -- through the CLI ------------------------------------------------------------------------
-# Runs `qexp ...` but stops at the start of epoch 2 (the epoch-1 checkpoint is on disk) and
-# waits there until the file $QEXP_TEST_GO exists; writes $QEXP_TEST_GO.paused when it stops.
-PAUSE_IN_EPOCH_2 = """
-import os, sys, time
-from pathlib import Path
-from qexp.train import trainer
-
-_train_epoch = trainer.Trainer._train_epoch
-go = Path(os.environ["QEXP_TEST_GO"])
-
-def train_epoch(self, writer):
-    if self.epoch == 1:
-        Path(str(go) + ".paused").write_text(str(os.getpid()))
-        while not go.exists():
-            time.sleep(0.02)
-    return _train_epoch(self, writer)
-
-trainer.Trainer._train_epoch = train_epoch
-from qexp.cli import main
-sys.exit(main(sys.argv[1:]))
-"""
+# Runs stop after epoch 1 (its checkpoint on disk) and wait there until the file
+# $QEXP_FAULT_GO exists; they write $QEXP_FAULT_GO.paused when they stop (qexp/train/faults.py).
 ARGS = [*FAST, "model=mlp", "trainer.epochs=2"]
 
 
 def start_paused(tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     """Start `qexp ARGS` paused in epoch 2; returns the process and its go file."""
     go = tmp_path / "go"
-    env = {**os.environ, "QEXP_TEST_GO": str(go)}
-    command = [sys.executable, "-c", PAUSE_IN_EPOCH_2, *args]
+    env = {**os.environ, GO_ENV: str(go), FAULT_ENV: "pause@epoch:1"}
+    command = [sys.executable, "-m", "qexp.cli", *args]
     proc = subprocess.Popen(
         command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )

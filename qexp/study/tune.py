@@ -1,11 +1,21 @@
 """Tuning: the same Optuna budget for every method, on validation accuracy only.
 
-One Optuna study per (setting, method), all stored in one journal file under the study dir, so
-a rerun continues where the last one stopped. Each trial is an ordinary qexp run with its test
-split sealed (qexp.data.sealed); its validation curve is reported epoch by epoch and a trial
-below the median of earlier trials at the same epoch is pruned. Failed and pruned trials count
-against the budget; trials cut off by a killed study do not (they are closed as failed with
-``interrupted`` set and replaced).
+One Optuna study per cell (setting, method), each in its own journal file in the cell's dir
+(``tuning/<setting>/<method>/optuna.journal``): journal files need no database server, work on
+shared file systems, and travel with the study dir, so a study continued on another machine
+(or in another shard) finds every trial told so far. Each trial is an ordinary qexp run with
+its test split sealed (qexp.data.sealed); its validation curve is reported epoch by epoch and
+a trial below the median of earlier trials at the same epoch is pruned, never before the epoch
+given as the warm-up. Failed and pruned trials count against the budget; trials cut off by a
+killed study do not (they are closed as failed with ``interrupted`` set and replaced).
+
+Trials are asked and told by the study's main process in rounds (qexp.study.pipeline): each
+round asks up to ``parallel`` trials of every cell that still needs some, the workers train
+them side by side, and they are told in the order they were asked. With one trial per cell and
+round (the default whenever there are at least as many cells as workers) every trial of a cell
+sees all the cell's earlier trials, so the tuning result does not depend on the number of
+workers; the round of each trial is stored with it (``round``), so the report can say what a
+rerun would change.
 
 Why Optuna itself rather than hydra-optuna-sweeper: that plugin pins optuna < 3, its SQLite
 storage breaks with SQLAlchemy 2, it cannot prune from per-epoch validation curves (a sweeper
@@ -15,8 +25,8 @@ preflight rejects. The ask/tell API gives pruning, a resumable journal and an ex
 
 from __future__ import annotations
 
-import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,18 +35,16 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
-from qexp.study.runs import train_study_run
+from qexp.spec import RunSpec
 from qexp.study.space import Knob, suggest
-from qexp.train.job import Policy
-
-log = logging.getLogger("qexp")
+from qexp.study.workers import Result, Task, TrialRef
 
 JOURNAL = "optuna.journal"
 
 
 @dataclass
 class TuneResult:
-    """What tuning one (setting, method) found."""
+    """What tuning one cell found."""
 
     best_params: dict[str, Any] | None  # None: no trial completed (the method failed here)
     best_val: float | None
@@ -54,11 +62,18 @@ class TuneResult:
         return next((t["error"] for t in self.trials if t.get("error")), None)
 
 
-def storage(study_dir: Path) -> JournalStorage:
-    """The Optuna storage of a study dir (a journal file, no database server)."""
-    path = study_dir / "tuning" / JOURNAL
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
+def storage_at(journal: Path) -> JournalStorage:
+    """The Optuna storage of one journal file (no database server)."""
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(journal)))
+
+
+def make_pruner(startup_trials: int, warmup_epochs: int) -> optuna.pruners.BasePruner:
+    """Median pruning after ``startup_trials`` finished trials, never in the first
+    ``warmup_epochs`` epochs of a trial."""
+    return optuna.pruners.MedianPruner(
+        n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
+    )
 
 
 def _counted(t: optuna.trial.FrozenTrial) -> bool:
@@ -68,99 +83,110 @@ def _counted(t: optuna.trial.FrozenTrial) -> bool:
     return t.state is TrialState.FAIL and not t.user_attrs.get("interrupted")
 
 
-def pruning_hook(trial: optuna.Trial):
-    """The trainer's epoch hook: report val accuracy; raise TrialPruned when Optuna says so."""
+class CellTuner:
+    """The Optuna study of one cell, asked and told by the study's main process.
 
-    def on_epoch(history: list[dict[str, float]]) -> bool:
-        epoch = len(history)
-        trial.report(float(history[-1]["val_acc"]), step=epoch)
-        if trial.should_prune():
-            raise optuna.TrialPruned(
-                f"pruned by the tuner at epoch {epoch} (validation curve below the median of "
-                "earlier trials)"
-            )
-        return False
-
-    return on_epoch
-
-
-def tune(
-    study_dir: Path,
-    name: str,
-    trials: int,
-    knobs: list[Knob],
-    make_spec,
-    run_dir_of,
-    sampler_seed: int,
-    prune_startup_trials: int,
-    prune_warmup_epochs: int,
-) -> TuneResult:
-    """Run the trials of one (setting, method) until ``trials`` have counted.
-
-    ``make_spec(values)`` composes the run spec of chosen knob values; ``run_dir_of(number)``
-    is the run dir of a trial.
+    ``make_spec(values)`` composes the run spec of chosen knob values; trial ``n`` trains in
+    ``cell_dir/trial<n>``. ``study_dir``: trial run dirs are stored relative to it.
     """
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name=name,
-        storage=storage(study_dir),
-        direction="maximize",
-        load_if_exists=True,
-        sampler=optuna.samplers.TPESampler(seed=sampler_seed),
-        pruner=optuna.pruners.MedianPruner(
-            n_startup_trials=prune_startup_trials, n_warmup_steps=prune_warmup_epochs
-        ),
-    )
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        # a trial of a killed study: close it and let a fresh one take its place
-        study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-        study.tell(t.number, state=TrialState.FAIL)
-    ran = 0
-    while sum(_counted(t) for t in study.get_trials(deepcopy=False)) < trials:
-        trial = study.ask()
-        values = suggest(trial, knobs)
-        run_dir = run_dir_of(trial.number)
-        trial.set_user_attr("run_dir", str(run_dir))
-        ran += 1
-        try:
-            metrics = train_study_run(
-                make_spec(values), run_dir, pruning_hook(trial), seal_test=True,
-                policy=Policy.FRESH,
-            ).metrics
-        except optuna.TrialPruned:
-            study.tell(trial, state=TrialState.PRUNED)
-            continue
-        except Exception as exc:  # any error fails this trial only, never the study
-            trial.set_user_attr("error", (str(exc).splitlines() or [type(exc).__name__])[0])
-            study.tell(trial, state=TrialState.FAIL)
-            continue
-        value = metrics.get("best_val_acc")
-        if value is None or not math.isfinite(float(value)):
-            trial.set_user_attr("error", metrics.get("reason") or "no validation accuracy")
-            study.tell(trial, state=TrialState.FAIL)
-        else:
-            study.tell(trial, float(value))
-    return _result(study, ran)
 
-
-def _result(study: optuna.Study, ran: int) -> TuneResult:
-    rows = []
-    for t in study.get_trials(deepcopy=False):
-        if not _counted(t):
-            continue
-        rows.append(
-            {
-                "number": t.number,
-                "state": t.state.name.lower(),
-                "val_acc": t.value,
-                "params": dict(t.params),
-                "epochs": len(t.intermediate_values),
-                "error": t.user_attrs.get("error"),
-                "run_dir": t.user_attrs.get("run_dir"),
-            }
+    def __init__(
+        self,
+        cell_dir: Path,
+        study_dir: Path,
+        name: str,
+        trials: int,
+        knobs: list[Knob],
+        make_spec: Callable[[dict[str, Any]], RunSpec],
+        sampler: optuna.samplers.BaseSampler,
+        prune_startup_trials: int,
+        prune_warmup_epochs: int,
+    ) -> None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
+        self.trials, self.knobs, self.make_spec = trials, knobs, make_spec
+        self.journal = cell_dir / JOURNAL
+        self.prune = (prune_startup_trials, prune_warmup_epochs)
+        self.study = optuna.create_study(
+            study_name=name,
+            storage=storage_at(self.journal),
+            direction="maximize",
+            load_if_exists=True,
+            sampler=sampler,
+            pruner=make_pruner(*self.prune),
         )
-    done = [t for t in study.get_trials(deepcopy=False) if t.state is TrialState.COMPLETE]
-    if not done:
-        return TuneResult(None, None, rows, ran)
-    best = max(done, key=lambda t: (t.value, -t.number))
-    return TuneResult(dict(best.params), float(best.value), rows, ran)
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # a trial of a killed study: close it and let a fresh one take its place
+            self.study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            self.study.tell(t.number, state=TrialState.FAIL)
+        self.in_flight = 0
+        self.ran = 0
+
+    def remaining(self) -> int:
+        """Trials still to ask for the budget (those asked and not yet told included)."""
+        counted = sum(_counted(t) for t in self.study.get_trials(deepcopy=False))
+        return max(0, self.trials - counted - self.in_flight)
+
+    def ask(self, round_: int) -> tuple[optuna.Trial, Task]:
+        """A new trial and the task that trains it."""
+        trial = self.study.ask()
+        values = suggest(trial, self.knobs)
+        run_dir = self.cell_dir / f"trial{trial.number:03d}"
+        trial.set_user_attr("run_dir", _relative(run_dir, self.study_dir))
+        trial.set_user_attr("round", round_)
+        ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune)
+        task = Task(
+            key=f"{self.name}/trial{trial.number}",
+            config=self.make_spec(values).config,
+            run_dir=str(run_dir),
+            seal_test=True,
+            trial=ref,
+        )
+        self.in_flight += 1
+        return trial, task
+
+    def tell(self, trial: optuna.Trial, result: Result) -> None:
+        """Tell the study what became of ``trial``."""
+        self.in_flight -= 1
+        self.ran += 1
+        if result.pruned:
+            self.study.tell(trial, state=TrialState.PRUNED)
+            return
+        value = result.metrics.get("best_val_acc") if result.error is None else None
+        if value is None or not math.isfinite(float(value)):
+            error = result.error or result.metrics.get("reason") or "no validation accuracy"
+            trial.set_user_attr("error", error)
+            self.study.tell(trial, state=TrialState.FAIL)
+        else:
+            self.study.tell(trial, float(value))
+
+    def result(self) -> TuneResult:
+        """The cell's trials and its best knobs."""
+        rows = []
+        for t in self.study.get_trials(deepcopy=False):
+            if not _counted(t):
+                continue
+            rows.append(
+                {
+                    "number": t.number,
+                    "state": t.state.name.lower(),
+                    "val_acc": t.value,
+                    "params": dict(t.params),
+                    "epochs": len(t.intermediate_values),
+                    "error": t.user_attrs.get("error"),
+                    "run_dir": t.user_attrs.get("run_dir"),
+                    "round": t.user_attrs.get("round"),
+                }
+            )
+        done = [t for t in self.study.get_trials(deepcopy=False) if t.state is TrialState.COMPLETE]
+        if not done:
+            return TuneResult(None, None, rows, self.ran)
+        best = max(done, key=lambda t: (t.value, -t.number))
+        return TuneResult(dict(best.params), float(best.value), rows, self.ran)
+
+
+def _relative(path: Path, base: Path) -> str:
+    try:
+        return path.resolve().relative_to(base.resolve()).as_posix()
+    except ValueError:
+        return str(path)

@@ -131,13 +131,16 @@ def wire_estimator(
     return model.to(device)
 
 
-def load_initial_weights(model: QuantModel, source: str) -> None:
+def load_initial_weights(model: QuantModel, source: Path, given: str | None = None) -> None:
     """Copy the network weights of another run (e.g. full precision) into ``model``.
 
     Only tensors whose names and shapes match are copied; quantizer and estimator state of
-    this run are kept, so any estimator can start from a full-precision checkpoint.
+    this run are kept, so any estimator can start from a full-precision checkpoint. ``given``
+    is the option's value as written (for messages).
     """
-    ckpt = load_checkpoint(checkpoint_file(Path(source), "init_from"))
+    source = Path(source)
+    given = given or str(source)
+    ckpt = load_checkpoint(checkpoint_file(source, "init_from"))
     state = ckpt.get("model", ckpt)
     own = model.state_dict()
     copied = {
@@ -150,6 +153,6 @@ def load_initial_weights(model: QuantModel, source: str) -> None:
         and ".a_quant." not in k
     }
     if not copied:
-        raise QexpError(f"init_from={source}: no matching weights (is it the same model?)")
+        raise QexpError(f"init_from={given}: no matching weights (is it the same model?)")
     model.load_state_dict(copied, strict=False)
     log.info("initialised %d tensors from %s", len(copied), source)

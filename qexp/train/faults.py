@@ -7,6 +7,8 @@
     QEXP_FAULT=kill@start/tuning      when a run job starts in a run dir whose path contains
                                       "tuning" (e.g. a study right after its references)
     QEXP_FAULT=crash@epoch:1/seed3    a Python exception after epoch 1 of runs matching "seed3"
+    QEXP_FAULT=pause@epoch:1          after epoch 1, write $QEXP_FAULT_GO.paused (holding the
+                                      pid) and wait until the file $QEXP_FAULT_GO exists
 
 Events: ``start`` (the job lifecycle, after the run dir is locked) and ``epoch:N`` (the trainer,
 at the end of epoch N: ``checkpoints/last.pt`` and ``metrics.json`` written). Unset, it costs one
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 FAULT_ENV = "QEXP_FAULT"
+#: the file a paused run waits for
+GO_ENV = "QEXP_FAULT_GO"
 #: exit status of a killed process (128 + SIGKILL), as a shell reports it
 KILLED_STATUS = 137
 
@@ -43,4 +48,10 @@ def fault_point(event: str, run_dir: Path) -> None:
         os._exit(KILLED_STATUS)
     if action == "crash":
         raise InjectedCrash(f"{FAULT_ENV}={spec} at {event} in {run_dir}")
-    raise ValueError(f"{FAULT_ENV}={spec!r}: use kill@EVENT[/MATCH] or crash@EVENT[/MATCH]")
+    if action == "pause":
+        go = Path(os.environ[GO_ENV])
+        Path(f"{go}.paused").write_text(str(os.getpid()))
+        while not go.exists():
+            time.sleep(0.02)
+        return
+    raise ValueError(f"{FAULT_ENV}={spec!r}: use kill|crash|pause@EVENT[/MATCH]")

@@ -119,8 +119,8 @@ def run_job(
             return JobResult(Outcome.SKIPPED, planned, record.to_json() if record else {})
         if standalone:
             write_config(spec.config, run_dir)
-        fault_point("start", run_dir)
         try:
+            fault_point("start", run_dir)
             metrics = train(spec.with_runtime(resume=planned is Outcome.RESUMED), run_dir)
         except Exception as exc:
             mark_failed(run_dir, one_line(exc), spec.fingerprint)

@@ -66,6 +66,23 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "qexp"
 
 
+#: prefix of a path inside the cache: ``cache:partners/<key>`` stays valid when a study dir
+#: moves to a machine whose cache lives elsewhere, and keeps run fingerprints path-free
+CACHE_URI = "cache:"
+
+
+def cache_uri(path: Path) -> str:
+    """``path`` (inside the cache) as a ``cache:`` reference."""
+    return CACHE_URI + Path(path).resolve().relative_to(cache_root().resolve()).as_posix()
+
+
+def resolve_source(source: str) -> Path:
+    """A checkpoint file or run dir given in a config: a path, or ``cache:<path in cache>``."""
+    if source.startswith(CACHE_URI):
+        return cache_root() / source[len(CACHE_URI):]
+    return Path(source).expanduser()
+
+
 def partner_config(config: Mapping[str, Any]) -> dict[str, Any]:
     """The (plain) config of the full-precision run that trains the partner of ``config``.
 
@@ -164,7 +181,7 @@ def load_partner_weights(net: nn.Module, source: Path, model_name: str) -> nn.Mo
     model. Every tensor of the model must be there; quantizer state of a quantized run is
     ignored (its latent weights are then used at full precision, with a warning).
     """
-    path = checkpoint_file(Path(source).expanduser(), "partner.source")
+    path = checkpoint_file(Path(source), "partner.source")
     ckpt = load_checkpoint(path)
     state = ckpt.get("model", ckpt)
     if any(k.startswith("net.") for k in state):

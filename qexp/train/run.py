@@ -11,6 +11,7 @@ never trains anything.
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import shutil
@@ -24,7 +25,7 @@ from torch import nn
 
 from qexp.config.schema import register_schemas
 from qexp.config.validate import validate_config
-from qexp.data.base import DataInfo
+from qexp.data.base import DataInfo, DataModule
 from qexp.data.sealed import SealedTest
 from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
@@ -47,7 +48,13 @@ from qexp.train.checkpoint import rng_state, set_rng_state
 from qexp.train.job import JobResult, Policy, run_job
 from qexp.train.memory import hide_triton_without_gpu
 from qexp.train.optim import build_optimizer
-from qexp.train.partner import cached_fp_run, freeze, load_partner_weights, partner_config
+from qexp.train.partner import (
+    cached_fp_run,
+    freeze,
+    load_partner_weights,
+    partner_config,
+    resolve_source,
+)
 from qexp.train.parts import EpochHook, RunInfo, RunParts
 from qexp.train.precision import PrecisionMonitor
 from qexp.train.trainer import Trainer
@@ -122,6 +129,27 @@ def load_run_spec(run_dir: Path) -> RunSpec:
 
 
 # -- building ------------------------------------------------------------------------------------
+#: data sets built so far in this process, by their config (a study's workers keep theirs)
+_DATA_CACHE: dict[str, DataModule] | None = None
+
+
+def enable_data_cache() -> None:
+    """Keep every data set this process builds, for the next run with the same dataset
+    config (long-lived study workers: the data is loaded once per worker, not once per run)."""
+    global _DATA_CACHE
+    if _DATA_CACHE is None:
+        _DATA_CACHE = {}
+
+
+def _data(node: dict[str, Any]) -> DataModule:
+    if _DATA_CACHE is None:
+        return build_data(node)
+    key = json.dumps(node, sort_keys=True)
+    if key not in _DATA_CACHE:
+        _DATA_CACHE[key] = build_data(node)
+    return _DATA_CACHE[key]
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python and torch (CPU and CUDA) generators."""
     random.seed(seed)
@@ -155,7 +183,7 @@ def resolve_partner(spec: RunSpec, info: DataInfo) -> Path:
     try:
         build_estimator(spec.estimator).check_model(build_net(spec.model, info))
         if spec.partner.source:
-            return Path(spec.partner.source).expanduser()
+            return resolve_source(spec.partner.source)
         return cached_fp_run(partner_config(spec.config), train_cached_run)
     finally:
         set_rng_state(saved)
@@ -184,7 +212,7 @@ def build_model(
     estimator = build_estimator(spec.estimator)
     model = QuantModel(net, estimator).to(device)
     if spec.init_from:
-        load_initial_weights(model, str(spec.init_from))
+        load_initial_weights(model, resolve_source(spec.init_from), spec.init_from)
     estimator.check_model(net)
     partner_net = None
     if estimator.needs_partner:
@@ -217,7 +245,7 @@ def build_run(
     device = distributed.init(dist, device)
     run_dir = _shared_run_dir(run_dir, dist)
     seed_everything(spec.seed)
-    data = build_data(spec.dataset)
+    data = _data(spec.dataset)
     total_steps = int(settings.epochs) * data.steps_per_epoch(int(settings.batch_size))
     partner = resolve_partner(spec, data.info) if needs_partner(spec) else None
     model = build_model(spec, data.info, device, total_steps, run_dir, partner)

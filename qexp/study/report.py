@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from qexp.record import atomic_write, write_json
+from qexp.study.results import ComparisonRow, StudyResults, from_summary
 from qexp.study.space import Knob, describe
 from qexp.study.spec import StudySpec
 
@@ -48,27 +49,24 @@ def _params(params: dict[str, Any] | None) -> str:
                      for k, v in params.items())
 
 
-def _comparison(results: dict[str, Any], setting: str, method: str) -> dict[str, Any] | None:
-    return next(
-        (c for c in results["comparisons"] if (c["setting"], c["method"]) == (setting, method)),
-        None,
-    )
-
-
-def claim_position(claimed: float | None, comp: dict[str, Any] | None) -> str:
+def claim_position(claimed: float | None, comp: ComparisonRow | None) -> str:
     """Where a paper's claimed gain falls against qexp's 95% interval of the same difference:
     "inside" (consistent with the measurement), "above" / "below" (not reproduced), or "–"
     (no number claimed, or nothing measured)."""
-    if claimed is None or comp is None or comp.get("low") is None or comp.get("high") is None:
+    if claimed is None or comp is None or comp.low is None or comp.high is None:
         return "–"
-    if claimed > comp["high"]:
+    if claimed > comp.high:
         return "above"
-    if claimed < comp["low"]:
+    if claimed < comp.low:
         return "below"
     return "inside"
 
 
-def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
+def _diff_text(comp: ComparisonRow | None) -> str:
+    return _interval(comp.diff, comp.low, comp.high, True) if comp else "–"
+
+
+def markdown(spec: StudySpec, results: StudyResults) -> str:
     """The report: protocol, choices and reasons, references, tuning, results, claims."""
     t = spec.tuning
     lines = [
@@ -77,7 +75,7 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         "Accuracies are test accuracies of the hard-quantized networks, in percent; intervals "
         "are 95% Student-t intervals over seeds; differences are paired by seed against the "
         "setting's baseline; p-values are from paired t-tests, Holm-corrected over all "
-        f"{len(results['comparisons'])} comparisons (family-wise alpha {spec.alpha}).",
+        f"{len(results.comparisons)} comparisons (family-wise alpha {spec.alpha}).",
         "",
         "## Protocol",
         "",
@@ -114,12 +112,11 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         "epochs | converged | val | test |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results["references"]:
+    for r in results.references:
         lines.append(
-            f"| {r['setting']} | {r['seed']} | {r['epochs_done']} / {r['max_epochs']} | "
-            f"{r['best_epoch']} | {_gain(r.get('plateau_gain'))} | "
-            f"{'yes' if r['converged'] else 'no'} | "
-            f"{_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
+            f"| {r.setting} | {r.seed} | {r.epochs_done} / {r.max_epochs} | "
+            f"{r.best_epoch} | {_gain(r.plateau_gain)} | {'yes' if r.converged else 'no'} | "
+            f"{_pct(r.best_val_acc)} | {_pct(r.test_acc)} |"
         )
     lines += [
         "",
@@ -128,13 +125,12 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         "| setting | method | search space | best knobs | best val | trials (ok/pruned/failed) |",
         "|---|---|---|---|---|---|",
     ]
-    for c in results["cells"]:
-        states = [tr["state"] for tr in c["trials"]]
-        counts = f"{states.count('complete')}/{states.count('pruned')}/{states.count('fail')}"
-        space = "; ".join(f"`{k}` {v}" for k, v in c["space"].items())
+    for c in results.cells:
+        counts = "/".join(str(k) for k in c.trial_counts)
+        space = "; ".join(f"`{k}` {v}" for k, v in c.space.items())
         lines.append(
-            f"| {c['setting']} | {c['method']} | {space} | {_params(c['best_params'])} | "
-            f"{_pct(c['best_val'])} | {counts} |"
+            f"| {c.setting} | {c.method} | {space} | {_params(c.best_params)} | "
+            f"{_pct(c.best_val)} | {counts} |"
         )
     lines += [
         "",
@@ -145,28 +141,25 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     baselines = {s.key: s.baseline for s in spec.settings}
-    for c in results["cells"]:
-        comp = _comparison(results, c["setting"], c["method"])
-        is_base = baselines[c["setting"]] == c["method"]
-        if c["status"] == "failed":
-            verdict = f"failed: {c['error']}"
-        elif is_base:
+    for c in results.cells:
+        comp = results.comparison(c.setting, c.method)
+        if c.status == "failed":
+            verdict = f"failed: {c.error}"
+        elif baselines[c.setting] == c.method:
             verdict = "baseline"
         else:
-            verdict = comp["verdict"] if comp else "–"
+            verdict = comp.verdict if comp else "–"
         passes = (
-            f"{c['forward_per_step']}/{c['backward_per_step']}"
-            if c["forward_per_step"] is not None else "–"
-        )
-        secs = f"{c['train_time_s']:.1f}" if c["train_time_s"] is not None else "–"
+            f"{c.forward_per_step}/{c.backward_per_step}" if c.forward_per_step is not None
+            else "–"
+        )  # fmt: skip
+        secs = f"{c.train_time_s:.1f}" if c.train_time_s is not None else "–"
         lines.append(
-            f"| {c['title']} | {c['method']} | {c['n']} | "
-            f"{_interval(c['mean'], c['low'], c['high'])} | "
-            f"{_interval(comp['diff'], comp['low'], comp['high'], True) if comp else '–'} | "
-            f"{_p(comp['p']) if comp else '–'} | {_p(comp['p_holm']) if comp else '–'} | "
-            f"{verdict} | {secs} | {passes} |"
+            f"| {c.title} | {c.method} | {c.n} | {_interval(c.mean, c.low, c.high)} | "
+            f"{_diff_text(comp)} | {_p(comp.p) if comp else '–'} | "
+            f"{_p(comp.p_holm) if comp else '–'} | {verdict} | {secs} | {passes} |"
         )
-    if results["claims"]:
+    if results.claims:
         lines += [
             "",
             "## The papers' claims beside qexp's measurement",
@@ -175,14 +168,13 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
             "| claim vs interval | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
-        for claim in results["claims"]:
-            comp = _comparison(results, claim["setting"], claim["method"])
-            measured = _interval(comp["diff"], comp["low"], comp["high"], True) if comp else "–"
+        for claim in results.claims:
+            comp = results.comparison(claim.setting, claim.method)
             lines.append(
-                f"| {claim['method']} | {claim['setting']} | {claim['text']} ({claim['source']}) "
-                f"| {_pct(claim['diff'], True) if claim['diff'] is not None else 'not numeric'} "
-                f"| {measured} | {claim_position(claim['diff'], comp)} "
-                f"| {comp['verdict'] if comp else '–'} |"
+                f"| {claim.method} | {claim.setting} | {claim.text} ({claim.source}) "
+                f"| {_pct(claim.diff, True) if claim.diff is not None else 'not numeric'} "
+                f"| {_diff_text(comp)} | {claim_position(claim.diff, comp)} "
+                f"| {comp.verdict if comp else '–'} |"
             )
     lines += [
         "",
@@ -208,24 +200,19 @@ def _csv(rows: list[dict[str, Any]], keys: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def cell_rows(results: StudyResults) -> list[dict[str, Any]]:
     """One row per (setting, method): the cell's interval and its comparison."""
     rows = []
-    for c in results["cells"]:
-        comp = _comparison(results, c["setting"], c["method"]) or {}
-        rows.append(
-            {
-                **{k: v for k, v in c.items() if k not in ("trials", "space")},
-                "best_params": _params(c["best_params"]),
-                "baseline": comp.get("baseline"),
-                "diff": comp.get("diff"),
-                "diff_low": comp.get("low"),
-                "diff_high": comp.get("high"),
-                "p": comp.get("p"),
-                "p_holm": comp.get("p_holm"),
-                "verdict": comp.get("verdict"),
-            }
-        )
+    for c in results.cells:
+        comp = results.comparison(c.setting, c.method)
+        row = {k: v for k, v in c.to_json().items() if k not in ("trials", "space")}
+        row["best_params"] = _params(c.best_params)
+        if comp is not None:
+            row.update(
+                baseline=comp.baseline, diff=comp.diff, diff_low=comp.low, diff_high=comp.high,
+                p=comp.p, p_holm=comp.p_holm, verdict=comp.verdict,
+            )  # fmt: skip
+        rows.append(row)
     return rows
 
 
@@ -240,7 +227,7 @@ RUN_KEYS = [
 ]
 
 
-def figure(spec: StudySpec, results: dict[str, Any], path: Path) -> None:
+def figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     """Mean test accuracy against bit width with 95% interval bars, one line per method."""
     import matplotlib
 
@@ -250,19 +237,18 @@ def figure(spec: StudySpec, results: dict[str, Any], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     for i, method in enumerate(m.name for m in spec.methods):
         cells = sorted(
-            (c for c in results["cells"] if c["method"] == method and c["n"] > 0),
-            key=lambda c: c["bits"],
+            (c for c in results.cells if c.method == method and c.n > 0), key=lambda c: c.bits
         )
         if not cells:
             continue
-        xs = [c["bits"] * (1 + 0.015 * (i - len(spec.methods) / 2)) for c in cells]
-        ys = [100 * c["mean"] for c in cells]
+        xs = [c.bits * (1 + 0.015 * (i - len(spec.methods) / 2)) for c in cells]
+        ys = [100 * c.mean for c in cells]
         err = [
-            [100 * (c["mean"] - c["low"]) if not math.isnan(c["low"]) else 0 for c in cells],
-            [100 * (c["high"] - c["mean"]) if not math.isnan(c["high"]) else 0 for c in cells],
+            [100 * (c.mean - c.low) if c.low is not None else 0 for c in cells],
+            [100 * (c.high - c.mean) if c.high is not None else 0 for c in cells],
         ]
         ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
-    refs = [r["test_acc"] for r in results["references"] if r["test_acc"] is not None]
+    refs = [r.test_acc for r in results.references if r.test_acc is not None]
     if refs:
         ax.axhline(100 * sum(refs) / len(refs), ls="--", c="grey", label="full precision (mean)")
     ax.set_xscale("log", base=2)
@@ -277,25 +263,25 @@ def figure(spec: StudySpec, results: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def tensorboard(spec: StudySpec, results: dict[str, Any], folder: Path) -> None:
+def tensorboard(spec: StudySpec, results: StudyResults, folder: Path) -> None:
     """Per method: test accuracy, its interval and the paired difference against bit width."""
     from torch.utils.tensorboard import SummaryWriter
 
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole, so a rerun adds nothing
     for method in spec.methods:
         writer = SummaryWriter(str(folder / method.name))
-        for c in results["cells"]:
-            if c["method"] != method.name or c["n"] == 0:
+        for c in results.cells:
+            if c.method != method.name or c.n == 0:
                 continue
-            writer.add_scalar("study/test_acc", c["mean"], c["bits"])
-            if not math.isnan(c["low"]):
-                writer.add_scalar("study/test_acc_ci_low", c["low"], c["bits"])
-                writer.add_scalar("study/test_acc_ci_high", c["high"], c["bits"])
-            comp = _comparison(results, c["setting"], c["method"])
-            if comp:
-                writer.add_scalar("study/diff_vs_baseline", comp["diff"], c["bits"])
-            if c["train_time_s"] is not None:
-                writer.add_scalar("study/train_time_s", c["train_time_s"], c["bits"])
+            writer.add_scalar("study/test_acc", c.mean, c.bits)
+            if c.low is not None:
+                writer.add_scalar("study/test_acc_ci_low", c.low, c.bits)
+                writer.add_scalar("study/test_acc_ci_high", c.high, c.bits)
+            comp = results.comparison(c.setting, c.method)
+            if comp and comp.diff is not None:
+                writer.add_scalar("study/diff_vs_baseline", comp.diff, c.bits)
+            if c.train_time_s is not None:
+                writer.add_scalar("study/train_time_s", c.train_time_s, c.bits)
         writer.close()
 
 
@@ -303,8 +289,13 @@ def _gain(value: float | None) -> str:
     return "too few epochs" if value is None else f"{100 * value:+.2f} pts"
 
 
-def write_all(spec: StudySpec, folder: Path, results: dict[str, Any]) -> dict[str, Path]:
-    """Write every output of the study into ``folder``; returns their paths."""
+def write_all(
+    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any]
+) -> dict[str, Path]:
+    """Write every output of the study into ``folder``; returns their paths. ``results``:
+    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`)."""
+    if isinstance(results, dict):
+        results = from_summary(results)
     paths = {
         "report": folder / "report.md",
         "cells": folder / "cells.csv",
@@ -317,20 +308,9 @@ def write_all(spec: StudySpec, folder: Path, results: dict[str, Any]) -> dict[st
     atomic_write(paths["report"], lambda f: f.write(text))
     cells = _csv(cell_rows(results), CELL_KEYS)
     atomic_write(paths["cells"], lambda f: f.write(cells))
-    runs = _csv(results["runs"], RUN_KEYS)
+    runs = _csv([r.to_json() for r in results.runs], RUN_KEYS)
     atomic_write(paths["runs"], lambda f: f.write(runs))
-    write_json(_json_safe(results), paths["json"])
+    write_json(results.to_json(), paths["json"])
     figure(spec, results, paths["figure"])
     tensorboard(spec, results, paths["tensorboard"])
     return paths
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN as null, so results.json is strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from qexp.study.results import CellRow, ComparisonRow, RunRow, StudyResults, from_summary
+from qexp.study.spec import parse_spec
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "study" / "results.json"
 
@@ -26,12 +27,13 @@ def test_committed_results_json_loads_and_round_trips():
     comp = results.comparison("w1a1", "ste")
     assert isinstance(comp, ComparisonRow) and comp.baseline == "clipped_ste"
     assert results.comparison("w1a1", "clipped_ste") is None  # the baseline itself
-    # what the typed rows write back holds every number the file had
+    # what the typed rows write back holds every value the file had (new fields beside them)
     back = results.to_json()
-    for key in ("name", "seeds", "alpha", "references", "cells", "comparisons", "runs"):
+    for key in ("name", "seeds", "alpha"):
         assert back[key] == data[key], key
-    for old, new in zip(data["claims"], back["claims"], strict=True):
-        assert {k: new[k] for k in old} == old
+    for key in ("references", "cells", "comparisons", "runs", "claims"):
+        for old, new in zip(data[key], back[key], strict=True):
+            assert {k: new[k] for k in old} == old, key
 
 
 def test_from_summary_turns_nan_into_null_and_keeps_run_errors():
@@ -48,7 +50,10 @@ def test_from_summary_turns_nan_into_null_and_keeps_run_errors():
                   "test_acc": 0.5}],
         "claims": [],
     }  # fmt: skip
-    results = from_summary(summary)
+    spec = parse_spec({"name": "s", "seeds": [0, 1], "tuning": {"trials": 1},
+                       "settings": [{"key": "w2", "bits": 2, "baseline": "ste"}],
+                       "methods": {"ste": {}}})  # fmt: skip
+    results = from_summary(spec, summary)
     assert results.cells[0].low is None and results.cells[0].trials[0].val_acc == 0.4
     text = json.dumps(results.to_json(), allow_nan=False)  # strict JSON: no NaN anywhere
     again = StudyResults.from_json(json.loads(text))

@@ -99,14 +99,10 @@ def test_compare_all_pairs_on_shared_seeds_and_corrects_over_all():
 
 def test_claim_position_against_the_interval():
     from qexp.study.report import claim_position
-    from qexp.study.results import ComparisonRow
 
-    comp = ComparisonRow("w1", "m", "b", 3, 0.005, -0.01, 0.02, 0.5, 0.5, NO_EVIDENCE)
-    assert claim_position(0.0, comp) == "inside"
-    assert claim_position(0.02, comp) == "inside"  # the interval's ends count as inside
-    assert claim_position(0.03, comp) == "above"
-    assert claim_position(-0.02, comp) == "below"
-    assert claim_position(None, comp) == "–"  # no number claimed
-    assert claim_position(0.01, None) == "–"  # nothing measured
-    one_seed = ComparisonRow("w1", "m", "b", 1, 0.005, None, None, None, None, NO_EVIDENCE)
-    assert claim_position(0.01, one_seed) == "–"  # one seed: no interval
+    assert claim_position(0.0, -0.01, 0.02) == "inside"
+    assert claim_position(0.02, -0.01, 0.02) == "inside"  # the interval's ends count as inside
+    assert claim_position(0.03, -0.01, 0.02) == "above"
+    assert claim_position(-0.02, -0.01, 0.02) == "below"
+    assert claim_position(None, -0.01, 0.02) == "–"  # no number claimed
+    assert claim_position(0.01, None, None) == "–"  # one seed: no interval

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import queue
 import re
 import socket
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from qexp.report.compare import compare, main, plot_series
+from qexp.report.compare import compare, main, pareto_front, plot_series
 from qexp.report.runs import find_runs, group_runs
 
 # (estimator, bits) -> test_acc of seeds 0, 1, 2
@@ -402,3 +403,70 @@ def test_tb_links_the_unsmoothed_chart_of_a_compare_folder(runs_dir, tmp_path):
         f"the compare charts, unsmoothed: {url}#scalars&_smoothingWeight=0"
     )
     assert len(addresses(runs_dir, url)) == 1  # a run or sweep dir: just the address
+
+
+# -- the metric: whichever the runs' task reports ---------------------------------------------
+# bits -> test_bpc of seeds 0, 1 (a character model: lower is better)
+BPC = {2: [1.90, 1.96], 4: [1.52, 1.50], 8: [1.51, 1.53]}
+
+
+def write_lm_runs(top: Path) -> None:
+    """Language-model runs: test_bpc (and test_loss) but no test_acc."""
+    for bits, values in BPC.items():
+        for seed, bpc in enumerate(values):
+            write_run(top / f"lm-w{bits}-s{seed}", "ste", bits, seed, None, model="char_lm",
+                      test_bpc=bpc, test_loss=bpc * math.log(2), bops=1000.0 * bits)  # fmt: skip
+
+
+def test_compare_plots_the_metric_the_runs_report(tmp_path):
+    top = tmp_path / "lm"
+    write_lm_runs(top)
+    out = tmp_path / "out"
+    result = compare([top], out)
+    assert result["metric"].key == "test_bpc"  # no run reports test_acc
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert "test_acc_mean" not in rows[0]
+    for row in rows:
+        values = BPC[int(row["w_bits"])]
+        assert float(row["test_bpc_mean"]) == pytest.approx(statistics.fmean(values))
+        assert float(row["test_bpc_std"]) == pytest.approx(statistics.stdev(values))
+        assert float(row["test_bpc_max"]) == max(values)
+    md = (out / "compare.md").read_text()
+    assert md.startswith("# BPC against bit width") and "(bpc_vs_bits.png)" in md
+    assert "test_bpc_std*" in md and "lower is better" in md
+    assert (out / "bpc_vs_bits.png").read_bytes()[:4] == b"\x89PNG"
+    runs = _tb_runs(out / "tensorboard")
+    means = {e.step: e.value for e in runs["ste"].Scalars("compare/test_bpc")}
+    assert means == pytest.approx({b: statistics.fmean(v) for b, v in BPC.items()})
+    assert runs["ste"].Tags()["images"] == ["compare/bpc_vs_bits"]
+    # asked for explicitly: the loss
+    result = compare([top], tmp_path / "loss", tensorboard=False, metric_key="test_loss")
+    assert result["header"][8] == "test_loss_mean"
+    assert result["rows"][0][8] == pytest.approx(statistics.fmean(BPC[2]) * math.log(2))
+
+
+def test_pareto_front_of_a_lower_is_better_metric(tmp_path):
+    top = tmp_path / "lm"
+    write_lm_runs(top)
+    groups, _ = group_runs(find_runs([top], ("test_bpc",))[0], "test_bpc")
+    xs, ys, _ = plot_series(groups, "bops")[("digits", "char_lm")]["ste"]
+    # 8 bits costs more than 4 and has a higher (worse) bpc: off the front; by hand
+    assert xs == [2000.0, 4000.0, 8000.0]
+    assert pareto_front(list(zip(xs, ys, strict=True)), higher_is_better=False) == [0, 1]
+    # read as higher-is-better the same points give another front: the direction matters
+    assert pareto_front(list(zip(xs, ys, strict=True))) == [0]
+
+
+def test_mixed_runs_default_to_accuracy_and_skip_the_others(runs_dir, tmp_path, capsys):
+    write_lm_runs(runs_dir / "lm")
+    out = tmp_path / "out"
+    assert main([str(runs_dir), "--out", str(out), "--no-tensorboard"]) == 0
+    printed = capsys.readouterr().out
+    assert "test_acc_mean" in printed
+    assert "metrics.json has no test_acc" in (out / "compare.md").read_text()
+    assert main([str(runs_dir), "--out", str(out), "--metric", "test_bpc",
+                 "--no-tensorboard"]) == 0  # fmt: skip
+    rows = list(csv.DictReader((out / "compare.csv").open()))
+    assert {r["model"] for r in rows} == {"char_lm"}
+    with pytest.raises(SystemExit):
+        main([str(runs_dir), "--metric", "test_f1"])

@@ -100,11 +100,9 @@ def test_compare_all_pairs_on_shared_seeds_and_corrects_over_all():
 def test_claim_position_against_the_interval():
     from qexp.study.report import claim_position
 
-    comp = {"low": -0.01, "high": 0.02}
-    assert claim_position(0.0, comp) == "inside"
-    assert claim_position(0.02, comp) == "inside"  # the interval's ends count as inside
-    assert claim_position(0.03, comp) == "above"
-    assert claim_position(-0.02, comp) == "below"
-    assert claim_position(None, comp) == "–"  # no number claimed
-    assert claim_position(0.01, None) == "–"  # nothing measured
-    assert claim_position(0.01, {"low": None, "high": None}) == "–"  # one seed: no interval
+    assert claim_position(0.0, -0.01, 0.02) == "inside"
+    assert claim_position(0.02, -0.01, 0.02) == "inside"  # the interval's ends count as inside
+    assert claim_position(0.03, -0.01, 0.02) == "above"
+    assert claim_position(-0.02, -0.01, 0.02) == "below"
+    assert claim_position(None, -0.01, 0.02) == "–"  # no number claimed
+    assert claim_position(0.01, None, None) == "–"  # one seed: no interval

@@ -14,7 +14,7 @@ import math
 import os
 import statistics
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,8 @@ class Group:
     runs: list[Run] = field(default_factory=list)
     #: values of the extra columns (keys that tell apart groups with the same label)
     extras: dict[str, Any] = field(default_factory=dict)
+    #: the metrics.json key the group is summarised by (its runs all have it)
+    metric: str = "test_acc"
 
     def __getattr__(self, name: str) -> Any:
         if name in LABEL_KEYS:
@@ -89,8 +91,9 @@ class Group:
         raise AttributeError(name)
 
     @property
-    def accs(self) -> list[float]:
-        return [float(r.metrics["test_acc"]) for r in self.runs]
+    def values(self) -> list[float]:
+        """The metric of every run, in run order."""
+        return [float(r.metrics[self.metric]) for r in self.runs]
 
     @property
     def n(self) -> int:
@@ -98,12 +101,12 @@ class Group:
 
     @property
     def mean(self) -> float:
-        return statistics.fmean(self.accs)
+        return statistics.fmean(self.values)
 
     @property
     def std(self) -> float:
         """Sample standard deviation (ddof=1) over seeds; 0 for a single run."""
-        return statistics.stdev(self.accs) if self.n > 1 else 0.0
+        return statistics.stdev(self.values) if self.n > 1 else 0.0
 
     @property
     def seeds(self) -> list[Any]:
@@ -155,7 +158,12 @@ def _config_rest(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in flat.items() if k not in IGNORED_KEYS and k not in _LABEL_CONFIG_KEYS}
 
 
-def _check_metrics(run_dir: Path) -> Run | Skipped:
+def _has_number(metrics: dict[str, Any], key: str) -> bool:
+    value = metrics.get(key)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_metrics(run_dir: Path, metrics_wanted: tuple[str, ...]) -> Run | Skipped:
     path = run_dir / "metrics.json"
     try:
         metrics = json.loads(path.read_text())
@@ -176,20 +184,32 @@ def _check_metrics(run_dir: Path) -> Run | Skipped:
             status = f"{status}: {record.reason}"
         return Skipped(run_dir, f"status {status}")
     metrics = record.to_json()
-    acc = metrics.get("test_acc")
-    if not isinstance(acc, (int, float)) or isinstance(acc, bool) or not math.isfinite(acc):
-        return Skipped(run_dir, "metrics.json has no test_acc")
+    if not any(_has_number(metrics, key) for key in metrics_wanted):
+        return Skipped(run_dir, f"metrics.json has no {' or '.join(metrics_wanted)}")
     missing = [k for k in LABEL_KEYS if metrics.get(k) is None]
     if missing:
         return Skipped(run_dir, f"metrics.json lacks {', '.join(missing)}")
     return Run(run_dir, metrics, _config_rest(run_dir, metrics))
 
 
-def find_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Skipped]]:
-    """Every run dir under ``dirs`` (at any depth): completed runs, and the rest with reasons."""
+def find_runs(
+    dirs: Iterable[Path], metrics: Sequence[str] = ("test_acc",)
+) -> tuple[list[Run], list[Skipped]]:
+    """Every run dir under ``dirs`` (at any depth): completed runs that report one of
+    ``metrics`` (finite), and the rest with reasons."""
+    found = _walk(dirs, tuple(metrics))
+    return [r for r in found if isinstance(r, Run)], [s for s in found if isinstance(s, Skipped)]
+
+
+def reported_metric(dirs: Iterable[Path], known: Sequence[str]) -> str | None:
+    """The first of ``known`` that some completed run under ``dirs`` reports, or None."""
+    runs, _ = find_runs(dirs, known)
+    return next((k for k in known if any(_has_number(r.metrics, k) for r in runs)), None)
+
+
+def _walk(dirs: Iterable[Path], metrics_wanted: tuple[str, ...]) -> list[Run | Skipped]:
     seen: set[Path] = set()
-    runs: list[Run] = []
-    skipped: list[Skipped] = []
+    found: list[Run | Skipped] = []
     for top in dirs:
         for root, subdirs, files in os.walk(top):
             here = Path(root)
@@ -201,9 +221,8 @@ def find_runs(dirs: Iterable[Path]) -> tuple[list[Run], list[Skipped]]:
             if key in seen:
                 continue
             seen.add(key)
-            result = _check_metrics(here)
-            (runs if isinstance(result, Run) else skipped).append(result)
-    return runs, skipped
+            found.append(_check_metrics(here, metrics_wanted))
+    return found
 
 
 # -- grouping -------------------------------------------------------------------------------
@@ -211,13 +230,14 @@ def _key(value: Any) -> str:
     return json.dumps(value, sort_keys=True, default=str)
 
 
-def group_runs(runs: list[Run]) -> tuple[list[Group], list[str]]:
-    """Groups of runs equal but for the seed, sorted; and the extra column names."""
+def group_runs(runs: list[Run], metric: str = "test_acc") -> tuple[list[Group], list[str]]:
+    """Groups of runs equal but for the seed, summarised by ``metric``, sorted; and the extra
+    column names."""
     groups: dict[tuple[Any, ...], Group] = {}
     for run in runs:
         key = (run.label(), _key(run.rest))
         if key not in groups:
-            groups[key] = Group(run.label(), run.rest)
+            groups[key] = Group(run.label(), run.rest, metric=metric)
         groups[key].runs.append(run)
     # an extra column for every setting that differs between groups sharing a label
     by_label: dict[tuple[Any, ...], list[Group]] = {}

@@ -23,7 +23,7 @@ def free_port(host: str = HOST) -> int:
 
 def addresses(logdir: Path, url: str) -> list[str]:
     """What to print once TensorBoard serves ``logdir`` at ``url``."""
-    from qexp.report.compare import TB_MARKER
+    from qexp.report.tb_summary import TB_MARKER
 
     lines = [f"TensorBoard on {url} (logdir {logdir}); Ctrl-C to stop"]
     if (logdir / TB_MARKER).is_file():

@@ -5,13 +5,25 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import math
 import shutil
 from pathlib import Path
 from typing import Any
 
 from qexp.record import atomic_write, write_json
-from qexp.study.space import Knob, describe
+from qexp.study.results import (
+    CLAIM_CONSISTENT,
+    CLAIM_NOT_OBSERVED,
+    CLAIM_SMALLER,
+    CellRow,
+    ClaimTestRow,
+    ComparisonRow,
+    StudyResults,
+    analyze,
+    from_summary,
+)
+from qexp.study.space import Knob, describe, search_space
 from qexp.study.spec import StudySpec
 
 
@@ -48,36 +60,99 @@ def _params(params: dict[str, Any] | None) -> str:
                      for k, v in params.items())
 
 
-def _comparison(results: dict[str, Any], setting: str, method: str) -> dict[str, Any] | None:
-    return next(
-        (c for c in results["comparisons"] if (c["setting"], c["method"]) == (setting, method)),
-        None,
-    )
-
-
-def claim_position(claimed: float | None, comp: dict[str, Any] | None) -> str:
-    """Where a paper's claimed gain falls against qexp's 95% interval of the same difference:
-    "inside" (consistent with the measurement), "above" / "below" (not reproduced), or "–"
-    (no number claimed, or nothing measured)."""
-    if claimed is None or comp is None or comp.get("low") is None or comp.get("high") is None:
+def claim_position(claimed: float | None, low: float | None, high: float | None) -> str:
+    """Where a paper's claimed gain falls against an interval of the measured gain: "inside"
+    (consistent with the measurement), "above" / "below" (outside it), or "–" (no number
+    claimed, or no interval)."""
+    if claimed is None or low is None or high is None:
         return "–"
-    if claimed > comp["high"]:
+    if claimed > high:
         return "above"
-    if claimed < comp["low"]:
+    if claimed < low:
         return "below"
     return "inside"
 
 
-def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
-    """The report: protocol, choices and reasons, references, tuning, results, claims."""
+def _diff_text(comp: ComparisonRow | None) -> str:
+    return _interval(comp.diff, comp.low, comp.high, True) if comp else "–"
+
+
+def _num(x: float | None, digits: int = 2) -> str:
+    return "–" if x is None else f"{x:.{digits}f}"
+
+
+def _budget(x: float | None) -> str:
+    return "–" if x is None else f"{x:g}"
+
+
+def condition_words(setting: str, budget: float | None, optimizer: str | None) -> str:
+    """A cell's condition in words: "w1a1", "w1a1, budget 4, adam"."""
+    parts = [setting]
+    if budget is not None:
+        parts.append(f"budget {budget:g}")
+    if optimizer is not None:
+        parts.append(optimizer)
+    return ", ".join(parts)
+
+
+def claim_sentence(test: ClaimTestRow) -> str:
+    """The verdict of a tested claim in words that fit the evidence."""
+    where = condition_words(test.setting, test.budget, test.optimizer)
+    claimed = _pct(test.claimed, True)
+    if test.verdict == CLAIM_NOT_OBSERVED:
+        return f"not observed under {where}: the gain is below the claimed {claimed} points"
+    if test.verdict == CLAIM_SMALLER:
+        return f"a smaller gain under {where}: above 0, below the claimed {claimed} points"
+    if test.verdict == CLAIM_CONSISTENT:
+        return f"consistent under {where}: a gain above 0, not below the claimed {claimed}"
+    return f"inconclusive under {where}: neither below the claim nor above 0"
+
+
+def common_knobs() -> set[str]:
+    """The knobs every method tunes (conf/search_space/common.yaml)."""
+    return {k.key for k in search_space("", "")}
+
+
+def equal_time_reading(results: StudyResults, cell: CellRow, baseline: str) -> str:
+    """The cell's accuracy at its baseline's training time, where their times differ by
+    more than 10%: interpolated along the method's training budgets when the baseline's time
+    lies between two of them, otherwise the time ratio alone (the study did not run the
+    method that short or long)."""
+    base = next((c for c in results.cells if c.condition == cell.condition
+                 and c.method == baseline), None)  # fmt: skip
+    if cell.method == baseline or base is None:
+        return "–"
+    if cell.train_time_s is None or not base.train_time_s:
+        return "–"
+    ratio = cell.train_time_s / base.train_time_s
+    if abs(math.log(ratio)) < math.log(1.1):
+        return "same cost"
+    points = sorted(
+        (c.train_time_s, c.mean) for c in results.cells
+        if (c.setting, c.optimizer, c.method) == (cell.setting, cell.optimizer, cell.method)
+        and c.train_time_s is not None and c.mean is not None
+    )  # fmt: skip
+    target = base.train_time_s
+    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
+        if t0 <= target <= t1 and t1 > t0:
+            return f"{_pct(a0 + (a1 - a0) * (target - t0) / (t1 - t0))} (interpolated)"
+    return f"×{ratio:.1f} time: not run at the baseline's"
+
+
+def markdown(spec: StudySpec, results: StudyResults) -> str:
+    """The report: protocol, choices and reasons, references, tuning, results, A/A, claims."""
     t = spec.tuning
     lines = [
         f"# Study `{spec.name}`",
         "",
         "Accuracies are test accuracies of the hard-quantized networks, in percent; intervals "
         "are 95% Student-t intervals over seeds; differences are paired by seed against the "
-        "setting's baseline; p-values are from paired t-tests, Holm-corrected over all "
-        f"{len(results['comparisons'])} comparisons (family-wise alpha {spec.alpha}).",
+        "setting's baseline. Two families of tests: the papers' numeric claims are "
+        "**confirmatory** (two one-sided paired t-tests each, Holm within that family of "
+        f"{len(results.claim_tests) * 2} tests: see the claims section); every method-versus-"
+        "baseline comparison is **exploratory**: two-sided paired t-tests, Holm-corrected over "
+        f"all {len(results.comparisons)} comparisons (family-wise alpha {spec.alpha}), "
+        "reported with effect sizes (Cohen's d_z) and the minimum detectable effect.",
         "",
         "## Protocol",
         "",
@@ -107,83 +182,11 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
     notes = spec.raw.get("notes") or []
     if notes:
         lines += ["## Choices and reasons", ""] + [f"- {n}" for n in notes] + [""]
-    lines += [
-        "## Full-precision references",
-        "",
-        f"| setting | seed | epochs run / cap | best epoch | val gain, last {spec.plateau.window} "
-        "epochs | converged | val | test |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results["references"]:
-        lines.append(
-            f"| {r['setting']} | {r['seed']} | {r['epochs_done']} / {r['max_epochs']} | "
-            f"{r['best_epoch']} | {_gain(r.get('plateau_gain'))} | "
-            f"{'yes' if r['converged'] else 'no'} | "
-            f"{_pct(r['best_val_acc'])} | {_pct(r['test_acc'])} |"
-        )
-    lines += [
-        "",
-        "## Tuned knobs",
-        "",
-        "| setting | method | search space | best knobs | best val | trials (ok/pruned/failed) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for c in results["cells"]:
-        states = [tr["state"] for tr in c["trials"]]
-        counts = f"{states.count('complete')}/{states.count('pruned')}/{states.count('fail')}"
-        space = "; ".join(f"`{k}` {v}" for k, v in c["space"].items())
-        lines.append(
-            f"| {c['setting']} | {c['method']} | {space} | {_params(c['best_params'])} | "
-            f"{_pct(c['best_val'])} | {counts} |"
-        )
-    lines += [
-        "",
-        "## Results",
-        "",
-        "| setting | method | n | test acc [95% CI] | vs baseline [95% CI] | p | p (Holm) | "
-        "verdict | train s | fwd/bwd per step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    baselines = {s.key: s.baseline for s in spec.settings}
-    for c in results["cells"]:
-        comp = _comparison(results, c["setting"], c["method"])
-        is_base = baselines[c["setting"]] == c["method"]
-        if c["status"] == "failed":
-            verdict = f"failed: {c['error']}"
-        elif is_base:
-            verdict = "baseline"
-        else:
-            verdict = comp["verdict"] if comp else "–"
-        passes = (
-            f"{c['forward_per_step']}/{c['backward_per_step']}"
-            if c["forward_per_step"] is not None else "–"
-        )
-        secs = f"{c['train_time_s']:.1f}" if c["train_time_s"] is not None else "–"
-        lines.append(
-            f"| {c['title']} | {c['method']} | {c['n']} | "
-            f"{_interval(c['mean'], c['low'], c['high'])} | "
-            f"{_interval(comp['diff'], comp['low'], comp['high'], True) if comp else '–'} | "
-            f"{_p(comp['p']) if comp else '–'} | {_p(comp['p_holm']) if comp else '–'} | "
-            f"{verdict} | {secs} | {passes} |"
-        )
-    if results["claims"]:
-        lines += [
-            "",
-            "## The papers' claims beside qexp's measurement",
-            "",
-            "| method | setting | claim | claimed gain | measured vs baseline [95% CI] "
-            "| claim vs interval | verdict |",
-            "|---|---|---|---|---|---|---|",
-        ]
-        for claim in results["claims"]:
-            comp = _comparison(results, claim["setting"], claim["method"])
-            measured = _interval(comp["diff"], comp["low"], comp["high"], True) if comp else "–"
-            lines.append(
-                f"| {claim['method']} | {claim['setting']} | {claim['text']} ({claim['source']}) "
-                f"| {_pct(claim['diff'], True) if claim['diff'] is not None else 'not numeric'} "
-                f"| {measured} | {claim_position(claim['diff'], comp)} "
-                f"| {comp['verdict'] if comp else '–'} |"
-            )
+    lines += _references_section(spec, results)
+    lines += _tuning_section(spec, results)
+    lines += _results_section(spec, results)
+    lines += _aa_section(results)
+    lines += _claims_section(spec, results)
     lines += [
         "",
         "## Reading the verdicts",
@@ -191,12 +194,190 @@ def markdown(spec: StudySpec, results: dict[str, Any]) -> str:
         f"*better* / *worse*: the Holm-corrected p-value is below {spec.alpha} and the mean "
         "paired difference is positive / negative. *no evidence*: the data do not separate the "
         "method from the baseline at that level (which is not evidence that they are equal: "
-        "look at the interval's width). A claim's gain inside the measured interval is "
-        "consistent with qexp's measurement; a claim above the interval is not reproduced "
-        "here (different data set, network and budget: see the protocol).",
+        "compare the interval's width and the MDE column, the smallest true difference the "
+        "test finds 80% of the time). A claim is *not observed* under a setting, budget and "
+        "optimizer when the gain measured there is significantly below the claimed one; that "
+        "speaks of this data set, network and budget (see the protocol), not of the paper's "
+        "own experiment.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    lines = [
+        "## Full-precision references",
+        "",
+        f"| setting | seed | epochs run / cap | best epoch | val gain, last {spec.plateau.window} "
+        "epochs | converged | val | test |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results.references:
+        lines.append(
+            f"| {r.setting} | {r.seed} | {r.epochs_done} / {r.max_epochs} | "
+            f"{r.best_epoch} | {_gain(r.plateau_gain)} | {'yes' if r.converged else 'no'} | "
+            f"{_pct(r.best_val_acc)} | {_pct(r.test_acc)} |"
+        )
+    return lines
+
+
+def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    common = common_knobs()
+    lines = [
+        "",
+        "## Tuned knobs",
+        "",
+        "| setting | method | search space | best knobs | best val | trials (ok/pruned/failed) "
+        "| tuning seeds |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    only_common = []
+    for c in results.cells:
+        counts = "/".join(str(k) for k in c.trial_counts)
+        space = "; ".join(f"`{k}` {v}" for k, v in c.space.items())
+        if c.space and set(c.space) <= common:
+            space += " (common knobs only)"
+            only_common.append(c.method)
+        seeds = ", ".join(str(s) for s in (c.tuning_seeds or (spec.tuning.seed,)))
+        lines.append(
+            f"| {condition_words(c.setting, c.budget, c.optimizer)} | {c.method} | {space} | "
+            f"{_params(c.best_params)} | {_pct(c.best_val)} | {counts} | {seeds} |"
+        )
+    if only_common:
+        names = ", ".join(sorted(set(only_common)))
+        lines += ["", f"{names}: tuned on the common knobs only (no search space of its "
+                  "own), with the same trials as every other method."]  # fmt: skip
+    return lines
+
+
+def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    varied = bool(results.budgets or results.optimizers)
+    extra = "budget | optimizer | " if varied else ""
+    lines = [
+        "",
+        "## Results (exploratory)",
+        "",
+        f"| setting | {extra}method | n | test acc [95% CI] | vs baseline [95% CI] | d_z "
+        f"| MDE (80%) | p | p (Holm) | verdict | train s | at baseline's time "
+        "| fwd/bwd per step |",
+        "|---|" + "---|" * (12 + 2 * varied),
+    ]
+    baselines = {s.key: s.baseline for s in spec.settings}
+    for c in results.cells:
+        comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
+        if c.status == "failed":
+            verdict = f"failed: {c.error}"
+        elif baselines[c.setting] == c.method:
+            verdict = "baseline"
+        else:
+            verdict = comp.verdict if comp else "–"
+        passes = (
+            f"{c.forward_per_step}/{c.backward_per_step}" if c.forward_per_step is not None
+            else "–"
+        )  # fmt: skip
+        secs = f"{c.train_time_s:.1f}" if c.train_time_s is not None else "–"
+        cond = f"{_budget(c.budget)} | {c.optimizer or '–'} | " if varied else ""
+        lines.append(
+            f"| {c.title} | {cond}{c.method} | {c.n} | {_interval(c.mean, c.low, c.high)} | "
+            f"{_diff_text(comp)} | {_num(comp.d_z) if comp else '–'} | "
+            f"{_pct(comp.mde) if comp else '–'} | {_p(comp.p) if comp else '–'} | "
+            f"{_p(comp.p_holm) if comp else '–'} | {verdict} | {secs} | "
+            f"{equal_time_reading(results, c, baselines[c.setting])} | {passes} |"
+        )
+    lines += [
+        "",
+        "d_z: mean paired difference over the SD of the paired differences. MDE: the smallest "
+        "true difference the two-sided paired t-test at the study's alpha "
+        f"({spec.alpha}, per test, before Holm) detects with 80% power, from the observed SD "
+        "and n (noncentral t; cells.csv also holds its normal approximation). At baseline's "
+        "time: where the method's training time differs from its baseline's by more than 10%, "
+        "its accuracy at the baseline's time when the training budgets bracket it, else the "
+        "time ratio.",
+    ]
+    return lines
+
+
+def _aa_section(results: StudyResults) -> list[str]:
+    lines = ["", "## A/A: the baseline against itself", ""]
+    if not results.aa:
+        return lines + [
+            "Not measured: this study ran its baselines on one seed set only (give the spec a "
+            "second, disjoint seed set for the baseline to measure the noise floor)."
+        ]
+    varied = bool(results.budgets or results.optimizers)
+    lines += [
+        "The baseline on a second, disjoint set of seeds minus the same baseline on the "
+        "study's seeds, paired by index (the i-th seed of one set with the i-th of the other): "
+        "a difference two identical methods show by chance. Not part of either family.",
+        "",
+        "| setting | method | seeds vs other seeds | n | difference [95% CI] | SD of pairs | p |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results.aa:
+        where = condition_words(r.setting, r.budget, r.optimizer) if varied else r.setting
+        seeds = f"{list(r.seeds)} vs {list(r.other_seeds)}"
+        lines.append(
+            f"| {where} | {r.method} | {seeds} | {r.n} | "
+            f"{_interval(r.diff, r.low, r.high, True)} | {_pct(r.sd)} | {_p(r.p)} |"
+        )
+    return lines
+
+
+def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    if not results.claims:
+        return []
+    lines = [
+        "",
+        "## The papers' claims beside qexp's measurement",
+        "",
+    ]
+    if results.claim_tests:
+        level = results.claim_tests[0].level
+        lines += [
+            "Confirmatory family: each numeric claim, at each condition it names, gets two "
+            "one-sided paired t-tests: *below the claim* (H0: the true gain is at least the "
+            "claimed one) and *gain above 0* (H0: the true gain is at most 0); Holm over the "
+            f"{2 * len(results.claim_tests)} tests of this family only, family-wise alpha "
+            f"{spec.alpha}. The interval is the Bonferroni-adjusted two-sided "
+            f"{100 * level:.1f}% interval (each end the one-sided bound at alpha / "
+            f"{2 * len(results.claim_tests)}); Holm rejects wherever these bounds exclude the "
+            "value, and can reject where they just fail to.",
+            "",
+            "| method | condition | claim | claimed gain | measured gain [adjusted CI] "
+            "| claim vs interval | p below claim (Holm) | p gain > 0 (Holm) | verdict |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        texts = {(c.method, c.setting): c for c in results.claims}
+        for test in results.claim_tests:
+            claim = texts.get((test.method, test.setting))
+            text = f"{claim.text} ({claim.source})" if claim else "–"
+            lines.append(
+                f"| {test.method} | {condition_words(test.setting, test.budget, test.optimizer)} "
+                f"| {text} | {_pct(test.claimed, True)} "
+                f"| {_interval(test.diff, test.low, test.high, True)} "
+                f"| {claim_position(test.claimed, test.low, test.high)} "
+                f"| {_p(test.p_below_holm)} | {_p(test.p_gain_holm)} | {claim_sentence(test)} |"
+            )
+    untested = [c for c in results.claims if c.diff is None or not any(
+        (t.method, t.setting) == (c.method, c.setting) for t in results.claim_tests)]  # fmt: skip
+    if untested:
+        lines += [
+            "",
+            "Claims without a tested number (no numeric gain claimed, or too few paired "
+            "seeds): beside the exploratory comparison only, outside the confirmatory family.",
+            "",
+            "| method | setting | claim | claimed gain | measured vs baseline [95% CI] "
+            "| exploratory verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for claim in untested:
+            comp = results.comparison(claim.setting, claim.method, claim.budget, claim.optimizer)
+            lines.append(
+                f"| {claim.method} | {claim.setting} | {claim.text} ({claim.source}) "
+                f"| {_pct(claim.diff, True) if claim.diff is not None else 'not numeric'} "
+                f"| {_diff_text(comp)} | {comp.verdict if comp else '–'} |"
+            )
+    return lines
 
 
 def _csv(rows: list[dict[str, Any]], keys: list[str]) -> bytes:
@@ -208,68 +389,117 @@ def _csv(rows: list[dict[str, Any]], keys: list[str]) -> bytes:
     return buf.getvalue().encode()
 
 
-def cell_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+def cell_rows(results: StudyResults) -> list[dict[str, Any]]:
     """One row per (setting, method): the cell's interval and its comparison."""
     rows = []
-    for c in results["cells"]:
-        comp = _comparison(results, c["setting"], c["method"]) or {}
-        rows.append(
-            {
-                **{k: v for k, v in c.items() if k not in ("trials", "space")},
-                "best_params": _params(c["best_params"]),
-                "baseline": comp.get("baseline"),
-                "diff": comp.get("diff"),
-                "diff_low": comp.get("low"),
-                "diff_high": comp.get("high"),
-                "p": comp.get("p"),
-                "p_holm": comp.get("p_holm"),
-                "verdict": comp.get("verdict"),
-            }
-        )
+    for c in results.cells:
+        comp = results.comparison(c.setting, c.method)
+        row = {k: v for k, v in c.to_json().items() if k not in ("trials", "space")}
+        row["best_params"] = _params(c.best_params)
+        if comp is not None:
+            row.update(
+                baseline=comp.baseline, diff=comp.diff, diff_low=comp.low, diff_high=comp.high,
+                p=comp.p, p_holm=comp.p_holm, verdict=comp.verdict, sd_diff=comp.sd,
+                d_z=comp.d_z, mde=comp.mde, mde_normal=comp.mde_normal,
+            )  # fmt: skip
+        rows.append(row)
     return rows
 
 
 CELL_KEYS = [
-    "setting", "bits", "method", "status", "n", "mean", "low", "high", "baseline", "diff",
-    "diff_low", "diff_high", "p", "p_holm", "verdict", "train_time_s", "forward_per_step",
-    "backward_per_step", "best_params", "best_val", "error",
+    "setting", "bits", "budget", "optimizer", "method", "status", "n", "mean", "low", "high",
+    "baseline", "diff", "diff_low", "diff_high", "p", "p_holm", "verdict", "sd_diff", "d_z",
+    "mde", "mde_normal", "train_time_s", "forward_per_step", "backward_per_step",
+    "best_params", "best_val", "error",
 ]
 RUN_KEYS = [
-    "setting", "method", "seed", "status", "test_acc", "best_val_acc", "epochs_done",
-    "train_time_s", "forward_per_step", "backward_per_step", "reason", "error", "run_dir",
+    "setting", "budget", "optimizer", "method", "seed", "status", "test_acc", "best_val_acc",
+    "epochs_done", "train_time_s", "forward_per_step", "backward_per_step", "reason", "error",
+    "run_dir",
 ]
 
 
-def figure(spec: StudySpec, results: dict[str, Any], path: Path) -> None:
-    """Mean test accuracy against bit width with 95% interval bars, one line per method."""
+def reference_forms(results: StudyResults) -> list[tuple[str, list[str], list[float]]]:
+    """The full-precision references per network form (equal model configs): its label, its
+    settings and its test accuracies. Two different float networks are never pooled."""
+    forms: dict[str, tuple[list[str], list[float]]] = {}
+    for r in results.references:
+        settings, accs = forms.setdefault(json.dumps(r.model, sort_keys=True), ([], []))
+        if r.setting not in settings:
+            settings.append(r.setting)
+        if r.test_acc is not None:
+            accs.append(r.test_acc)
+    out = []
+    for key, (settings, accs) in forms.items():
+        model = json.loads(key)
+        form = model.get("activation") or model.get("name") or "network"
+        out.append((f"full precision, {form} ({', '.join(settings)})", settings, accs))
+    return out
+
+
+def _draw_references(ax: Any, results: StudyResults, span: dict[str, tuple[float, float]] | None
+                     ) -> None:  # fmt: skip
+    """One dashed line per network form; over its settings' x range when ``span`` maps
+    settings to (low, high) x, across the panel otherwise."""
+    styles = ["--", "-.", ":"]
+    for i, (label, settings, accs) in enumerate(reference_forms(results)):
+        if not accs:
+            continue
+        y = 100 * sum(accs) / len(accs)
+        style = dict(ls=styles[i % len(styles)], color=str(0.2 + 0.2 * (i % 3)), label=label)
+        if span is None:
+            ax.axhline(y, **style)
+        else:
+            lows, highs = zip(*(span[s] for s in settings if s in span), strict=True)
+            ax.hlines(y, min(lows), max(highs), **style)
+
+
+def figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
+    """Mean test accuracy against bit width with 95% interval bars, one line per method (per
+    method and optimizer when the study varies optimizers; at the largest budget when it
+    varies budgets); the full-precision references as one line per network form."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    top_budget = max(results.budgets) if results.budgets else None
+    optimizers = results.optimizers or [None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for i, method in enumerate(m.name for m in spec.methods):
+    lines = [(m.name, o) for o in optimizers for m in spec.methods]
+    for i, (method, optimizer) in enumerate(lines):
         cells = sorted(
-            (c for c in results["cells"] if c["method"] == method and c["n"] > 0),
-            key=lambda c: c["bits"],
-        )
+            (c for c in results.cells if c.method == method and c.n > 0
+             and c.budget == top_budget and c.optimizer == optimizer),
+            key=lambda c: c.bits,
+        )  # fmt: skip
         if not cells:
             continue
-        xs = [c["bits"] * (1 + 0.015 * (i - len(spec.methods) / 2)) for c in cells]
-        ys = [100 * c["mean"] for c in cells]
-        err = [
-            [100 * (c["mean"] - c["low"]) if not math.isnan(c["low"]) else 0 for c in cells],
-            [100 * (c["high"] - c["mean"]) if not math.isnan(c["high"]) else 0 for c in cells],
-        ]
-        ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=method)
-    refs = [r["test_acc"] for r in results["references"] if r["test_acc"] is not None]
-    if refs:
-        ax.axhline(100 * sum(refs) / len(refs), ls="--", c="grey", label="full precision (mean)")
+        xs = [c.bits * (1 + 0.015 * (i - len(lines) / 2)) for c in cells]
+        _errorbar(ax, xs, cells, method if optimizer is None else f"{method}, {optimizer}")
+    bits = {s.key: (s.bits / 1.25, s.bits * 1.25) for s in spec.settings}
+    _draw_references(ax, results, bits)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("bits (W/A); 1 bit in BinaryNet form")
+    budget = f", budget {top_budget:g}" if top_budget is not None else ""
+    ax.set_xlabel(f"bits (W/A); 1 bit in BinaryNet form{budget}")
     ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
     ax.set_title(spec.name)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def _errorbar(ax: Any, xs: list[float], cells: list[CellRow], label: str) -> None:
+    ys = [100 * c.mean for c in cells]
+    err = [
+        [100 * (c.mean - c.low) if c.low is not None else 0 for c in cells],
+        [100 * (c.high - c.mean) if c.high is not None else 0 for c in cells],
+    ]
+    ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=label)
+
+
+def _save(fig: Any, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=120)
@@ -277,25 +507,60 @@ def figure(spec: StudySpec, results: dict[str, Any], path: Path) -> None:
     atomic_write(path, lambda f: f.write(buf.getvalue()))
 
 
-def tensorboard(spec: StudySpec, results: dict[str, Any], folder: Path) -> None:
-    """Per method: test accuracy, its interval and the paired difference against bit width."""
+def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
+    """Mean test accuracy against training budget, one line per method and setting, one
+    panel per optimizer; the full-precision references as one line per network form."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    optimizers = results.optimizers or [None]
+    fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.2),
+                             squeeze=False, sharey=True)  # fmt: skip
+    for ax, optimizer in zip(axes[0], optimizers, strict=True):
+        for setting in spec.settings:
+            for method in spec.methods:
+                cells = sorted(
+                    (c for c in results.cells if (c.setting, c.method, c.optimizer)
+                     == (setting.key, method.name, optimizer) and c.n > 0
+                     and c.budget is not None),
+                    key=lambda c: c.budget,
+                )  # fmt: skip
+                if cells:
+                    label = method.name if len(spec.settings) == 1 else (
+                        f"{method.name}, {setting.key}")  # fmt: skip
+                    _errorbar(ax, [c.budget for c in cells], cells, label)
+        _draw_references(ax, results, None)
+        ax.set_xlabel("training budget")
+        ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
+        ax.set_title(f"{spec.name}: {optimizer or 'one optimizer'}", fontsize=10)
+        ax.legend(fontsize=7)
+    _save(fig, path)
+
+
+def tensorboard(spec: StudySpec, results: StudyResults, folder: Path) -> None:
+    """Per method: test accuracy, its interval and the paired difference against bit width
+    (tags get a /budget_optimizer suffix when the study varies either)."""
     from torch.utils.tensorboard import SummaryWriter
 
     shutil.rmtree(folder, ignore_errors=True)  # rewritten whole, so a rerun adds nothing
+    varied = bool(results.budgets or results.optimizers)
     for method in spec.methods:
         writer = SummaryWriter(str(folder / method.name))
-        for c in results["cells"]:
-            if c["method"] != method.name or c["n"] == 0:
+        for c in results.cells:
+            if c.method != method.name or c.n == 0:
                 continue
-            writer.add_scalar("study/test_acc", c["mean"], c["bits"])
-            if not math.isnan(c["low"]):
-                writer.add_scalar("study/test_acc_ci_low", c["low"], c["bits"])
-                writer.add_scalar("study/test_acc_ci_high", c["high"], c["bits"])
-            comp = _comparison(results, c["setting"], c["method"])
-            if comp:
-                writer.add_scalar("study/diff_vs_baseline", comp["diff"], c["bits"])
-            if c["train_time_s"] is not None:
-                writer.add_scalar("study/train_time_s", c["train_time_s"], c["bits"])
+            tail = f"/{_budget(c.budget)}_{c.optimizer or '-'}" if varied else ""
+            writer.add_scalar(f"study/test_acc{tail}", c.mean, c.bits)
+            if c.low is not None:
+                writer.add_scalar(f"study/test_acc_ci_low{tail}", c.low, c.bits)
+                writer.add_scalar(f"study/test_acc_ci_high{tail}", c.high, c.bits)
+            comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
+            if comp and comp.diff is not None:
+                writer.add_scalar(f"study/diff_vs_baseline{tail}", comp.diff, c.bits)
+            if c.train_time_s is not None:
+                writer.add_scalar(f"study/train_time_s{tail}", c.train_time_s, c.bits)
         writer.close()
 
 
@@ -303,8 +568,15 @@ def _gain(value: float | None) -> str:
     return "too few epochs" if value is None else f"{100 * value:+.2f} pts"
 
 
-def write_all(spec: StudySpec, folder: Path, results: dict[str, Any]) -> dict[str, Path]:
-    """Write every output of the study into ``folder``; returns their paths."""
+def write_all(
+    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any]
+) -> dict[str, Path]:
+    """Write every output of the study into ``folder``; returns their paths. ``results``:
+    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`)."""
+    # (re)computed here, so results.json always holds the statistics its report shows
+    results = (
+        from_summary(spec, results) if isinstance(results, dict) else analyze(spec, results)
+    )
     paths = {
         "report": folder / "report.md",
         "cells": folder / "cells.csv",
@@ -317,20 +589,12 @@ def write_all(spec: StudySpec, folder: Path, results: dict[str, Any]) -> dict[st
     atomic_write(paths["report"], lambda f: f.write(text))
     cells = _csv(cell_rows(results), CELL_KEYS)
     atomic_write(paths["cells"], lambda f: f.write(cells))
-    runs = _csv(results["runs"], RUN_KEYS)
+    runs = _csv([r.to_json() for r in results.runs], RUN_KEYS)
     atomic_write(paths["runs"], lambda f: f.write(runs))
-    write_json(_json_safe(results), paths["json"])
+    write_json(results.to_json(), paths["json"])
     figure(spec, results, paths["figure"])
+    if results.budgets:
+        paths["budget_figure"] = folder / "accuracy_vs_budget.png"
+        budget_figure(spec, results, paths["budget_figure"])
     tensorboard(spec, results, paths["tensorboard"])
     return paths
-
-
-def _json_safe(obj: Any) -> Any:
-    """NaN as null, so results.json is strict JSON."""
-    if isinstance(obj, float) and math.isnan(obj):
-        return None
-    if isinstance(obj, dict):
-        return {str(k): _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_json_safe(v) for v in obj]
-    return obj

@@ -49,6 +49,10 @@ class Claim:
     text: str
     source: str
     diff: float | None = None  # claimed accuracy gain over the baseline (fraction), if numeric
+    #: the training budget and optimizer the claim is tested at (None: at every one the
+    #: study runs; each (budget, optimizer) is then one more test of the confirmatory family)
+    budget: float | None = None
+    optimizer: str | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +182,8 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
                 text=str(c["text"]),
                 source=str(c.get("source", "")),
                 diff=None if c.get("diff") is None else float(c["diff"]),
+                budget=None if c.get("budget") is None else float(c["budget"]),
+                optimizer=None if c.get("optimizer") is None else str(c["optimizer"]),
             )
             for c in plain.get("claims") or []
         ),

@@ -1,0 +1,241 @@
+"""The citable study's statistics: one-sided tests of claimed gains (Holm within the
+confirmatory family), minimum detectable effects, A/A rows, budgets and optimizers, and the
+report's words for a rejected claim."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+from qexp.study import report
+from qexp.study.results import (
+    CLAIM_CONSISTENT,
+    CLAIM_INCONCLUSIVE,
+    CLAIM_NOT_OBSERVED,
+    CLAIM_SMALLER,
+    StudyResults,
+    analyze,
+    claim_verdict,
+)
+from qexp.study.spec import parse_spec
+from qexp.study.stats import (
+    claim_family_tests,
+    cohen_dz,
+    holm,
+    mde_normal,
+    mde_paired,
+    one_sided_p,
+    paired_by_index,
+    paired_power,
+)
+
+#: standard normal quantiles from a printed table: z(0.975) and z(0.80)
+Z_975, Z_80 = 1.959964, 0.841621
+
+
+def test_one_sided_p_by_hand_and_against_scipy():
+    d = [0.010, -0.004, 0.002, 0.006, -0.001]
+    n, mean, sd = 5, float(np.mean(d)), float(np.std(d, ddof=1))
+    g = 0.009
+    t_below = (mean - g) / (sd / math.sqrt(n))
+    assert one_sided_p(d, g, "less") == pytest.approx(stats.t.cdf(t_below, n - 1), rel=1e-12)
+    t_gain = mean / (sd / math.sqrt(n))
+    assert one_sided_p(d, 0.0, "greater") == pytest.approx(stats.t.sf(t_gain, n - 1), rel=1e-12)
+    # df = 2 has a closed form: P(T < t) = 1/2 + t / (2 sqrt(2 + t^2))
+    three = [0.0, 0.01, 0.005]
+    t3 = (0.005 - 0.02) / (0.005 / math.sqrt(3))
+    assert one_sided_p(three, 0.02, "less") == pytest.approx(0.5 + t3 / (2 * math.sqrt(2 + t3**2)))
+    # no spread: exact answers
+    assert one_sided_p([0.01, 0.01], 0.02, "less") == 0.0
+    assert one_sided_p([0.03, 0.03], 0.02, "less") == 1.0
+
+
+def test_claim_family_is_holm_within_itself_only():
+    rng = np.random.default_rng(7)
+    diffs = [rng.normal(-0.02, 0.01, 5), rng.normal(0.012, 0.004, 5)]
+    claimed = [0.009, 0.015]
+    tests = claim_family_tests(diffs, claimed, alpha=0.05)
+    raw = [p for d, g in zip(diffs, claimed, strict=True)
+           for p in (stats.ttest_1samp(d, g, alternative="less").pvalue,
+                     stats.ttest_1samp(d, 0, alternative="greater").pvalue)]  # fmt: skip
+    adjusted = holm(raw)  # 4 tests: the family, not the study's other comparisons
+    got = [p for t in tests for p in (t.p_below_holm, t.p_gain_holm)]
+    assert got == pytest.approx(adjusted)
+    # the interval: two-sided at 1 - 2 alpha / m, i.e. each end a one-sided alpha / 4 bound
+    t0 = tests[0]
+    assert t0.level == pytest.approx(1 - 0.05 / 2)
+    half = stats.t.ppf(1 - 0.05 / 4, 4) * np.std(diffs[0], ddof=1) / math.sqrt(5)
+    assert t0.diff.high == pytest.approx(np.mean(diffs[0]) + half)
+
+
+def test_claim_verdicts():
+    assert claim_verdict(0.01, 0.9, 0.05) == CLAIM_NOT_OBSERVED
+    assert claim_verdict(0.01, 0.01, 0.05) == CLAIM_SMALLER
+    assert claim_verdict(0.5, 0.01, 0.05) == CLAIM_CONSISTENT
+    assert claim_verdict(0.5, 0.5, 0.05) == CLAIM_INCONCLUSIVE
+    assert claim_verdict(None, None, 0.05) == CLAIM_INCONCLUSIVE
+
+
+def test_mde_closed_form_by_hand_and_noncentral_t_by_simulation():
+    assert mde_normal(0.01, 4) == pytest.approx((Z_975 + Z_80) * 0.01 / 2, rel=1e-6)
+    sd, n = 0.01, 5
+    mde = mde_paired(sd, n)
+    assert paired_power(mde, sd, n) == pytest.approx(0.8, abs=1e-9)
+    # independent check: simulated paired t-tests at a true difference of mde reject 80%
+    rng = np.random.default_rng(0)
+    d = rng.normal(mde, sd, size=(200_000, n))
+    t = d.mean(axis=1) / (d.std(axis=1, ddof=1) / math.sqrt(n))
+    rejected = np.mean(np.abs(t) > stats.t.ppf(0.975, n - 1))
+    assert rejected == pytest.approx(0.8, abs=0.005)
+    # few pairs: the t version needs a larger effect than the normal approximation; many
+    # pairs: the two agree
+    assert mde > mde_normal(sd, n)
+    assert mde_paired(sd, 2000) == pytest.approx(mde_normal(sd, 2000), rel=2e-3)
+    assert math.isnan(mde_paired(0.0, 5)) and math.isnan(mde_paired(0.01, 1))
+    assert cohen_dz([1.0, 2.0, 3.0]) == pytest.approx(2.0)  # mean 2, sd 1
+
+
+def test_paired_by_index():
+    first = {0: 0.80, 1: 0.82, 2: 0.81}
+    second = {12: 0.83, 10: 0.80, 11: 0.815, 13: 0.9}  # one surplus seed: left out
+    result = paired_by_index(first, second)
+    expected = stats.ttest_rel([0.80, 0.815, 0.83], [0.80, 0.82, 0.81])
+    assert result.diff.n == 3
+    assert result.diff.mean == pytest.approx(np.mean([0.0, -0.005, 0.02]))
+    assert result.p == pytest.approx(expected.pvalue)
+
+
+# -- a small study's results, end to end through analyze and the report -----------------------
+SPEC = {
+    "name": "t", "seeds": [0, 1, 2, 3], "tuning": {"trials": 1},
+    "settings": [{"key": "w1a1", "bits": 1, "baseline": "base"},
+                 {"key": "w2a2", "bits": 2, "baseline": "base"}],
+    "methods": {"base": {}, "claimed": {}, "other": {}},
+    "claims": [{"method": "claimed", "setting": "w1a1", "text": "+2 points", "diff": 0.02}],
+}  # fmt: skip
+BASE = [0.80, 0.82, 0.81, 0.83]
+AA = [0.805, 0.815, 0.812, 0.826]  # the baseline on seeds 10-13
+GAINS = {"claimed": [0.001, 0.002, -0.001, 0.0015], "other": [0.02, 0.03, 0.025, 0.028]}
+
+
+def _results(budgets=(None,), optimizers=(None,), aa=True) -> StudyResults:
+    runs, cells = [], []
+    for setting in ("w1a1", "w2a2"):
+        for budget in budgets:
+            for opt in optimizers:
+                scale = 1.0 if budget is None else budget / max(budgets)
+                for method in ("base", "claimed", "other"):
+                    gains = GAINS.get(method, [0.0] * 4)
+                    accs = [scale * (b + g) for b, g in zip(BASE, gains, strict=True)]
+                    for seed, acc in enumerate(accs):
+                        runs.append({"setting": setting, "method": method, "seed": seed,
+                                     "status": "completed", "test_acc": acc,
+                                     "train_time_s": 10.0 * (budget or 1) * (2 if method == "other"
+                                                                            else 1),
+                                     "budget": budget, "optimizer": opt})  # fmt: skip
+                    cells.append({"setting": setting, "title": setting, "bits": int(setting[1]),
+                                  "method": method, "status": "completed", "n": 4,
+                                  "mean": float(np.mean(accs)), "low": None, "high": None,
+                                  "train_time_s": 10.0 * (budget or 1) * (2 if method == "other"
+                                                                         else 1),
+                                  "budget": budget, "optimizer": opt,
+                                  "space": {"trainer.lr": "[0.1, 1]"}})  # fmt: skip
+                if aa:
+                    for i, acc in enumerate(AA):
+                        runs.append({"setting": setting, "method": "base", "seed": 10 + i,
+                                     "status": "completed", "test_acc": scale * acc,
+                                     "budget": budget, "optimizer": opt})  # fmt: skip
+    refs = [{"setting": s, "seed": 0, "run_dir": "x", "test_acc": acc,
+             "model": {"name": "cnn", "activation": act}}
+            for s, acc, act in (("w1a1", 0.9, "hardtanh"), ("w2a2", 0.92, "relu"))]  # fmt: skip
+    data = {"name": "t", "seeds": [0, 1, 2, 3], "alpha": 0.05, "references": refs,
+            "cells": cells, "runs": runs, "claims": SPEC["claims"],
+            "aa_seeds": [10, 11, 12, 13] if aa else []}  # fmt: skip
+    return analyze(parse_spec(SPEC), StudyResults.from_json(data))
+
+
+def test_analyze_claims_aa_and_exploratory_families():
+    results = _results()
+    # exploratory: 2 settings x 2 methods, Holm over those 4 only
+    assert len(results.comparisons) == 4
+    other = results.comparison("w1a1", "other")
+    d = np.array(GAINS["other"])
+    assert other.d_z == pytest.approx(d.mean() / d.std(ddof=1))
+    assert other.mde == pytest.approx(mde_paired(d.std(ddof=1), 4))
+    # confirmatory: the one numeric claim, both tests, Holm over 2
+    (test,) = results.claim_tests
+    g = np.array(GAINS["claimed"])
+    raw = [stats.ttest_1samp(g, 0.02, alternative="less").pvalue,
+           stats.ttest_1samp(g, 0.0, alternative="greater").pvalue]  # fmt: skip
+    assert [test.p_below_holm, test.p_gain_holm] == pytest.approx(holm(raw))
+    assert test.verdict == CLAIM_NOT_OBSERVED
+    # A/A: the baseline on seeds 10-13 minus seeds 0-3, by index
+    aa = {r.setting: r for r in results.aa}
+    assert aa["w1a1"].seeds == (0, 1, 2, 3) and aa["w1a1"].other_seeds == (10, 11, 12, 13)
+    assert aa["w1a1"].diff == pytest.approx(np.mean(np.array(AA) - np.array(BASE)))
+    assert aa["w1a1"].p == pytest.approx(stats.ttest_rel(AA, BASE).pvalue)
+    # the A/A seeds never leak into the comparisons: n stays 4
+    assert all(c.n == 4 for c in results.comparisons)
+    # JSON round trip of the new rows
+    again = StudyResults.from_json(json.loads(json.dumps(results.to_json())))
+    assert again == results
+
+
+def test_report_words_for_a_rejected_claim_and_aa_row():
+    results = _results()
+    text = report.markdown(parse_spec(SPEC), results)
+    assert "not observed under w1a1: the gain is below the claimed +2.00 points" in text
+    assert "not reproduced" not in text
+    assert "## A/A: the baseline against itself" in text and "[0, 1, 2, 3] vs [10, 11" in text
+    assert "common knobs only" in text
+    # the method that costs twice the time: the time ratio, no invented equal-time number
+    assert "×2.0 time: not run at the baseline's" in text
+
+
+def test_budgets_and_optimizers(tmp_path: Path):
+    results = _results(budgets=(1, 2), optimizers=("adam", "sgd"), aa=False)
+    assert results.budgets == [1, 2] and results.optimizers == ["adam", "sgd"]
+    # one comparison per (setting, budget, optimizer) and non-baseline method
+    assert len(results.comparisons) == 2 * 2 * 2 * 2
+    # a claim without budget / optimizer is tested at every condition of its setting
+    assert len(results.claim_tests) == 4
+    assert {(t.budget, t.optimizer) for t in results.claim_tests} == {
+        (b, o) for b in (1, 2) for o in ("adam", "sgd")}  # fmt: skip
+    text = report.markdown(parse_spec(SPEC), results)
+    assert "not observed under w1a1, budget 2, adam" in text
+    assert "| budget | optimizer |" in text
+    # "other" at budget 2 takes 40 s, the baseline at budget 2 20 s: the method's budget-1
+    # run took exactly 20 s, so its equal-time accuracy is its budget-1 mean
+    cell = next(c for c in results.cells if (c.setting, c.method, c.budget, c.optimizer)
+                == ("w1a1", "other", 2, "adam"))  # fmt: skip
+    at_1 = next(c for c in results.cells if (c.setting, c.method, c.budget, c.optimizer)
+                == ("w1a1", "other", 1, "adam"))  # fmt: skip
+    reading = report.equal_time_reading(results, cell, "base")
+    assert reading == f"{100 * at_1.mean:.2f} (interpolated)"
+    paths = report.write_all(parse_spec(SPEC), tmp_path, results)
+    assert paths["budget_figure"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_full_precision_references_per_network_form():
+    forms = report.reference_forms(_results())
+    assert [(label, settings, accs) for label, settings, accs in forms] == [
+        ("full precision, hardtanh (w1a1)", ["w1a1"], [0.9]),
+        ("full precision, relu (w2a2)", ["w2a2"], [0.92]),
+    ]
+
+
+def test_old_results_json_regenerates_the_report():
+    docs = Path(__file__).resolve().parents[1] / "docs" / "study"
+    from qexp.study.spec import load_spec
+
+    spec = load_spec("fashion_reference")
+    results = analyze(spec, StudyResults.from_json(json.loads((docs / "results.json").read_text())))
+    text = report.markdown(spec, results)
+    assert "| budget |" not in text  # an old study: no budget or optimizer columns
+    assert "A/A" in text and "Not measured" in text
+    assert "not observed under w1a1" in text and "not reproduced" not in text

@@ -210,12 +210,10 @@ BUDGET_RUNS = {
 
 
 def write_budget_run(run_dir: Path, budget: int, seed: int, acc: float, kb: float) -> None:
-    """A dq_u3 run with a .hydra/config.yaml that still describes it, as a real sweep leaves."""
-    from omegaconf import OmegaConf
-
+    """A dq_u3 run whose metrics.json ends with its resolved config, as every run's does."""
     from qexp.record import config_fingerprint
 
-    cfg = OmegaConf.create(
+    cfg = (
         {
             "seed": seed,
             "bits": 8,
@@ -235,9 +233,8 @@ def write_budget_run(run_dir: Path, budget: int, seed: int, acc: float, kb: floa
         quantizer="dq_u3",
         weight_kb=kb,
         config_hash=config_fingerprint(cfg),
+        config=cfg,
     )
-    (run_dir / ".hydra").mkdir()
-    OmegaConf.save(cfg, run_dir / ".hydra" / "config.yaml")
 
 
 @pytest.fixture

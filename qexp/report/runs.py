@@ -19,8 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
 from qexp.record import RESULT_FREE_KEYS, RunRecord, RunStatus, config_fingerprint
 
 #: the columns every group is labelled with (from metrics.json)
@@ -137,19 +135,13 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
 def _config_rest(run_dir: Path, metrics: dict[str, Any]) -> dict[str, Any]:
     """The run's settings other than the seed and the label columns.
 
-    Taken from .hydra/config.yaml when that file still describes this run (its fingerprint
-    matches metrics.json's config_hash; Hydra rewrites it whenever a job starts in the dir),
-    otherwise from the few settings metrics.json records.
+    Taken from the resolved config that ends the run's metrics.json when it is there and
+    matches the record's config_hash (runs older than that record only the few settings that
+    stand in for it).
     """
-    plain = None
-    path = run_dir / ".hydra" / "config.yaml"
-    if path.is_file():
-        try:
-            loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
-            if config_fingerprint(loaded) == metrics.get("config_hash"):
-                plain = loaded
-        except Exception:  # an unreadable config only costs the finer grouping
-            plain = None
+    plain = metrics.get("config")
+    if not isinstance(plain, dict) or config_fingerprint(plain) != metrics.get("config_hash"):
+        plain = None
     if isinstance(plain, dict):
         plain.pop("hydra", None)
         flat = _flatten(plain)

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages.journal import JournalFileBackend, JournalStorage
 from optuna.trial import TrialState
 
 from qexp.spec import RunSpec
+from qexp.study.journal import make_pruner, storage_at
 from qexp.study.space import Knob, suggest
 from qexp.study.workers import Result, Task, TrialRef
 
@@ -60,20 +60,6 @@ class TuneResult:
     def first_error(self) -> str | None:
         """The error of the first failed trial, for the report."""
         return next((t["error"] for t in self.trials if t.get("error")), None)
-
-
-def storage_at(journal: Path) -> JournalStorage:
-    """The Optuna storage of one journal file (no database server)."""
-    journal.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(journal)))
-
-
-def make_pruner(startup_trials: int, warmup_epochs: int) -> optuna.pruners.BasePruner:
-    """Median pruning after ``startup_trials`` finished trials, never in the first
-    ``warmup_epochs`` epochs of a trial."""
-    return optuna.pruners.MedianPruner(
-        n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
-    )
 
 
 def _counted(t: optuna.trial.FrozenTrial) -> bool:

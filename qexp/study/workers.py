@@ -124,7 +124,7 @@ def _pruning_hook(ref: TrialRef):
     study's journal) and stop with TrialPruned when the pruner says so."""
     import optuna
 
-    from qexp.study.tune import make_pruner, storage_at
+    from qexp.study.journal import make_pruner, storage_at
 
     study = optuna.load_study(
         study_name=ref.study_name,

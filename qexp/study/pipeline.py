@@ -21,31 +21,82 @@ import json
 import logging
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import optuna
 
 from qexp.errors import QexpError
 from qexp.record import read_json, read_record, write_json
 from qexp.spec import RunSpec
 from qexp.study import report as study_report
-from qexp.study.runs import compose_run, hydra_configs, load_spec, train_study_run
+from qexp.study.results import from_summary
+from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
 from qexp.study.spec import Method, Setting, StudySpec
 from qexp.study.stats import compare_all, mean_interval
-from qexp.study.tune import TuneResult, tune
-from qexp.train.partner import cache_root, cached_dir, cached_fp_run, partner_config
-from qexp.train.run import needs_partner, train_cached_run
+from qexp.study.tune import CellTuner, TuneResult
+from qexp.study.workers import (
+    InProcess,
+    LocalPool,
+    SubmititPool,
+    Task,
+    default_workers,
+    worker_runtimes,
+)
+from qexp.train.gpu_assign import visible_gpu_count as visible_gpus
+from qexp.train.partner import cache_root, cache_uri, cached_dir, partner_config
+from qexp.train.run import needs_partner
 
 log = logging.getLogger("qexp")
 
 STAGES = ("references", "tuning", "final", "report")
 SPEC_FILE = "study.json"
+#: in tuning/: the next round's number (round numbers go on counting across calls)
+ROUNDS_FILE = "rounds.json"
 
 
 def progress(stage: int, text: str) -> None:
     """One progress line per stage on stdout."""
     print(f"[study] stage {stage}/{len(STAGES)} {STAGES[stage - 1]}: {text}", flush=True)
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a study runs (never part of its spec: the same study may be run with 1 worker
+    here, 8 on a GPU box, as a Slurm job array there, or in shards on several machines).
+
+    ``workers``: runs side by side (1: in this process); ``threads``: torch CPU threads per
+    run, fixed so that a run's numbers do not depend on the number of workers (default 1:
+    every core a worker; the default ``workers`` is CPUs / threads, or 2 per GPU on a GPU
+    box); ``launcher``: ``local`` (processes on this machine), ``slurm`` or ``submitit_local``
+    (a job array per stage through submitit, with ``slurm`` options); ``parallel``: trials of
+    one cell asked per round (None: 1 when there are at least as many cells as workers, so
+    tuning does not depend on the number of workers); ``shard``: (i, k) runs the i-th of k
+    fixed shares of the cells.
+    """
+
+    workers: int | None = None
+    threads: int | None = 1
+    launcher: str = "local"
+    parallel: int | None = None
+    shard: tuple[int, int] | None = None
+    slurm: dict[str, Any] = field(default_factory=dict)
+
+    def pool(self, study_dir: Path):
+        """The workers of this execution."""
+        gpus = visible_gpus()
+        workers = self.workers or (2 * gpus if gpus else default_workers(self.threads))
+        runtimes = worker_runtimes(workers, None if gpus else self.threads, gpus)
+        if self.launcher in ("slurm", "submitit_local"):
+            cluster = "slurm" if self.launcher == "slurm" else "local"
+            return SubmititPool(
+                study_dir / "submitit", workers, runtimes[0], cluster, dict(self.slurm)
+            )
+        if workers == 1:
+            return InProcess(runtimes[0])
+        return LocalPool(runtimes)
 
 
 @dataclass
@@ -54,6 +105,7 @@ class Study:
 
     spec: StudySpec
     dir: Path
+    execution: Execution = field(default_factory=Execution)
 
     # -- configs ------------------------------------------------------------------------------
     def cell_overrides(self, setting: Setting, method: Method) -> list[str]:
@@ -75,11 +127,6 @@ class Study:
         )
         return partner_config(spec.config)
 
-    def reference_dir(self, setting: Setting, seed: int) -> Path:
-        """The cached reference of (setting, seed), trained first if missing."""
-        config = self.reference_config(setting, seed)
-        return cached_fp_run(config, train_cached_run, what="reference")
-
     def run_config(
         self,
         setting: Setting,
@@ -87,9 +134,10 @@ class Study:
         seed: int,
         stage: tuple[str, ...],
         knobs: list[str],
-        reference: Path,
+        reference: str,
     ) -> RunSpec:
-        """A quantized run of the study, starting from ``reference`` (its partner too)."""
+        """A quantized run of the study, starting from ``reference`` (its partner too), a
+        ``cache:`` reference, so the run's fingerprint holds no machine path."""
         overrides = [
             *self.cell_overrides(setting, method),
             *stage,
@@ -109,6 +157,19 @@ class Study:
             spec.identity["estimator"], spec.identity["quantizer"], method.space
         )
 
+    def cells(self) -> list[tuple[Setting, Method]]:
+        """Every (setting, method) cell, in spec order."""
+        return [(s, m) for s in self.spec.settings for m in self.spec.methods]
+
+    def my_cells(self) -> list[tuple[Setting, Method]]:
+        """The cells this call works on: all of them, or this shard's fixed share."""
+        shard = self.execution.shard
+        cells = self.cells()
+        if shard is None:
+            return cells
+        i, k = shard
+        return [c for n, c in enumerate(cells) if n % k == i - 1]
+
     # -- stages -------------------------------------------------------------------------------
     def check_dir(self) -> None:
         """Bind the dir to this spec: a rerun with another spec would mix two studies."""
@@ -121,108 +182,160 @@ class Study:
         if old is None:
             write_json(self.spec.raw, path)
 
-    def references(self) -> dict[tuple[str, int], dict[str, Any]]:
-        """Stage 1: every (setting, seed)'s reference, trained once into the cache."""
+    def references(self, pool: Any, cells: list[tuple[Setting, Method]]) -> dict:
+        """Stage 1: the reference of every (setting, seed) the cells need, trained once into
+        the cache (a reference already there is reused)."""
         seeds = sorted({*self.spec.seeds, self.spec.tuning.seed})
-        out: dict[tuple[str, int], dict[str, Any]] = {}
-        trained = 0
-        for setting in self.spec.settings:
-            for seed in seeds:
-                fp_cfg = self.reference_config(setting, seed)
-                before = read_record(cached_dir(fp_cfg))
-                fresh = before is None or not before.completed
-                run_dir = self.reference_dir(setting, seed)
-                trained += fresh
-                record = read_record(run_dir)
-                assert record is not None
-                out[(setting.key, seed)] = _reference_row(
-                    self.spec, setting, seed, run_dir, record, fp_cfg
-                )
-        n = len({r["run_dir"] for r in out.values()})
-        progress(1, f"{n} full-precision networks ready ({trained} trained now, rest cached)")
-        return out
-
-    def tuning(self, refs: dict[tuple[str, int], dict[str, Any]]) -> dict[tuple[str, str], Any]:
-        """Stage 2: the same number of trials for every method at every setting."""
-        spec, out, ran = self.spec, {}, 0
-        seed = spec.tuning.seed
-        for setting in spec.settings:
-            reference = Path(refs[(setting.key, seed)]["run_dir"])
-            for method in spec.methods:
-                knobs = self.knobs(setting, method)
-                cell_dir = self.dir / "tuning" / setting.key / method.name
-
-                def make_spec(values, s=setting, m=method, k=knobs, ref=reference):
-                    return self.run_config(
-                        s, m, seed, spec.tuning.overrides, knob_overrides(k, values), ref
-                    )
-
-                result = tune(
-                    self.dir,
-                    f"{setting.key}/{method.name}",
-                    spec.tuning.trials,
-                    knobs,
-                    make_spec,
-                    lambda n, d=cell_dir: d / f"trial{n:03d}",
-                    spec.tuning.sampler_seed,
-                    spec.tuning.prune_startup_trials,
-                    spec.tuning.prune_warmup_epochs,
-                )
-                ran += result.ran
-                out[(setting.key, method.name)] = (knobs, result)
-        failed = [f"{s}/{m}" for (s, m), (_, r) in out.items() if r.failed]
-        cells = len(out)
-        note = f"; every trial failed for {', '.join(failed)}" if failed else ""
+        settings = [s for s in self.spec.settings if any(c[0] == s for c in cells)]
+        configs = {
+            (s.key, seed): self.reference_config(s, seed) for s in settings for seed in seeds
+        }
+        unique: dict[str, tuple[str, int]] = {}
+        for key, config in configs.items():
+            unique.setdefault(str(cached_dir(config)), key)
+        missing = [k for d, k in unique.items() if not _completed(Path(d))]
+        tasks = [Task(f"reference/{s}/seed{seed}", configs[(s, seed)], kind="cached")
+                 for s, seed in missing]  # fmt: skip
+        for result in pool.run_all(tasks):
+            if result.error:
+                raise QexpError(f"{result.key}: {result.error}")
+        out = {}
+        for (setting_key, seed), config in configs.items():
+            run_dir = cached_dir(config)
+            record = read_record(run_dir)
+            assert record is not None
+            setting = next(s for s in self.spec.settings if s.key == setting_key)
+            out[(setting_key, seed)] = _reference_row(
+                self.spec, setting, seed, run_dir, record, config
+            )
         progress(
-            2,
-            f"{cells} cells x {spec.tuning.trials} trials ({ran} run now, rest stored){note}",
+            1,
+            f"{len(unique)} full-precision networks ready ({len(tasks)} trained now, rest "
+            "cached)",
         )
         return out
 
-    def final(
-        self,
-        refs: dict[tuple[str, int], dict[str, Any]],
-        tuned: dict[tuple[str, str], tuple[list[Knob], TuneResult]],
-    ) -> list[dict[str, Any]]:
-        """Stage 3: each method's best knobs at each setting, over every seed."""
-        rows, ran = [], 0
-        for setting in self.spec.settings:
-            for method in self.spec.methods:
-                knobs, result = tuned[(setting.key, method.name)]
-                if result.failed:
-                    continue
-                extra = knob_overrides(knobs, result.best_params or {})
-                for seed in self.spec.seeds:
-                    reference = Path(refs[(setting.key, seed)]["run_dir"])
-                    run_dir = self.dir / "final" / setting.key / method.name / f"seed{seed}"
-                    row = {"setting": setting.key, "method": method.name, "seed": seed,
-                           "run_dir": str(run_dir)}
-                    try:
-                        spec = self.run_config(
-                            setting, method, seed, self.spec.final, extra, reference
-                        )
-                        result = train_study_run(spec, run_dir)
-                        ran += result.outcome.value != "skipped"
-                    except Exception as exc:  # one run's failure is reported, not fatal
-                        row["error"] = (str(exc).splitlines() or [type(exc).__name__])[0]
-                    rows.append({**row, **_run_row(run_dir)})
-        done = sum(r["status"] == "completed" for r in rows)
-        progress(3, f"{done}/{len(rows)} final runs completed ({ran} run now, rest stored)")
-        return rows
+    def tuning(self, pool: Any, refs: dict, cells: list[tuple[Setting, Method]]) -> dict:
+        """Stage 2: the same number of trials for every method at every setting, asked and
+        told in rounds (qexp.study.tune), the trials of a round trained side by side."""
+        spec = self.spec
+        seed = spec.tuning.seed
+        tuners: dict[tuple[str, str], tuple[list[Knob], CellTuner]] = {}
+        for setting, method in cells:
+            reference = cache_uri(Path(refs[(setting.key, seed)]["run_dir"]))
+            knobs = self.knobs(setting, method)
 
-    def run(self) -> dict[str, Any]:
-        """All stages; returns the results written to results.json."""
+            def make_spec(values, s=setting, m=method, k=knobs, ref=reference):
+                return self.run_config(
+                    s, m, seed, spec.tuning.overrides, knob_overrides(k, values), ref
+                )
+
+            tuners[(setting.key, method.name)] = (knobs, CellTuner(
+                self.dir / "tuning" / setting.key / method.name,
+                self.dir,
+                f"{setting.key}/{method.name}",
+                spec.tuning.trials,
+                knobs,
+                make_spec,
+                optuna.samplers.TPESampler(seed=spec.tuning.sampler_seed),
+                spec.tuning.prune_startup_trials,
+                spec.tuning.prune_warmup_epochs,
+            ))  # fmt: skip
+        per_cell = self.execution.parallel or max(1, -(-pool.workers // max(1, len(tuners))))
+        round_ = self._rounds_done()
+        while True:
+            batch = []
+            for _, tuner in tuners.values():
+                for _ in range(min(per_cell, tuner.remaining())):
+                    batch.append((tuner, *tuner.ask(round_)))
+            if not batch:
+                break
+            results = pool.run_all([task for _, _, task in batch])
+            for (tuner, trial, _), result in zip(batch, results, strict=True):
+                tuner.tell(trial, result)  # in the order asked: the journal keeps it
+            round_ += 1
+            write_json({"next": round_}, self.dir / "tuning" / ROUNDS_FILE)
+        out = {key: (knobs, tuner.result()) for key, (knobs, tuner) in tuners.items()}
+        ran = sum(r.ran for _, r in out.values())
+        failed = [f"{s}/{m}" for (s, m), (_, r) in out.items() if r.failed]
+        note = f"; every trial failed for {', '.join(failed)}" if failed else ""
+        progress(
+            2,
+            f"{len(out)} cells x {spec.tuning.trials} trials ({ran} run now, rest stored, "
+            f"{per_cell} per cell and round){note}",
+        )
+        return out
+
+    def _rounds_done(self) -> int:
+        """Rounds of earlier calls (so round numbers keep counting up across calls)."""
+        rounds = read_json(self.dir / "tuning" / ROUNDS_FILE) or {}
+        return int(rounds.get("next", 0))
+
+    def final(self, pool: Any, refs: dict, tuned: dict, cells: list) -> list[dict[str, Any]]:
+        """Stage 3: each method's best knobs at each setting, over every seed."""
+        rows, tasks = [], []
+        for setting, method in cells:
+            knobs, result = tuned[(setting.key, method.name)]
+            if result.failed:
+                continue
+            extra = knob_overrides(knobs, result.best_params or {})
+            for seed in self.spec.seeds:
+                reference = cache_uri(Path(refs[(setting.key, seed)]["run_dir"]))
+                run_dir = self.dir / "final" / setting.key / method.name / f"seed{seed}"
+                row = {"setting": setting.key, "method": method.name, "seed": seed,
+                       "run_dir": str(run_dir)}  # fmt: skip
+                try:
+                    spec = self.run_config(setting, method, seed, self.spec.final, extra, reference)
+                    tasks.append(Task(f"final/{setting.key}/{method.name}/seed{seed}",
+                                      spec.config, str(run_dir)))  # fmt: skip
+                except QexpError as exc:  # one run's failure is reported, not fatal
+                    row["error"] = str(exc)
+                rows.append(row)
+        results = {r.key: r for r in pool.run_all(tasks)}
+        ran = sum(r.outcome not in (None, "skipped") for r in results.values())
+        out = []
+        for row in rows:
+            key = f"final/{row['setting']}/{row['method']}/seed{row['seed']}"
+            if key in results and results[key].error:
+                row["error"] = results[key].error
+            out.append({**row, **_run_row(Path(row["run_dir"]))})
+        done = sum(r["status"] == "completed" for r in out)
+        progress(3, f"{done}/{len(out)} final runs completed ({ran} run now, rest stored)")
+        return out
+
+    def run(self) -> dict[str, Any] | None:
+        """All stages of this call's cells; the results written to results.json (None for a
+        shard, whose runs the last unsharded call merges and reports)."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self.check_dir()
         t0 = time.perf_counter()
-        with hydra_configs():
-            refs = self.references()
-            tuned = self.tuning(refs)
-            rows = self.final(refs, tuned)
+        cells = self.my_cells()
+        pool = self.execution.pool(self.dir)
+        try:
+            with hydra_configs():
+                refs = self.references(pool, cells)
+                tuned = self.tuning(pool, refs, cells)
+                rows = self.final(pool, refs, tuned, cells)
+        finally:
+            pool.close()
+        if self.execution.shard is not None:
+            i, k = self.execution.shard
+            print(
+                f"[study] shard {i}/{k} done ({len(cells)} of {len(self.cells())} cells, "
+                f"{time.perf_counter() - t0:.0f}s): run `qexp study` without --shard to merge "
+                "and report",
+                flush=True,
+            )
+            return None
         results = portable_paths(summarize(self.spec, refs, tuned, rows), self.dir)
-        paths = study_report.write_all(self.spec, self.dir, results)
+        paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results
+
+
+def _completed(run_dir: Path) -> bool:
+    record = read_record(run_dir)
+    return record is not None and record.completed
 
 
 def portable_paths(results: dict[str, Any], study_dir: Path) -> dict[str, Any]:
@@ -376,21 +489,90 @@ def _mean(values: list[Any]) -> float | None:
     return sum(nums) / len(nums) if nums else None
 
 
+#: keys of `qexp study PRESET key=value` that say how to run it, not what (Execution)
+EXECUTION_KEYS = ("workers", "threads", "launcher", "parallel")
+LAUNCHERS = ("local", "slurm", "submitit_local")
+
+
+def split_overrides(overrides: list[str]) -> tuple[list[str], Execution]:
+    """(spec overrides, execution) from the command line's ``key=value`` words."""
+    spec_overrides: list[str] = []
+    options: dict[str, Any] = {}
+    slurm: dict[str, Any] = {}
+    for word in overrides:
+        key, sep, value = word.partition("=")
+        if not sep:
+            raise QexpError(f"{word!r} is not key=value: give spec or run options as key=value")
+        if key.startswith("slurm."):
+            slurm[key[len("slurm."):]] = _scalar(value)
+        elif key in EXECUTION_KEYS:
+            options[key] = value
+        else:
+            spec_overrides.append(word)
+    execution = Execution(slurm=slurm)
+    for key in ("workers", "threads", "parallel"):
+        if key in options:
+            value = options[key]
+            if key == "threads" and value == "null":
+                execution = replace(execution, threads=None)
+                continue
+            if not value.isdigit() or int(value) < 1:
+                raise QexpError(f"{key}={value}: use an integer >= 1")
+            execution = replace(execution, **{key: int(value)})
+    if "launcher" in options:
+        if options["launcher"] not in LAUNCHERS:
+            raise QexpError(f"launcher={options['launcher']}: use one of {' | '.join(LAUNCHERS)}")
+        execution = replace(execution, launcher=options["launcher"])
+    return spec_overrides, execution
+
+
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``i/k`` -> (i, k) with 1 <= i <= k."""
+    if text is None:
+        return None
+    i, sep, k = text.partition("/")
+    if not (sep and i.isdigit() and k.isdigit() and 1 <= int(i) <= int(k)):
+        raise QexpError(f"--shard {text}: use i/k with 1 <= i <= k, e.g. --shard 1/3")
+    return int(i), int(k)
+
+
+def _scalar(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
 def main(argv: list[str]) -> int:
-    """`qexp study PRESET [--dir DIR] [key=value ...]`."""
+    """`qexp study PRESET [--dir DIR] [--shard i/k] [key=value ...]`."""
     parser = argparse.ArgumentParser(
         prog="qexp study",
         description="A fair comparison of estimators: FP references, equal tuning, paired "
         "final runs over seeds, statistics and a report. Rerun to resume.",
+        epilog="run options: workers=N (runs side by side; default CPUs / threads, or 2 per "
+        "GPU), threads=N (torch threads per run, default 1), launcher=local|slurm|"
+        "submitit_local, slurm.KEY=VALUE (submitit options: partition, timeout_min, "
+        "cpus_per_task, gpus_per_node, mem_gb...), parallel=N (trials of one cell per round)",
     )
     parser.add_argument("preset", help="a preset name (conf/study/<name>.yaml) or a YAML path")
-    parser.add_argument("overrides", nargs="*", help="spec overrides, e.g. tuning.trials=4")
+    parser.add_argument("overrides", nargs="*", help="spec overrides (e.g. tuning.trials=4) "
+                        "and run options (workers=2)")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=None, help="study dir (default studies/NAME)")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--shard",
+        default=None,
+        help="i/k: run the i-th of k fixed shares of the cells (then a last call without "
+        "--shard merges and reports)",
+    )
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides too
     try:
-        spec = load_spec(args.preset, args.overrides)
-        study = Study(spec, args.dir or Path("studies") / spec.name)
-        study.run()
+        spec_overrides, execution = split_overrides(args.overrides)
+        execution = replace(execution, shard=parse_shard(args.shard))
+        spec = load_spec(args.preset, spec_overrides)
+        study_dir = args.dir or Path("studies") / spec.name
+        if study_dir.exists() and not study_dir.is_dir():
+            raise QexpError(f"--dir {study_dir} is a file: give a folder (new or a study's)")
+        Study(spec, study_dir, execution).run()
     except QexpError as exc:
         print(f"qexp: error: {exc}", file=sys.stderr)
         return 2

@@ -12,6 +12,7 @@ import contextlib
 import functools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
@@ -50,16 +51,52 @@ def compose_run(overrides: list[str]) -> RunSpec:
 def load_spec(name_or_path: str, overrides: list[str] | None = None) -> StudySpec:
     """Read a preset or YAML file, apply ``key=value`` overrides, and check it."""
     path = preset_path(name_or_path)
+    overrides = list(overrides or [])
+    picks = {k: v for k, v in (_pick(o) for o in overrides) if k}
+    overrides = [o for o in overrides if not _pick(o)[0]]
     try:
         cfg = OmegaConf.load(path)
+        for key, names in picks.items():
+            cfg[key] = _subset(cfg, key, names)
         if overrides:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(overrides))
+    except QexpError:
+        raise
     except Exception as exc:  # YAML or dotlist syntax
         raise QexpError(f"study spec {path}: {str(exc).splitlines()[0]}") from None
     assert isinstance(cfg, DictConfig)
     plain = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(plain, dict)
     return parse_spec(plain)
+
+
+#: spec keys that a list on the command line narrows to a subset: methods=[ste,aqe]
+_PICKABLE = ("methods", "settings")
+
+
+def _pick(override: str) -> tuple[str | None, list[str]]:
+    """(key, names) of a ``methods=[a,b]`` / ``settings=[w1a1]`` override, else (None, [])."""
+    key, _, value = override.partition("=")
+    value = value.strip()
+    if key not in _PICKABLE or not (value.startswith("[") and value.endswith("]")):
+        return None, []
+    return key, [v.strip() for v in value[1:-1].split(",") if v.strip()]
+
+
+def _subset(cfg: DictConfig, key: str, names: list[str]) -> Any:
+    """The preset's ``methods`` (a mapping) or ``settings`` (a list) narrowed to ``names``."""
+    node = cfg.get(key)
+    have = list(node.keys()) if key == "methods" else [s.get("key") for s in node or []]
+    unknown = [n for n in names if n not in have]
+    if unknown or not names:
+        raise QexpError(
+            f"{key}=[{','.join(names)}]: {'unknown ' + ', '.join(unknown) if unknown else 'empty'}"
+            f"; this preset has {', '.join(map(str, have))} (pick a subset, e.g. "
+            f"{key}=[{have[0]}])"
+        )
+    if key == "methods":
+        return {n: node[n] for n in names}
+    return [s for s in node if s.get("key") in names]
 
 
 def train_study_run(

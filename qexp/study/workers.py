@@ -148,7 +148,8 @@ def _pruning_hook(ref: TrialRef):
 
 
 def _worker_init(runtime: Runtime) -> None:
-    """Once per worker process: its threads and device, logging, the data-set cache."""
+    """Once per worker process: its threads and device, the config schemas, the data-set
+    cache (each run's log goes to its own train.log; warnings also to stderr)."""
     import torch
 
     from qexp.config.schema import register_schemas
@@ -158,7 +159,6 @@ def _worker_init(runtime: Runtime) -> None:
         torch.set_num_threads(runtime.threads)
     if runtime.device and runtime.device.startswith("cuda"):
         torch.cuda.set_device(torch.device(runtime.device))
-    logging.basicConfig(level=logging.WARNING)
     register_schemas()
     enable_data_cache()
 

@@ -18,6 +18,7 @@ from qexp.study.pipeline import Study, plateau_gain
 from qexp.study.pipeline import main as study_main
 from qexp.study.runs import hydra_configs, load_spec
 from qexp.study.spec import parse_spec
+from qexp.study.workers import InProcess, Runtime
 from qexp.train.faults import FAULT_ENV, KILLED_STATUS
 from qexp.train.run import build_run, run_spec
 from qexp.train.trainer import Trainer
@@ -104,27 +105,34 @@ def test_tuning_never_reads_the_test_set(tmp_path, monkeypatch):
     # a trial left running by a killed study: closed and replaced, not counted
     import optuna
 
-    from qexp.study.tune import storage
+    from qexp.study.journal import storage_at
+    from qexp.study.tune import JOURNAL
+    from qexp.study.workers import InProcess, Runtime
 
-    optuna.create_study(study_name="w2a2/ste", storage=storage(study.dir)).ask()
+    journal = study.dir / "tuning" / "w2a2" / "ste" / JOURNAL
+    optuna.create_study(study_name="w2a2/ste", storage=storage_at(journal)).ask()
+    pool = InProcess(Runtime())
     with hydra_configs():
-        refs = study.references()
+        cells = study.my_cells()
+        ref_configs = study.reference_configs(cells)
+        tuners = study.tuners(cells, ref_configs)
+        study.references(pool, ref_configs, study.needed_references(cells, tuners, {}))
         monkeypatch.setattr(TensorDataModule, "eval_batches", spy)
-        tuned = study.tuning(refs)
+        tuned = study.tuning(pool, tuners)
     knobs, result = tuned[("w2a2", "ste")]
     assert [t["state"] for t in result.trials] == ["complete", "complete"]
-    stored = optuna.load_study(study_name="w2a2/ste", storage=storage(study.dir)).trials
+    stored = optuna.load_study(study_name="w2a2/ste", storage=storage_at(journal)).trials
     assert [t.user_attrs.get("interrupted", False) for t in stored] == [True, False, False]
     assert "val" in reads and "test" not in reads
     for trial in result.trials:
-        record = json.loads((Path(trial["run_dir"]) / "metrics.json").read_text())
+        record = json.loads((study.dir / trial["run_dir"] / "metrics.json").read_text())
         assert record["status"] == "completed" and "test_acc" not in record
 
 
 def run_in_process(spec: Path, study_dir: Path, capsys) -> str:
     """`qexp study SPEC --dir STUDY_DIR` in this process; returns its stdout."""
     capsys.readouterr()
-    assert study_main([str(spec), "--dir", str(study_dir)]) == 0
+    assert study_main([str(spec), "--dir", str(study_dir), "workers=1"]) == 0
     return capsys.readouterr().out
 
 
@@ -137,10 +145,10 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
 
     # killed right after stage 1, as its first tuning run starts (os._exit: nothing is
     # flushed or cleaned up)
-    first = run_qexp("study", str(spec), "--dir", str(study_dir), cwd=tmp_path, check=False,
-                     env={**env, FAULT_ENV: "kill@start/tuning"})
+    first = run_qexp("study", str(spec), "--dir", str(study_dir), "workers=1", cwd=tmp_path,
+                     check=False, env={**env, FAULT_ENV: "kill@start/tuning"})
     assert first.returncode == KILLED_STATUS, first.stderr
-    assert "2 full-precision networks ready (2 trained now" in first.stdout
+    assert "2 full-precision networks (2 trained now" in first.stdout
     references = mtimes(tmp_path / "cache")
     assert len(references) == 2
 
@@ -181,8 +189,11 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert mtimes(study_dir / "final") == finals
 
     # a second study on the same references trains no full-precision network
+    other = Study(load_spec(str(spec)), tmp_path / "other")
+    other.dir.mkdir()
     with hydra_configs():
-        Study(load_spec(str(spec)), tmp_path / "other").references()
+        configs = other.reference_configs(other.cells())
+        other.references(InProcess(Runtime()), configs, set(configs))
     assert "(0 trained now" in capsys.readouterr().out
     assert mtimes(tmp_path / "cache") == references
 

@@ -55,6 +55,9 @@ STAGES = ("references", "tuning", "final", "report")
 SPEC_FILE = "study.json"
 #: in tuning/: the next round's number (round numbers go on counting across calls)
 ROUNDS_FILE = "rounds.json"
+#: the study's record of its references (their rows travel with the study dir; their
+#: checkpoints stay in the cache)
+REFERENCES_FILE = "references.json"
 
 
 def progress(stage: int, text: str) -> None:
@@ -182,47 +185,18 @@ class Study:
         if old is None:
             write_json(self.spec.raw, path)
 
-    def references(self, pool: Any, cells: list[tuple[Setting, Method]]) -> dict:
-        """Stage 1: the reference of every (setting, seed) the cells need, trained once into
-        the cache (a reference already there is reused)."""
+    def reference_configs(self, cells: list[tuple[Setting, Method]]) -> dict:
+        """(setting key, seed) -> the reference run config, for the settings of ``cells``."""
         seeds = sorted({*self.spec.seeds, self.spec.tuning.seed})
         settings = [s for s in self.spec.settings if any(c[0] == s for c in cells)]
-        configs = {
-            (s.key, seed): self.reference_config(s, seed) for s in settings for seed in seeds
-        }
-        unique: dict[str, tuple[str, int]] = {}
-        for key, config in configs.items():
-            unique.setdefault(str(cached_dir(config)), key)
-        missing = [k for d, k in unique.items() if not _completed(Path(d))]
-        tasks = [Task(f"reference/{s}/seed{seed}", configs[(s, seed)], kind="cached")
-                 for s, seed in missing]  # fmt: skip
-        for result in pool.run_all(tasks):
-            if result.error:
-                raise QexpError(f"{result.key}: {result.error}")
-        out = {}
-        for (setting_key, seed), config in configs.items():
-            run_dir = cached_dir(config)
-            record = read_record(run_dir)
-            assert record is not None
-            setting = next(s for s in self.spec.settings if s.key == setting_key)
-            out[(setting_key, seed)] = _reference_row(
-                self.spec, setting, seed, run_dir, record, config
-            )
-        progress(
-            1,
-            f"{len(unique)} full-precision networks ready ({len(tasks)} trained now, rest "
-            "cached)",
-        )
-        return out
+        return {(s.key, seed): self.reference_config(s, seed) for s in settings for seed in seeds}
 
-    def tuning(self, pool: Any, refs: dict, cells: list[tuple[Setting, Method]]) -> dict:
-        """Stage 2: the same number of trials for every method at every setting, asked and
-        told in rounds (qexp.study.tune), the trials of a round trained side by side."""
-        spec = self.spec
-        seed = spec.tuning.seed
+    def tuners(self, cells: list[tuple[Setting, Method]], ref_configs: dict) -> dict:
+        """(setting key, method name) -> (knobs, the cell's :class:`CellTuner`)."""
+        spec, seed = self.spec, self.spec.tuning.seed
         tuners: dict[tuple[str, str], tuple[list[Knob], CellTuner]] = {}
         for setting, method in cells:
-            reference = cache_uri(Path(refs[(setting.key, seed)]["run_dir"]))
+            reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
             knobs = self.knobs(setting, method)
 
             def make_spec(values, s=setting, m=method, k=knobs, ref=reference):
@@ -241,6 +215,81 @@ class Study:
                 spec.tuning.prune_startup_trials,
                 spec.tuning.prune_warmup_epochs,
             ))  # fmt: skip
+        return tuners
+
+    def final_specs(self, cells: list, tuners: dict, ref_configs: dict) -> dict:
+        """(setting, method, seed) -> the final run's spec, for cells whose tuning is done
+        and found knobs."""
+        out = {}
+        for setting, method in cells:
+            knobs, tuner = tuners[(setting.key, method.name)]
+            if tuner.remaining():
+                continue
+            result = tuner.result()
+            if result.failed:
+                continue
+            extra = knob_overrides(knobs, result.best_params or {})
+            for seed in self.spec.seeds:
+                reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
+                out[(setting.key, method.name, seed)] = self.run_config(
+                    setting, method, seed, self.spec.final, extra, reference
+                )
+        return out
+
+    def final_dir(self, setting: str, method: str, seed: int) -> Path:
+        """The run dir of a final run."""
+        return self.dir / "final" / setting / method / f"seed{seed}"
+
+    def needed_references(self, cells: list, tuners: dict, finals: dict) -> set:
+        """The (setting, seed) references that unfinished runs start from: a cell still
+        tuning needs them all; a finished cell only those of its unfinished final runs."""
+        need = set()
+        seeds = sorted({*self.spec.seeds, self.spec.tuning.seed})
+        for setting, method in cells:
+            if tuners[(setting.key, method.name)][1].remaining():
+                need |= {(setting.key, seed) for seed in seeds}
+        for (setting, method, seed), spec in finals.items():
+            record = read_record(self.final_dir(setting, method, seed))
+            if record is None or not record.completed or record.config_hash != spec.fingerprint:
+                need.add((setting, seed))
+        return need
+
+    def references(self, pool: Any, ref_configs: dict, need: set) -> dict:
+        """Stage 1: the references unfinished runs need, trained once into the cache (a
+        reference already there is reused); every reference's row from the cache or, for a
+        study dir moved to a machine whose cache lacks it, from the study's own record."""
+        stored = read_json(self.dir / REFERENCES_FILE) or {}
+        unique: dict[str, tuple[str, int]] = {}
+        for key in sorted(need):
+            unique.setdefault(str(cached_dir(ref_configs[key])), key)
+        missing = [k for d, k in unique.items() if not _completed(Path(d))]
+        tasks = [Task(f"reference/{s}/seed{seed}", ref_configs[(s, seed)], kind="cached")
+                 for s, seed in missing]  # fmt: skip
+        for result in pool.run_all(tasks):
+            if result.error:
+                raise QexpError(f"{result.key}: {result.error}")
+        out = {}
+        for (setting_key, seed), config in ref_configs.items():
+            run_dir = cached_dir(config)
+            record = read_record(run_dir)
+            setting = next(s for s in self.spec.settings if s.key == setting_key)
+            if record is not None and record.completed:
+                row = _reference_row(self.spec, setting, seed, run_dir, record, config)
+                stored[f"{setting_key}/{seed}"] = portable_paths(row, self.dir)
+            elif f"{setting_key}/{seed}" in stored:
+                row = stored[f"{setting_key}/{seed}"]
+            else:
+                continue  # not trained, not needed: nothing to report of it
+            out[(setting_key, seed)] = row
+        write_json(stored, self.dir / REFERENCES_FILE)
+        ready = len({str(cached_dir(c)) for c in ref_configs.values()})
+        progress(1, f"{ready} full-precision networks ({len(tasks)} trained now, the rest "
+                    "cached or not needed)")  # fmt: skip
+        return out
+
+    def tuning(self, pool: Any, tuners: dict) -> dict:
+        """Stage 2: the same number of trials for every method at every setting, asked and
+        told in rounds (qexp.study.tune), the trials of a round trained side by side."""
         per_cell = self.execution.parallel or max(1, -(-pool.workers // max(1, len(tuners))))
         round_ = self._rounds_done()
         while True:
@@ -261,7 +310,7 @@ class Study:
         note = f"; every trial failed for {', '.join(failed)}" if failed else ""
         progress(
             2,
-            f"{len(out)} cells x {spec.tuning.trials} trials ({ran} run now, rest stored, "
+            f"{len(out)} cells x {self.spec.tuning.trials} trials ({ran} run now, rest stored, "
             f"{per_cell} per cell and round){note}",
         )
         return out
@@ -271,32 +320,26 @@ class Study:
         rounds = read_json(self.dir / "tuning" / ROUNDS_FILE) or {}
         return int(rounds.get("next", 0))
 
-    def final(self, pool: Any, refs: dict, tuned: dict, cells: list) -> list[dict[str, Any]]:
+    def final(self, pool: Any, finals: dict, tuned: dict, cells: list) -> list[dict[str, Any]]:
         """Stage 3: each method's best knobs at each setting, over every seed."""
         rows, tasks = [], []
         for setting, method in cells:
-            knobs, result = tuned[(setting.key, method.name)]
-            if result.failed:
+            if tuned[(setting.key, method.name)][1].failed:
                 continue
-            extra = knob_overrides(knobs, result.best_params or {})
             for seed in self.spec.seeds:
-                reference = cache_uri(Path(refs[(setting.key, seed)]["run_dir"]))
-                run_dir = self.dir / "final" / setting.key / method.name / f"seed{seed}"
+                run_dir = self.final_dir(setting.key, method.name, seed)
                 row = {"setting": setting.key, "method": method.name, "seed": seed,
                        "run_dir": str(run_dir)}  # fmt: skip
-                try:
-                    spec = self.run_config(setting, method, seed, self.spec.final, extra, reference)
-                    tasks.append(Task(f"final/{setting.key}/{method.name}/seed{seed}",
-                                      spec.config, str(run_dir)))  # fmt: skip
-                except QexpError as exc:  # one run's failure is reported, not fatal
-                    row["error"] = str(exc)
+                spec = finals[(setting.key, method.name, seed)]
+                tasks.append(Task(f"final/{setting.key}/{method.name}/seed{seed}", spec.config,
+                                  str(run_dir)))  # fmt: skip
                 rows.append(row)
         results = {r.key: r for r in pool.run_all(tasks)}
         ran = sum(r.outcome not in (None, "skipped") for r in results.values())
         out = []
         for row in rows:
             key = f"final/{row['setting']}/{row['method']}/seed{row['seed']}"
-            if key in results and results[key].error:
+            if results[key].error:
                 row["error"] = results[key].error
             out.append({**row, **_run_row(Path(row["run_dir"]))})
         done = sum(r["status"] == "completed" for r in out)
@@ -313,9 +356,14 @@ class Study:
         pool = self.execution.pool(self.dir)
         try:
             with hydra_configs():
-                refs = self.references(pool, cells)
-                tuned = self.tuning(pool, refs, cells)
-                rows = self.final(pool, refs, tuned, cells)
+                ref_configs = self.reference_configs(cells)
+                tuners = self.tuners(cells, ref_configs)
+                finals = self.final_specs(cells, tuners, ref_configs)
+                need = self.needed_references(cells, tuners, finals)
+                refs = self.references(pool, ref_configs, need)
+                tuned = self.tuning(pool, tuners)
+                finals = self.final_specs(cells, tuners, ref_configs)
+                rows = self.final(pool, finals, tuned, cells)
         finally:
             pool.close()
         if self.execution.shard is not None:

@@ -30,6 +30,9 @@ from typing import Any
 
 log = logging.getLogger("qexp")
 
+#: a task whose worker dies this many times is given up
+MAX_DEATHS = 3
+
 
 @dataclass(frozen=True)
 class TrialRef:
@@ -213,6 +216,9 @@ class LocalPool:
         self.procs: list[Any] = [None] * self.workers
         self.inboxes: list[Any] = [None] * self.workers
         self.replaced = 0
+        #: how often each task's worker died running it: a task that kills its worker
+        #: MAX_DEATHS times is given up (failed), not handed out forever
+        self.deaths: dict[str, int] = {}
         for i in range(self.workers):
             self._start(i)
 
@@ -239,13 +245,21 @@ class LocalPool:
             try:
                 worker, result = self.results.get(timeout=1.0)
             except queue.Empty:
-                self._replace_dead(busy, pending)
+                for index, task in self._replace_dead(busy):
+                    self.deaths[task.key] = self.deaths.get(task.key, 0) + 1
+                    if self.deaths[task.key] >= MAX_DEATHS:
+                        error = f"its worker died {MAX_DEATHS} times running it"
+                        done[index] = Result(task.key, error=error)
+                    else:
+                        pending.appendleft((index, task))
                 continue
             index, _ = busy.pop(worker)
             done[index] = result
         return [done[i] for i in range(len(tasks))]
 
-    def _replace_dead(self, busy: dict[int, tuple[int, Task]], pending: deque) -> None:
+    def _replace_dead(self, busy: dict[int, tuple[int, Task]]) -> list[tuple[int, Task]]:
+        """Start a new worker in place of each dead one; return the tasks they held."""
+        lost_tasks = []
         for i, proc in enumerate(self.procs):
             if proc.is_alive():
                 continue
@@ -256,9 +270,10 @@ class LocalPool:
             )  # fmt: skip
             print(f"[study] worker {i} died (exit code {proc.exitcode}); replaced", flush=True)
             if lost is not None:
-                pending.appendleft(lost)
+                lost_tasks.append(lost)
             self.replaced += 1
             self._start(i)
+        return lost_tasks
 
     def close(self) -> None:
         """Stop the workers."""

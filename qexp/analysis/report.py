@@ -123,13 +123,16 @@ def figure(table: SensitivityTable):
         bottom.bar(offs, proxies, width, label=f"{b} bits")
     top.set_ylabel("accuracy drop (points)")
     top.axhline(0, color="black", linewidth=0.5)
-    top.set_title("only this layer's weights at b bits", fontsize=9)
+    top.set_title("only this layer's weights at b bits", fontsize=9, loc="left")
     bottom.set_yscale("log")
     bottom.set_ylabel("tr(H)/n · ||Q(w) − w||²")
     for ax in (top, bottom):
         ax.set_xticks(list(xs))
         ax.set_xticklabels([r.name for r in rows], rotation=45, ha="right", fontsize=7)
-        ax.legend(fontsize=7, ncol=len(bits))
+    # one legend above the panels, clear of the bars
+    top.legend(
+        fontsize=7, ncol=len(bits), loc="lower right", bbox_to_anchor=(1.0, 1.0), frameon=False
+    )
     fig.tight_layout()
     return fig
 

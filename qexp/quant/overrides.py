@@ -431,10 +431,19 @@ def resolve_plan(
     return LayerPlan(tuple(rows.values()), tuple(rule_list))
 
 
+def _class_name(module: nn.Module) -> str:
+    """``Conv1d`` for torch's own classes, the full dotted name for others (a subclass of
+    nn.Linear from another package is not the nn.Linear qexp wraps)."""
+    cls = type(module)
+    if cls.__module__.startswith("torch.nn"):
+        return cls.__name__
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
 def _unwrappable(name: str, module: nn.Module, rule: int | None) -> QexpError:
     by = f" ({KEY}[{rule}] quantizes it)" if rule is not None else ""
     return QexpError(
-        f"layer {name} is a {type(module).__name__}, which qexp cannot quantize{by}: qexp wraps "
+        f"layer {name} is a {_class_name(module)}, which qexp cannot quantize{by}: qexp wraps "
         f"exactly nn.Conv2d and nn.Linear; keep it in float with "
         f"'{KEY}=[{{match: {name}, float: true}}]' or build the model from those layers"
     )

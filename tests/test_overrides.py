@@ -505,3 +505,14 @@ def test_quantizer_options_build_real_quantizers_through_hydra():
     per_channel = {n: m.w_quant.per_channel for n, m in quant_layers(net)}
     assert per_channel == {n: n != "stage1.0" for n in NAMES}
     assert all(isinstance(m, QuantLayer) for _, m in quant_layers(net))
+
+
+def test_annotate_adds_the_plan_to_a_layer_table():
+    net = _cnn()
+    plan = resolve_plan(net, [{"match": "fc", "float": True}], BITS, 8, 8)
+    quantize_model(net, _uniform, _uniform, BITS, 8, 8, plan=plan)
+    x = torch.randn(4, 1, 8, 8)
+    calibrate(net, x)
+    table = plan.annotate(layer_table(net, x))
+    assert [r["set_by"] for r in table] == ["-"] * 4 + ["overrides[0]"]
+    assert [r["float"] for r in table] == [False] * 4 + [True]

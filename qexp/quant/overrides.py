@@ -320,6 +320,17 @@ class LayerPlan:
         """Every row as a plain dict (for metrics.json and ``--cfg job``)."""
         return [r.to_json() for r in self.rows]
 
+    def annotate(self, table: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Add ``float``, ``quantizer`` and ``set_by`` of each layer's row to the per-layer
+        dicts of ``table`` (e.g. qexp.train.inspect_levels.layer_table's), matched by
+        ``name``; returns ``table``."""
+        by_name = {r.name: r for r in self.rows}
+        for entry in table:
+            row = by_name.get(entry.get("name"))
+            if row is not None:
+                entry.update(float=row.keep_float, quantizer=row.quantizer, set_by=row.set_by)
+        return table
+
 
 def _name_list(names: Sequence[str]) -> str:
     if len(names) <= _MAX_NAMES:

@@ -267,9 +267,10 @@ def test_sensitivity_of_a_digits_run_writes_table_figure_and_overrides(tmp_path)
         "qexp.analysis.command",
         str(run),
         "--bits",
-        "2,3,4,8",
+        "2,3,4",
         "--budget-kb",
         str(budget),
+        "--keep-edges",
         "--probes",
         "8",
         cwd=tmp_path,
@@ -278,13 +279,30 @@ def test_sensitivity_of_a_digits_run_writes_table_figure_and_overrides(tmp_path)
     for name in ("sensitivity.md", "sensitivity.csv", "sensitivity.png", "sensitivity.json"):
         assert (out / name).is_file(), proc.stdout
     data = json.loads((out / "sensitivity.json").read_text())
-    assert [r["name"] for r in data["layers"]] != []
-    assert set(data["layers"][0]["acc"]) == {"2", "3", "4", "8"}
+    assert {r["name"] for r in data["layers"]} == {
+        "stem.0",
+        "stage1.0",
+        "stage2.0",
+        "stage2.4",
+        "fc",
+    }
+    assert all(set(r["acc"]) == {"2", "3", "4"} for r in data["layers"])
+    proxies = [r["proxy"]["2"] for r in data["layers"]]
+    assert proxies == sorted(proxies, reverse=True)  # ranked, most sensitive first
+    md = (out / "sensitivity.md").read_text()
+    assert [
+        ln.split(" | ")[1]
+        for ln in md.splitlines()
+        if ln.startswith("| ") and not ln.startswith("| rank")
+    ] == [r["name"] for r in data["layers"]]
     yaml_path = out / "experiment" / "overrides_20kb.yaml"
     rules = yaml.safe_load(yaml_path.read_text())["layers"]["overrides"]
     params = {r["name"]: r["params"] for r in data["layers"]}
     size = sum(math.ceil(params[r["match"]] * r["w_bits"] / 8) for r in rules)
     assert size <= budget * 1024 and {r["match"] for r in rules} == set(params)
+    picked = {r["match"]: r["w_bits"] for r in rules}
+    assert picked["stem.0"] == picked["fc"] == 8  # --keep-edges: the run's edge bits
+    assert "+experiment=overrides_20kb" in proc.stdout
     if not WIRED:
         pytest.skip("layers.overrides is not in the run config schema yet (phase B wiring)")
     run2 = tmp_path / "run2"
@@ -369,3 +387,10 @@ def test_user_model_config_without_name(tmp_path):
         proc.returncode == 2 and "model.name" in proc.stderr and "Traceback" not in proc.stderr
     )
     assert ok, proc.stderr[-2000:]
+
+
+def test_overrides_file_name_is_a_config_name():
+    from qexp.analysis.command import overrides_name
+
+    assert overrides_name(20) == "overrides_20kb"
+    assert overrides_name(19.4) == "overrides_19p4kb"

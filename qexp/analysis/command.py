@@ -110,12 +110,14 @@ def sensitivity_run(
         suggestion = [{"match": n, "w_bits": b} for n, b in picks.items()]
         name = overrides_name(budget_kb)
         size = weight_kb(table, picks)
-        proxy = sum(table.row(n).proxy(b) for n, b in picks.items())
+        free = {n: b for n, b in picks.items() if n not in (fixed or {})}
+        proxy = sum(table.row(n).proxy(b) for n, b in free.items())
         args = run_command_line(run_dir)
         command = f"qexp train --config-dir {out_dir} +experiment={name} {args}".rstrip()
         comment = [
             f"suggested by qexp sensitivity for {run_dir} (weight budget {budget_kb:g} KB):",
-            f"packed weights {size:.2f} KB, summed proxy {proxy:.4g}",
+            f"packed weights {size:.2f} KB, summed proxy {proxy:.4g}"
+            + (" (first and last layers kept at the run's bits)" if keep_edges else ""),
             f"use: {command}",
         ]
         result.update(picks=picks, weight_kb=size, command=command)

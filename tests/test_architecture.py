@@ -18,6 +18,8 @@ LAYERS = {
     "qexp.study": 5,
     "qexp.train": 4,
     "qexp.export": 4,  # export builds runs; its verifier and engine stay on layers 1-2 (a test)
+    "qexp.analysis.command": 5,  # `qexp sensitivity`: rebuilds runs (export.write.load_run)
+    "qexp.analysis": 3,
     "qexp.estimators": 3,
     "qexp.quant": 2,
     "qexp.models": 2,

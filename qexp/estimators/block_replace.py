@@ -119,16 +119,31 @@ class BlockReplace(Estimator):
     # -- wiring ------------------------------------------------------------------------------
     @staticmethod
     def _blocks_of(net: nn.Module) -> list[str]:
-        names = list(net.block_names()) if hasattr(net, "block_names") else []
+        model = type(net).__name__
+        if not callable(getattr(net, "block_names", None)):
+            raise QexpError(
+                f"block_replace: model {model} declares no blocks: give it a method "
+                "block_names() returning the dotted names of its main blocks in forward order "
+                "(e.g. ['stage1', 'stage2']), or pick a model with blocks (small_cnn, resnet20)"
+            )
+        names = list(net.block_names())
         if not names:
             raise QexpError(
-                f"block_replace: model {type(net).__name__} has no blocks (block_names() is "
+                f"block_replace: model {model} has no blocks (block_names() is "
                 "empty); pick a model with blocks, e.g. model=small_cnn or resnet20"
+            )
+        own = {n for n, _ in net.named_modules() if n}
+        missing = [n for n in names if n not in own]
+        if missing:
+            raise QexpError(
+                f"block_replace: model {model}'s block_names() names {missing[0]!r}, which is "
+                "not one of its submodules: return dotted names of its modules (as "
+                "named_modules() lists them)"
             )
         return names
 
     def check_model(self, net: nn.Module) -> None:
-        # before the partner is trained: a model without blocks can never be used
+        # before the partner is trained: a model without (valid) blocks can never be used
         self._blocks_of(net)
 
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:

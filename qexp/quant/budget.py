@@ -11,6 +11,10 @@ The penalty added to the training loss is ``lambda_w relu(S_w - S_w0)^2 + lambda
 S_a0)^2``. Learned-precision quantizers (qexp.quant.dq) supply their bit width as a tensor whose
 value is the integer bit width and whose gradient is that of the continuous (pre-ceil) one, so
 the penalty moves d and q_max (or b) towards fewer bits while a budget is exceeded.
+
+Layers whose bits are fixed (edge layers, and layers whose bits a ``layers.overrides`` rule
+sets: qexp.quant.wrap.pin_bits turns their learned-precision quantizers into fixed-width ones)
+count at those bits, as constants: the penalty moves only the layers that learn their bits.
 """
 
 from __future__ import annotations
@@ -265,9 +269,9 @@ def smallest_sizes_kb(layers: list[LayerSize], act_mode: str) -> tuple[float, fl
 def check_reachable(budget: BudgetPenalty, layers: list[LayerSize]) -> None:
     """Raise QexpError if a bound budget lies below the smallest size the model can reach.
 
-    That size counts edge layers at their bits, learned-precision layers at their ``b_min``
-    and fixed quantizers at their bits; the message names it, so a run that could never meet
-    its budget is refused before it starts.
+    That size counts edge layers and layers fixed by ``layers.overrides`` at their bits,
+    learned-precision layers at their ``b_min`` and fixed quantizers at their bits; the
+    message names it, so a run that could never meet its budget is refused before it starts.
     """
     s_w, s_a = smallest_sizes_kb(layers, budget.act_budget_mode)
     checks = (
@@ -284,8 +288,9 @@ def check_reachable(budget: BudgetPenalty, layers: list[LayerSize]) -> None:
         )
         raise QexpError(
             f"{given} is below the smallest size this model can reach, "
-            f"{_kb(smallest)} KB (edge layers at their bits, the others at b_min): raise the "
-            "budget, or lower b_min or layers.first_bits / layers.last_bits"
+            f"{_kb(smallest)} KB (edge layers and layers set by layers.overrides at their bits, "
+            "the others at b_min): raise the budget, or lower b_min, layers.first_bits / "
+            "layers.last_bits or the bits of layers.overrides"
         )
 
 

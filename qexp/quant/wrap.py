@@ -1,17 +1,28 @@
-"""Turn a float model into a quantized one by swapping its Conv2d/Linear layers in place."""
+"""Turn a float model into a quantized one by swapping its Conv2d/Linear layers in place.
+
+What each layer becomes is a :class:`~qexp.quant.overrides.LayerPlan` row: its role (first,
+last or body), its weight and input bits and any quantizer options set by ``layers.overrides``.
+A layer at 32 bits gets no quantizer for that side; a layer kept in float is still a
+:class:`~qexp.quant.layers.QuantLayer`, with no quantizers at all, so every reader of the
+quantized layers (layer table, cost report, budget, export) lists it at 32 bits.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
 from qexp.quant.base import Quantizer
 from qexp.quant.layers import QConv2d, QLinear, QuantLayer
+from qexp.quant.overrides import LayerPlan, PlanRow, resolve_plan
 
-#: Builds a quantizer for (role, bits); returns None for 32 bits (full precision).
-QuantizerFactory = Callable[[str, int], Quantizer | None]
+#: Builds a quantizer for (role, bits); returns None for 32 bits (full precision). Called as
+#: ``factory(role, bits, options)`` for a layer whose rules set quantizer options (a mapping
+#: merged over the role's config node, see qexp.quant.overrides.layer_quantizer_spec).
+QuantizerFactory = Callable[..., Quantizer | None]
 
 
 @dataclass
@@ -26,6 +37,61 @@ def _swap(parent: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, name, new)
 
 
+def pin_bits(q: Quantizer | None) -> None:
+    """Keep a learned-precision quantizer at the bits it was built with.
+
+    A layer whose bits a rule sets is not part of the precision search: its bit range shrinks
+    to that one width and it no longer reports ``learns_bits``, so memory budgets count it at
+    those bits, as a constant (qexp.quant.budget). The step and range still train.
+    """
+    if q is None or not getattr(q, "learns_bits", False):
+        return
+    bits = int(q._bits) if hasattr(q, "_bits") else int(q.bits)
+    q.b_min = q.b_max = bits
+    q.learns_bits = False  # an instance attribute over the class's True
+
+
+def _build(
+    factory: QuantizerFactory, role: str, bits: int, options: Mapping[str, Any] | None
+) -> Quantizer | None:
+    # no options: the call every factory has always answered (identical quantizers)
+    return factory(role, bits, options) if options else factory(role, bits)
+
+
+def layer_quantizers(
+    row: PlanRow, body: QuantizerFactory, edge: QuantizerFactory
+) -> tuple[Quantizer | None, Quantizer | None]:
+    """The weight and input quantizers of one plan row (edge factory for first/last)."""
+    factory = body if row.role == "body" else edge
+    wq = _build(factory, "weight", row.w_bits, row.quantizer.get("weight"))
+    aq = _build(factory, "activation", row.a_bits, row.quantizer.get("activation"))
+    if row.w_fixed:
+        pin_bits(wq)
+    if row.a_fixed:
+        pin_bits(aq)
+    return wq, aq
+
+
+def apply_plan(
+    net: nn.Module, plan: LayerPlan, body: QuantizerFactory, edge: QuantizerFactory
+) -> list[str]:
+    """Swap every wrappable layer of ``plan`` in ``net`` for its quantized counterpart.
+
+    Layers qexp cannot wrap (kept in float by a rule) stay as they are. Returns the names of
+    the swapped layers, in order.
+    """
+    names = []
+    for row in plan.wrapped:
+        module = net.get_submodule(row.name)
+        wq, aq = layer_quantizers(row, body, edge)
+        cls = QConv2d if isinstance(module, nn.Conv2d) else QLinear
+        new = cls.from_float(module, wq, aq, row.role)
+        parent_name, _, attr = row.name.rpartition(".")
+        _swap(net.get_submodule(parent_name) if parent_name else net, attr, new)
+        names.append(row.name)
+    return names
+
+
 def quantize_model(
     net: nn.Module,
     body: QuantizerFactory,
@@ -33,30 +99,21 @@ def quantize_model(
     body_bits: LayerBits,
     first_bits: int | None,
     last_bits: int | None,
+    plan: LayerPlan | None = None,
 ) -> list[str]:
     """Replace every nn.Conv2d / nn.Linear of ``net`` by its quantized counterpart.
 
     The first and last such layers (in registration order) are "edge" layers: when
     ``first_bits`` / ``last_bits`` is given they use it for weight and input, with the ``edge``
-    quantizer and plain STE; ``None`` treats them like every other layer.
+    quantizer and plain STE; ``None`` treats them like every other layer. ``plan`` (from
+    :func:`~qexp.quant.overrides.resolve_plan` with the same bits and the run's
+    ``layers.overrides``) changes single layers; without it every layer follows that policy.
 
     Returns the names of the swapped layers, in order.
     """
-    names = [n for n, m in net.named_modules() if type(m) in (nn.Conv2d, nn.Linear)]
-    for i, name in enumerate(names):
-        module = net.get_submodule(name)
-        role = "first" if i == 0 else "last" if i == len(names) - 1 else "body"
-        edge_bits = first_bits if role == "first" else last_bits if role == "last" else None
-        if edge_bits is not None:
-            wq, aq = edge("weight", edge_bits), edge("activation", edge_bits)
-        else:
-            role = "body"
-            wq, aq = body("weight", body_bits.w_bits), body("activation", body_bits.a_bits)
-        cls = QConv2d if isinstance(module, nn.Conv2d) else QLinear
-        new = cls.from_float(module, wq, aq, role)
-        parent_name, _, attr = name.rpartition(".")
-        _swap(net.get_submodule(parent_name) if parent_name else net, attr, new)
-    return names
+    if plan is None:
+        plan = resolve_plan(net, [], body_bits, first_bits, last_bits)
+    return apply_plan(net, plan, body, edge)
 
 
 def attach_estimator(net: nn.Module, estimator: nn.Module) -> None:

@@ -1,0 +1,1 @@
+"""Analyses of trained runs: per-layer sensitivity to bit width (qexp sensitivity)."""

@@ -14,6 +14,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "tb": ("qexp.report.tb:main", "serve TensorBoard for a run/sweep dir on 127.0.0.1"),
     "export": ("qexp.export.write:main", "write a run's network as a bit-packed file (+ ONNX)"),
     "verify": ("qexp.export.verify:main", "evaluate an exported file independently of qexp"),
+    "sensitivity": (
+        "qexp.analysis.command:main",
+        "per-layer bit-width sensitivity of a run, and overrides that meet a weight budget",
+    ),
 }
 
 USAGE = "usage: qexp <command> [args]   (qexp <command> --help for details)"

@@ -100,11 +100,13 @@ class PartnerSpec:
 @dataclass(frozen=True)
 class LayersSpec:
     """The first and last quantizable layers: their bits (None: like the body) and the
-    quantizer they use (a ``_target_`` node)."""
+    quantizer they use (a ``_target_`` node); then the per-layer override rules (plain
+    dicts, qexp/quant/overrides.py)."""
 
     first_bits: Optional[int]
     last_bits: Optional[int]
     edge_quantizer: dict
+    overrides: tuple = ()
 
 
 @dataclass(frozen=True)

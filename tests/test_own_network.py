@@ -371,11 +371,6 @@ def test_timm_model_without_timm_is_one_line(monkeypatch):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="root: run_identity reads cfg.model.name, so a model config without `name:` ends "
-    "in a ConfigAttributeError traceback after the data and model are built",
-)
 def test_user_model_config_without_name(tmp_path):
     src, conf = _user_package(tmp_path)
     (conf / "model" / "unnamed.yaml").write_text("_target_: my_pkg.net.Net\n")

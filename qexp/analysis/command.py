@@ -54,12 +54,12 @@ def _take(batches: list[Any], samples: int) -> list[Any]:
 def run_command_line(run_dir: Path, exclude: tuple[str, ...] = ("layers.overrides",)) -> str:
     """The run's own command-line overrides (from ``.hydra/overrides.yaml``), without Hydra's
     and those in ``exclude``, for the printed ``qexp train`` line."""
-    from omegaconf import OmegaConf
+    import yaml
 
     path = run_dir / ".hydra" / "overrides.yaml"
     if not path.is_file():
         return ""
-    items = [str(o) for o in OmegaConf.load(path)]
+    items = [str(o) for o in yaml.safe_load(path.read_text()) or []]
     keep = [
         o
         for o in items
@@ -89,9 +89,9 @@ def sensitivity_run(
 
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "sensitivity"
-    cfg, data, model, _ = load_run(run_dir, checkpoint)
+    spec, data, model, _ = load_run(run_dir, checkpoint)
     device = torch.device("cpu")
-    val = list(data.eval_batches("val", int(cfg.trainer.eval_batch_size), device))
+    val = list(data.eval_batches("val", int(spec.trainer.eval_batch_size), device))
     if not val or sum(int(y.numel()) for _, y in val) == 0:
         raise QexpError(f"{run_dir}: the data set has no validation split to measure on")
     hessian = _take(val, hessian_samples)

@@ -47,6 +47,7 @@ class LayersConfig:
     edge_quantizer: Any = field(
         default_factory=lambda: {"_target_": "qexp.quant.uniform.UniformQuantizer"}
     )
+    overrides: Any = field(default_factory=list)  # per-layer rules (qexp/quant/overrides.py)
 
 
 @dataclass

@@ -20,6 +20,7 @@ from qexp.errors import QexpError
 from qexp.estimators.base import Estimator, EstimatorContext
 from qexp.estimators.model import QuantModel
 from qexp.quant.base import Quantizer
+from qexp.quant.overrides import layer_quantizer_spec
 from qexp.quant.wrap import QuantizerFactory, attach_estimator
 from qexp.train.checkpoint import checkpoint_file, load_checkpoint
 
@@ -65,10 +66,11 @@ def quantizer_factory(node: Any, key: str) -> QuantizerFactory:
     ``_target_`` node used for both roles.
     """
 
-    def make(role: str, bits: int) -> Quantizer | None:
+    def make(role: str, bits: int, options: Any = None) -> Quantizer | None:
         if bits >= 32:
             return None
-        spec = node.get(role, node)
+        # a per-layer rule's quantizer options (qexp/quant/overrides.py) change this layer's
+        spec = layer_quantizer_spec(node, role, options) if options else node.get(role, node)
         return instantiate(spec, f"{key}.{role}", bits=bits, role=role)
 
     return make
@@ -96,13 +98,21 @@ def build_data(node: Any) -> DataModule:
 
 def build_net(node: Any, info: DataInfo) -> nn.Module:
     """The plain float network of a ``model`` node, sized for the data set."""
-    return instantiate(
-        node,
-        "model",
-        num_classes=info.num_classes,
-        in_channels=info.in_channels,
-        image_size=info.image_size,
-    )
+    try:
+        return instantiate(
+            node,
+            "model",
+            num_classes=info.num_classes,
+            in_channels=info.in_channels,
+            image_size=info.image_size,
+        )
+    except QexpError as exc:
+        if "unexpected keyword argument" not in str(exc):
+            raise
+        raise QexpError(
+            f"{exc}: qexp builds every model with num_classes, in_channels and image_size (from "
+            "the data set); give the model's __init__ those arguments (or **kwargs)"
+        ) from None
 
 
 def build_estimator(node: Any) -> Estimator:

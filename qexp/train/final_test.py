@@ -41,6 +41,9 @@ def final_test(trainer: Any) -> dict[str, Any]:
         reporter.scalar("test/soft_hard_gap", soft - test_acc, step)
     x, _ = next(iter(data.eval_batches("test", 256, trainer.device)))
     table = layer_table(model.net, x)
+    plan = trainer.parts.layer_plan
+    if plan is not None:  # which rule set each layer (layers.overrides)
+        table = plan.annotate(table)
     honest = all(row["ok"] for row in table)
     if not honest:
         log.error(

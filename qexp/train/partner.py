@@ -94,7 +94,12 @@ def partner_config(config: Mapping[str, Any]) -> dict[str, Any]:
     plain = copy.deepcopy(dict(config))
     plain.pop("hydra", None)
     plain.update(bits=32, w_bits=32, a_bits=32, resume=True, init_from=None, tag="fp-partner")
-    plain["layers"] = {**plain["layers"], "first_bits": None, "last_bits": None}
+    # layers a rule keeps in float stay float (and unwrapped) in the partner; other rules set
+    # bits, which a full-precision network has none of
+    kept = [{"match": r["match"], "float": True} for r in plain["layers"].get("overrides") or []
+            if r.get("float")]  # fmt: skip
+    plain["layers"] = {**plain["layers"], "first_bits": None, "last_bits": None,
+                       "overrides": kept}  # fmt: skip
     epochs = (plain.get("partner") or {}).get("epochs")
     if epochs is not None:
         plain["trainer"]["epochs"] = int(epochs)

@@ -12,6 +12,7 @@ import torch
 from qexp.curves import Curve
 from qexp.data.base import DataModule
 from qexp.estimators.model import QuantModel
+from qexp.quant.overrides import LayerPlan
 from qexp.spec import TrainerSettings
 from qexp.train import distributed
 from qexp.train.precision import PrecisionMonitor
@@ -50,3 +51,5 @@ class RunParts:
     #: called after each epoch (e.g. a tuner's pruning); set by the caller after build_run
     on_epoch: EpochHook | None = None
     dist: distributed.DistInfo = distributed.SINGLE
+    #: each layer's resolved settings (first/last policy and override rules)
+    layer_plan: LayerPlan | None = None

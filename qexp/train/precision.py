@@ -113,16 +113,16 @@ class PrecisionMonitor:
 def markdown_table(table: list[dict[str, Any]]) -> str:
     """The per-layer table (name, role, params, bits, sizes) as Markdown."""
     lines = [
-        "| layer | role | params | w_bits | a_bits | weight KB | act KB |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| layer | role | params | w_bits | a_bits | weight KB | act KB | set by |",
+        "|---|---|---:|---:|---:|---:|---:|---|",
     ]
     for r in table:
         lines.append(
             f"| {r['name']} | {r['role']} | {r['params']} | {r['w_bits']} | {r['a_bits']} | "
-            f"{r['kb']:.2f} | {r.get('act_kb', float('nan')):.2f} |"
+            f"{r['kb']:.2f} | {r.get('act_kb', float('nan')):.2f} | {r.get('set_by') or '-'} |"
         )
     total = sum(r["kb"] for r in table)
-    lines.append(f"| total | | {sum(r['params'] for r in table)} | | | {total:.2f} | |")
+    lines.append(f"| total | | {sum(r['params'] for r in table)} | | | {total:.2f} | | |")
     return "\n".join(lines)
 
 

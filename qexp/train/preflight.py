@@ -141,6 +141,7 @@ def check_command_line(argv: list[str]) -> None:
             except Exception:
                 base = None
             check_hydra_options(args.overrides, extra, base)
+            shown = False
             for job in _jobs(overrides, args.multirun, extra):
                 try:
                     cfg = compose(config_name="config", overrides=job + extra)
@@ -150,6 +151,9 @@ def check_command_line(argv: list[str]) -> None:
                     raise QexpError(_one_line(exc, job, base)) from None
                 validate_config(cfg)
                 dry_build(cfg)
+                if cfg.layers.get("overrides"):
+                    check_layer_plan(cfg, show=not shown)
+                    shown = True
     finally:
         GlobalHydra.instance().clear()
 
@@ -192,6 +196,20 @@ def dry_build(cfg: DictConfig) -> None:
 
     check_pairing(estimator, body("weight", int(cfg.w_bits)), body("activation", int(cfg.a_bits)))
     check_budget_reachable(cfg)
+
+
+def check_layer_plan(cfg: DictConfig, show: bool) -> None:
+    """Resolve the per-layer override rules on the real network (a rule that matches nothing
+    is an error naming the layers there are) and, with ``show``, print the resolved table
+    before any work starts."""
+    from qexp.quant.overrides import format_plan
+    from qexp.train.build import build_data, build_net
+    from qexp.train.run import layer_plan, run_spec
+
+    spec = run_spec(cfg)
+    plan = layer_plan(spec, build_net(spec.model, build_data(spec.dataset).info))
+    if show:
+        print(f"qexp: per-layer settings (layers.overrides):\n{format_plan(plan)}", flush=True)
 
 
 def check_budget_reachable(cfg: DictConfig) -> None:

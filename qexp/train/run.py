@@ -30,6 +30,7 @@ from qexp.data.sealed import SealedTest
 from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
 from qexp.quant.budget import budget_from_spec
+from qexp.quant.overrides import LayerPlan, resolve_plan
 from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
 from qexp.spec import BudgetSpec, LayersSpec, PartnerSpec, RunSpec, TrainerSettings
@@ -73,7 +74,8 @@ def run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         plain = dict(cfg)
     plain.pop("hydra", None)
     trainer = TrainerSettings(**plain["trainer"])
-    layers = LayersSpec(**plain["layers"])
+    rules = tuple(plain["layers"].get("overrides") or ())
+    layers = LayersSpec(**{**plain["layers"], "overrides": rules})
     identity = {
         "estimator": _name(plain["estimator"]),
         "quantizer": _name(plain["quantizer"]),
@@ -156,8 +158,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def layer_plan(spec: RunSpec, net: nn.Module) -> LayerPlan:
+    """Every quantizable layer's settings: the first/last policy, then the override rules."""
+    layers = spec.layers
+    bits = LayerBits(spec.w_bits, spec.a_bits)
+    return resolve_plan(net, list(layers.overrides), bits, layers.first_bits, layers.last_bits)
+
+
 def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
-    """The float network of ``spec`` with its Conv2d/Linear layers swapped for quantized ones."""
+    """The float network of ``spec`` with its Conv2d/Linear layers swapped for quantized ones
+    (each at the bits its :func:`layer_plan` row says)."""
     net = build_net(spec.model, info)
     quantize_model(
         net,
@@ -166,6 +176,7 @@ def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
         body_bits=LayerBits(spec.w_bits, spec.a_bits),
         first_bits=spec.layers.first_bits,
         last_bits=spec.layers.last_bits,
+        plan=layer_plan(spec, net),
     )
     return net
 
@@ -266,6 +277,7 @@ def build_run(
     return RunParts(
         settings, model, SealedTest(data) if seal_test else data, optimizer, lr_curve,
         precision, run, device, spec.resume, on_epoch=on_epoch, dist=dist,
+        layer_plan=layer_plan(spec, model.net),
     )  # fmt: skip
 
 

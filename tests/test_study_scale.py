@@ -136,3 +136,24 @@ def test_overrides_after_dir_are_spec_overrides(tmp_path, monkeypatch):
     argv = ["digits_tiny", "--dir", str(tmp_path / "d"), "tuning.trials=3", "workers=2"]
     assert study_main(argv) == 0
     assert seen["spec"].tuning.trials == 3 and seen["execution"].workers == 2
+
+
+def test_workers_share_gpus_round_robin():
+    from qexp.study.workers import worker_runtimes
+
+    on_gpus = worker_runtimes(5, None, gpus=2)
+    assert [r.device for r in on_gpus] == ["cuda:0", "cuda:1", "cuda:0", "cuda:1", "cuda:0"]
+    on_cpu = worker_runtimes(2, 1, gpus=0)
+    assert [(r.threads, r.device) for r in on_cpu] == [(1, "cpu"), (1, "cpu")]
+
+
+def test_gpu_check_says_so_without_a_gpu():
+    import subprocess
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible: scripts/gpu_check.sh would run the whole check")
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.sh"
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "no CUDA GPU visible" in proc.stdout

@@ -109,6 +109,8 @@ class Study:
     spec: StudySpec
     dir: Path
     execution: Execution = field(default_factory=Execution)
+    #: the user's config dirs (``--config-dir``): their estimators, quantizers, models...
+    config_dirs: tuple[Path, ...] = ()
 
     # -- configs ------------------------------------------------------------------------------
     def cell_overrides(self, setting: Setting, method: Method) -> list[str]:
@@ -157,7 +159,8 @@ class Study:
         """The search space of a cell (from its estimator's and quantizer's files)."""
         spec = compose_run(self.cell_overrides(setting, method))
         return search_space(
-            spec.identity["estimator"], spec.identity["quantizer"], method.space
+            spec.identity["estimator"], spec.identity["quantizer"], method.space,
+            self.config_dirs,
         )
 
     def cells(self) -> list[tuple[Setting, Method]]:
@@ -355,7 +358,7 @@ class Study:
         cells = self.my_cells()
         pool = self.execution.pool(self.dir)
         try:
-            with hydra_configs():
+            with hydra_configs(self.config_dirs):
                 ref_configs = self.reference_configs(cells)
                 tuners = self.tuners(cells, ref_configs)
                 finals = self.final_specs(cells, tuners, ref_configs)
@@ -606,6 +609,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("overrides", nargs="*", help="spec overrides (e.g. tuning.trials=4) "
                         "and run options (workers=2)")  # fmt: skip
     parser.add_argument("--dir", type=Path, default=None, help="study dir (default studies/NAME)")
+    parser.add_argument("--config-dir", type=Path, action="append", default=[],
+                        help="a config dir of your own (estimators, models...), as for `qexp "
+                        "train --config-dir`; may be given more than once")  # fmt: skip
     parser.add_argument(
         "--shard",
         default=None,
@@ -620,7 +626,7 @@ def main(argv: list[str]) -> int:
         study_dir = args.dir or Path("studies") / spec.name
         if study_dir.exists() and not study_dir.is_dir():
             raise QexpError(f"--dir {study_dir} is a file: give a folder (new or a study's)")
-        Study(spec, study_dir, execution).run()
+        Study(spec, study_dir, execution, tuple(args.config_dir)).run()
     except QexpError as exc:
         print(f"qexp: error: {exc}", file=sys.stderr)
         return 2

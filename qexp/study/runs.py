@@ -26,23 +26,30 @@ from qexp.train.job import JobResult, Policy, run_job
 from qexp.train.parts import EpochHook
 from qexp.train.run import run_spec, train_run
 
+#: ``hydra.searchpath`` overrides of the user's config dirs (set by :func:`hydra_configs`)
+_SEARCHPATH: list[str] = []
+
 
 @contextlib.contextmanager
-def hydra_configs() -> Iterator[None]:
-    """Hydra's compose API over qexp's config tree for the block."""
+def hydra_configs(config_dirs: tuple[Path, ...] = ()) -> Iterator[None]:
+    """Hydra's compose API over qexp's config tree for the block, with the user's config
+    dirs (``--config-dir``) searched first, as `qexp train --config-dir` does."""
     register_schemas()
     GlobalHydra.instance().clear()
+    paths = ",".join(f"file://{Path(d).resolve()}" for d in config_dirs)
+    _SEARCHPATH[:] = [f"hydra.searchpath=[{paths}]"] if config_dirs else []
     try:
         with initialize_config_module(config_module="qexp.conf", version_base=None):
             yield
     finally:
+        _SEARCHPATH.clear()
         GlobalHydra.instance().clear()
 
 
 def compose_run(overrides: list[str]) -> RunSpec:
     """The validated spec of ``qexp train OVERRIDES`` (inside :func:`hydra_configs`)."""
     try:
-        cfg = compose("config", list(overrides))
+        cfg = compose("config", [*overrides, *_SEARCHPATH])
     except Exception as exc:  # unknown option or key: Hydra's message, one line
         raise QexpError(f"{' '.join(overrides)}: {str(exc).splitlines()[0]}") from None
     return run_spec(cfg)

@@ -14,7 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
+import yaml
 
 from qexp.errors import QexpError
 
@@ -57,26 +57,51 @@ def parse_knob(key: str, node: Any) -> Knob:
     return Knob(key, node["type"], float(low), float(high), log, also=also)
 
 
-def _space_file(*parts: str) -> Path:
+def _space_file(config_dirs: tuple[Path, ...], *parts: str) -> Path:
+    """The search-space file ``parts`` in the first of the user's config dirs that has it,
+    else qexp's own (which may not exist either)."""
+    for folder in config_dirs:
+        path = Path(folder).joinpath("search_space", *parts)
+        if path.is_file():
+            return path
     return Path(str(resources.files("qexp.conf").joinpath("search_space", *parts)))
 
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         return {}
-    data = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise QexpError(f"search space {path}: {str(exc).splitlines()[0]}") from None
     return dict(data) if isinstance(data, dict) else {}
 
 
-def search_space(estimator: str, quantizer: str, extra: dict[str, Any] | None = None) -> list[Knob]:
+def search_space(
+    estimator: str,
+    quantizer: str,
+    extra: dict[str, Any] | None = None,
+    config_dirs: tuple[Path, ...] = (),
+) -> list[Knob]:
     """The knobs of a method: common, then its estimator's, its quantizer's, then ``extra``
-    (a study's own additions); a later entry for a key replaces an earlier one."""
+    (a study's own additions); a later entry for a key replaces an earlier one. A method with
+    no search-space file of its own is tuned on the common knobs (:func:`own_space` tells).
+    ``config_dirs``: a user's config dirs, whose ``search_space/`` files come first."""
     merged: dict[str, Any] = {}
-    merged.update(_read(_space_file("common.yaml")))
-    merged.update(_read(_space_file("estimator", f"{estimator}.yaml")))
-    merged.update(_read(_space_file("quantizer", f"{quantizer}.yaml")))
+    merged.update(_read(_space_file(config_dirs, "common.yaml")))
+    merged.update(_read(_space_file(config_dirs, "estimator", f"{estimator}.yaml")))
+    merged.update(_read(_space_file(config_dirs, "quantizer", f"{quantizer}.yaml")))
     merged.update(extra or {})
     return [parse_knob(k, v) for k, v in merged.items()]
+
+
+def own_space(estimator: str, quantizer: str, config_dirs: tuple[Path, ...] = ()) -> bool:
+    """Whether the method's estimator or quantizer has a search-space file (else it is tuned
+    on the common knobs only, and the study report says so)."""
+    return any(
+        _space_file(config_dirs, group, f"{name}.yaml").is_file()
+        for group, name in (("estimator", estimator), ("quantizer", quantizer))
+    )
 
 
 def suggest(trial: Any, knobs: list[Knob]) -> dict[str, Any]:

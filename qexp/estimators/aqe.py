@@ -190,6 +190,18 @@ class AQE(Estimator):
         self._beta, self._hard = float(torch.tensor(beta, dtype=self.beta.dtype)), hard
         return {"beta": self._beta}
 
+    def final_form_progress(self, resolution: int = 1000) -> float:
+        """Where the sharpness reaches the end of its schedule (``beta_max``, or the curve's
+        last value): from there the stand-in is the quantizer (and, with
+        ``hard_after_beta_max``, the forward is the hard one)."""
+        end = self.beta_curve(1.0)
+        if self.beta_max is not None:
+            end = min(end, self.beta_max)
+        for k in range(resolution + 1):
+            if self.beta_curve(k / resolution) >= end * (1 - 1e-9):
+                return k / resolution
+        return 1.0
+
     def state_summary(self) -> dict[str, float]:
         return {"beta": self._beta, "hard_forward": float(self._hard)}
 

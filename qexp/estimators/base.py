@@ -19,6 +19,7 @@ Seams for new methods (each a file here plus a YAML in conf/estimator/):
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,24 @@ class Estimator(nn.Module):
         Only epochs where this holds can be picked as the best-validation model.
         """
         return True
+
+    def final_form_progress(self, resolution: int = 1000) -> float:
+        """The training progress p in [0, 1] from which the method trains its deployed form
+        (alpha-blending: alpha = 1; a soft stand-in: its sharpness at the end of its
+        schedule); 0 for methods that train the deployed network from the start.
+
+        A tuner never prunes a trial before this point: a method in its soft phase is not
+        judged on the hard network. The default steps a copy of the estimator through
+        ``resolution`` points of progress and returns the first where :meth:`is_final_form`
+        holds; estimators whose deployed form is not what ``is_final_form`` tracks override it.
+        """
+        probe = copy.deepcopy(self)
+        for k in range(resolution + 1):
+            p = k / resolution
+            probe.step(p)
+            if probe.is_final_form():
+                return p
+        return 1.0
 
     def passes_per_step(self) -> dict[str, int]:
         """Whole-network forward and backward passes one training step costs (a study's cost

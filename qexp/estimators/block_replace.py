@@ -189,6 +189,9 @@ class BlockReplace(Estimator):
     def is_final_form(self) -> bool:
         return self.base.is_final_form()
 
+    def final_form_progress(self, resolution: int = 1000) -> float:
+        return self.base.final_form_progress(resolution)
+
     def state_summary(self) -> dict[str, float]:
         return self.base.state_summary()
 

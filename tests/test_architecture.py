@@ -140,3 +140,28 @@ def test_reports_and_records_import_without_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+#: the only modules that may import omegaconf or hydra: the config package, the Hydra app,
+#: the composition roots of a run (run.py and its builders, the preflight) and of a study
+CONFIG_READERS = ("qexp.config", "qexp.train.app", "qexp.train.run", "qexp.train.build",
+                  "qexp.train.preflight", "qexp.study.runs")  # fmt: skip
+
+
+def test_omegaconf_stays_at_the_root():
+    """Below the composition root nothing reads the composed config: no other module imports
+    omegaconf or hydra, late imports inside functions included."""
+    bad = []
+    for module, path in _modules().items():
+        if any(module == r or module.startswith(r + ".") for r in CONFIG_READERS):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                if name.split(".")[0] in ("omegaconf", "hydra"):
+                    bad.append(f"{path.relative_to(ROOT.parent)}:{node.lineno} imports {name}")
+    assert not bad, "\n".join(bad)

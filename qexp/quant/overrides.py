@@ -118,13 +118,12 @@ def _bits(where: str, key: str, value: Any) -> int:
 
 
 def _plain(value: Any) -> Any:
-    """A plain Python container (OmegaConf nodes converted, interpolations resolved)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        return value
-    if isinstance(value, DictConfig | ListConfig):
-        return OmegaConf.to_container(value, resolve=True)
+    """Plain Python containers (the composition root hands over resolved dicts and lists;
+    any other mapping or sequence is copied into one)."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
     return value
 
 

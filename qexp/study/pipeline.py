@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ from qexp.study.workers import (
     default_workers,
     worker_runtimes,
 )
+from qexp.train.build import build_estimator
 from qexp.train.gpu_assign import visible_gpu_count as visible_gpus
 from qexp.train.partner import cache_root, cache_uri, cached_dir, partner_config
 from qexp.train.run import needs_partner
@@ -143,13 +145,9 @@ class Study:
     ) -> RunSpec:
         """A quantized run of the study, starting from ``reference`` (its partner too), a
         ``cache:`` reference, so the run's fingerprint holds no machine path."""
-        overrides = [
-            *self.cell_overrides(setting, method),
-            *stage,
-            *knobs,
-            f"seed={seed}",
-            f"init_from={reference}",
-        ]
+        start = [f"init_from={reference}"] if setting.init == "reference" else []
+        overrides = [*self.cell_overrides(setting, method), *stage, *knobs, f"seed={seed}",
+                     *start]  # fmt: skip
         spec = compose_run(overrides)
         if needs_partner(spec) and spec.partner.source is None:
             spec = compose_run([*overrides, f"partner.source={reference}"])
@@ -165,16 +163,23 @@ class Study:
 
     def cells(self) -> list[tuple[Setting, Method]]:
         """Every (setting, method) cell, in spec order."""
-        return [(s, m) for s in self.spec.settings for m in self.spec.methods]
+        return [(s, m) for s in self.spec.settings for m in self.spec.methods_of(s)]
 
     def my_cells(self) -> list[tuple[Setting, Method]]:
-        """The cells this call works on: all of them, or this shard's fixed share."""
+        """The cells this call works on: all of them, or this shard's fixed share (a cell
+        whose knobs come from another setting's cell goes with that cell)."""
         shard = self.execution.shard
         cells = self.cells()
         if shard is None:
             return cells
         i, k = shard
-        return [c for n, c in enumerate(cells) if n % k == i - 1]
+        tuned = [(s.key, m.name) for s, m in cells if s.knobs_from is None]
+        return [(s, m) for s, m in cells
+                if tuned.index((s.knobs_from or s.key, m.name)) % k == i - 1]  # fmt: skip
+
+    def tuned_from(self, setting: Setting) -> Setting:
+        """The setting whose tuning gives ``setting`` its knobs (itself, or ``knobs_from``)."""
+        return self.spec.setting(setting.knobs_from) if setting.knobs_from else setting
 
     # -- stages -------------------------------------------------------------------------------
     def check_dir(self) -> None:
@@ -190,22 +195,28 @@ class Study:
 
     def reference_configs(self, cells: list[tuple[Setting, Method]]) -> dict:
         """(setting key, seed) -> the reference run config, for the settings of ``cells``."""
-        seeds = sorted({*self.spec.seeds, self.spec.tuning.seed})
-        settings = [s for s in self.spec.settings if any(c[0] == s for c in cells)]
+        spec = self.spec
+        seeds = sorted({*spec.seeds, *spec.tuning.all_seeds, *spec.aa_seeds})
+        settings = [s for s in spec.settings if any(c[0] == s for c in cells)]
         return {(s.key, seed): self.reference_config(s, seed) for s in settings for seed in seeds}
 
     def tuners(self, cells: list[tuple[Setting, Method]], ref_configs: dict) -> dict:
-        """(setting key, method name) -> (knobs, the cell's :class:`CellTuner`)."""
-        spec, seed = self.spec, self.spec.tuning.seed
+        """(setting key, method name) -> (knobs, :class:`CellTuner`) of every cell that tunes
+        its own knobs (a setting with ``knobs_from`` takes another's)."""
+        spec = self.spec
         tuners: dict[tuple[str, str], tuple[list[Knob], CellTuner]] = {}
         for setting, method in cells:
-            reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
+            if setting.knobs_from is not None:
+                continue
             knobs = self.knobs(setting, method)
+            stage = (*spec.tuning.overrides, *setting.tuning)
 
-            def make_spec(values, s=setting, m=method, k=knobs, ref=reference):
-                return self.run_config(
-                    s, m, seed, spec.tuning.overrides, knob_overrides(k, values), ref
-                )
+            def make_specs(values, s=setting, m=method, k=knobs, stage=stage):
+                return [
+                    (seed, self.run_config(s, m, seed, stage, knob_overrides(k, values),
+                                           cache_uri(cached_dir(ref_configs[(s.key, seed)]))))
+                    for seed in spec.tuning.all_seeds
+                ]  # fmt: skip
 
             tuners[(setting.key, method.name)] = (knobs, CellTuner(
                 self.dir / "tuning" / setting.key / method.name,
@@ -213,29 +224,48 @@ class Study:
                 f"{setting.key}/{method.name}",
                 spec.tuning.trials,
                 knobs,
-                make_spec,
-                optuna.samplers.TPESampler(seed=spec.tuning.sampler_seed),
+                make_specs,
+                optuna.samplers.TPESampler(
+                    seed=spec.tuning.sampler_seed,
+                    n_startup_trials=spec.tuning.startup_trials or 10,
+                ),
                 spec.tuning.prune_startup_trials,
-                spec.tuning.prune_warmup_epochs,
+                self.warmup_epochs(setting, method, stage),
             ))  # fmt: skip
         return tuners
 
+    def warmup_epochs(self, setting: Setting, method: Method, stage: tuple[str, ...]) -> int:
+        """Epochs of a trial never pruned: the spec's warm-up, and with
+        ``prune_before_deployed`` at least every epoch before the method trains its deployed
+        form (its estimator's final_form_progress)."""
+        warmup = self.spec.tuning.prune_warmup_epochs
+        if not self.spec.tuning.prune_before_deployed:
+            return warmup
+        spec = compose_run([*self.cell_overrides(setting, method), *stage])
+        start = build_estimator(spec.estimator).final_form_progress()
+        return max(warmup, math.ceil(start * spec.trainer.epochs - 1e-9))
+
     def final_specs(self, cells: list, tuners: dict, ref_configs: dict) -> dict:
         """(setting, method, seed) -> the final run's spec, for cells whose tuning is done
-        and found knobs."""
+        and found knobs (the baseline also over ``aa_seeds``, the A/A row)."""
         out = {}
         for setting, method in cells:
-            knobs, tuner = tuners[(setting.key, method.name)]
+            source = self.tuned_from(setting)
+            knobs, tuner = tuners[(source.key, method.name)]
             if tuner.remaining():
                 continue
             result = tuner.result()
             if result.failed:
                 continue
             extra = knob_overrides(knobs, result.best_params or {})
-            for seed in self.spec.seeds:
+            stage = (*self.spec.final, *setting.final)
+            seeds = list(self.spec.seeds)
+            if method.name == setting.baseline:
+                seeds += list(self.spec.aa_seeds)
+            for seed in seeds:
                 reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
                 out[(setting.key, method.name, seed)] = self.run_config(
-                    setting, method, seed, self.spec.final, extra, reference
+                    setting, method, seed, stage, extra, reference
                 )
         return out
 
@@ -247,9 +277,13 @@ class Study:
         """The (setting, seed) references that unfinished runs start from: a cell still
         tuning needs them all; a finished cell only those of its unfinished final runs."""
         need = set()
-        seeds = sorted({*self.spec.seeds, self.spec.tuning.seed})
+        spec = self.spec
         for setting, method in cells:
-            if tuners[(setting.key, method.name)][1].remaining():
+            source = self.tuned_from(setting)
+            if tuners[(source.key, method.name)][1].remaining():
+                seeds = {*spec.seeds, *spec.aa_seeds}
+                if source is setting:
+                    seeds |= set(spec.tuning.all_seeds)
                 need |= {(setting.key, seed) for seed in seeds}
         for (setting, method, seed), spec in finals.items():
             record = read_record(self.final_dir(setting, method, seed))
@@ -302,9 +336,10 @@ class Study:
                     batch.append((tuner, *tuner.ask(round_)))
             if not batch:
                 break
-            results = pool.run_all([task for _, _, task in batch])
-            for (tuner, trial, _), result in zip(batch, results, strict=True):
-                tuner.tell(trial, result)  # in the order asked: the journal keeps it
+            results = pool.run_all([task for _, _, tasks in batch for task in tasks])
+            for tuner, trial, tasks in batch:  # in the order asked: the journal keeps it
+                tuner.tell(trial, results[: len(tasks)])
+                results = results[len(tasks):]
             round_ += 1
             write_json({"next": round_}, self.dir / "tuning" / ROUNDS_FILE)
         out = {key: (knobs, tuner.result()) for key, (knobs, tuner) in tuners.items()}
@@ -323,20 +358,14 @@ class Study:
         rounds = read_json(self.dir / "tuning" / ROUNDS_FILE) or {}
         return int(rounds.get("next", 0))
 
-    def final(self, pool: Any, finals: dict, tuned: dict, cells: list) -> list[dict[str, Any]]:
+    def final(self, pool: Any, finals: dict, cells: list) -> list[dict[str, Any]]:
         """Stage 3: each method's best knobs at each setting, over every seed."""
         rows, tasks = [], []
-        for setting, method in cells:
-            if tuned[(setting.key, method.name)][1].failed:
-                continue
-            for seed in self.spec.seeds:
-                run_dir = self.final_dir(setting.key, method.name, seed)
-                row = {"setting": setting.key, "method": method.name, "seed": seed,
-                       "run_dir": str(run_dir)}  # fmt: skip
-                spec = finals[(setting.key, method.name, seed)]
-                tasks.append(Task(f"final/{setting.key}/{method.name}/seed{seed}", spec.config,
-                                  str(run_dir)))  # fmt: skip
-                rows.append(row)
+        for (setting, method, seed), spec in finals.items():
+            run_dir = self.final_dir(setting, method, seed)
+            rows.append({"setting": setting, "method": method, "seed": seed,
+                         "run_dir": str(run_dir)})  # fmt: skip
+            tasks.append(Task(f"final/{setting}/{method}/seed{seed}", spec.config, str(run_dir)))
         results = {r.key: r for r in pool.run_all(tasks)}
         ran = sum(r.outcome not in (None, "skipped") for r in results.values())
         out = []
@@ -344,7 +373,9 @@ class Study:
             key = f"final/{row['setting']}/{row['method']}/seed{row['seed']}"
             if results[key].error:
                 row["error"] = results[key].error
-            out.append({**row, **_run_row(Path(row["run_dir"]))})
+            setting = self.spec.setting(row["setting"])
+            out.append({**row, "budget": setting.budget, "optimizer": setting.optimizer,
+                        **_run_row(Path(row["run_dir"]))})  # fmt: skip
         done = sum(r["status"] == "completed" for r in out)
         progress(3, f"{done}/{len(out)} final runs completed ({ran} run now, rest stored)")
         return out
@@ -366,7 +397,7 @@ class Study:
                 refs = self.references(pool, ref_configs, need)
                 tuned = self.tuning(pool, tuners)
                 finals = self.final_specs(cells, tuners, ref_configs)
-                rows = self.final(pool, finals, tuned, cells)
+                rows = self.final(pool, finals, cells)
         finally:
             pool.close()
         if self.execution.shard is not None:
@@ -378,6 +409,7 @@ class Study:
                 flush=True,
             )
             return None
+        tuned = {(s.key, m.name): tuned[(self.tuned_from(s).key, m.name)] for s, m in cells}
         results = portable_paths(summarize(self.spec, refs, tuned, rows), self.dir)
         paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
@@ -472,13 +504,14 @@ def summarize(
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Stage 4's numbers: per-cell intervals, paired comparisons, cost, tuning outcomes."""
-    ok = [r for r in rows if r["status"] == "completed" and r.get("test_acc") is not None]
+    ok = [r for r in rows if r["status"] == "completed" and r.get("test_acc") is not None
+          and r["seed"] in spec.seeds]  # fmt: skip
     by_cell: dict[tuple[str, str], dict[int, float]] = {}
     for r in ok:
         by_cell.setdefault((r["setting"], r["method"]), {})[r["seed"]] = float(r["test_acc"])
     cells = []
     for setting in spec.settings:
-        for method in spec.methods:
+        for method in spec.methods_of(setting):
             key = (setting.key, method.name)
             knobs, result = tuned[key]
             accs = by_cell.get(key, {})
@@ -489,6 +522,10 @@ def summarize(
                     "setting": setting.key,
                     "title": setting.title,
                     "bits": setting.bits,
+                    "budget": setting.budget,
+                    "optimizer": setting.optimizer,
+                    "knobs_from": setting.knobs_from,
+                    "tuning_seeds": list(spec.tuning.all_seeds),
                     "method": method.name,
                     "status": "failed" if result.failed else "completed" if accs else "no runs",
                     "error": result.first_error if result.failed else None,
@@ -526,6 +563,7 @@ def summarize(
     return {
         "name": spec.name,
         "seeds": list(spec.seeds),
+        "aa_seeds": list(spec.aa_seeds),
         "alpha": spec.alpha,
         "references": list(refs.values()),
         "cells": cells,

@@ -15,7 +15,17 @@ from qexp.errors import QexpError
 #: top-level keys of a study spec
 SPEC_KEYS = {
     "name", "base", "reference", "seeds", "tuning", "final", "settings", "methods", "claims",
-    "alpha", "notes", "plateau",
+    "alpha", "notes", "plateau", "aa_seeds",
+}
+#: keys of one setting
+SETTING_KEYS = {
+    "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
+    "knobs_from", "methods", "init",
+}
+#: keys of the tuning node
+TUNING_KEYS = {
+    "trials", "seed", "seeds", "overrides", "sampler_seed", "startup_trials",
+    "prune_startup_trials", "prune_warmup_epochs", "prune_before_deployed",
 }
 
 
@@ -27,7 +37,14 @@ class Setting:
     title: str  # e.g. "W1/A1 (BinaryNet form)"
     bits: int
     baseline: str  # the method every other one is compared with here
-    overrides: tuple[str, ...] = ()
+    overrides: tuple[str, ...] = ()  # every run of the setting (tuning and final)
+    budget: float | None = None  # training length label (epochs), for tables and figures
+    optimizer: str | None = None  # optimizer label (adam, sgd), for tables and figures
+    final: tuple[str, ...] = ()  # final runs only, after the spec's ``final``
+    tuning: tuple[str, ...] = ()  # tuning trials only, after the spec's ``tuning.overrides``
+    knobs_from: str | None = None  # take the knobs tuned in that setting instead of tuning
+    methods: tuple[str, ...] = ()  # the methods run here (empty: every method)
+    init: str = "reference"  # reference: start from the seed's reference | scratch
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,18 @@ class Tuning:
     sampler_seed: int = 0
     prune_startup_trials: int = 2  # trials finished before pruning starts
     prune_warmup_epochs: int = 1  # epochs of a trial never pruned
+    #: every seed a trial trains on (its objective is their mean validation accuracy)
+    seeds: tuple[int, ...] = ()
+    #: TPE's random start (trials drawn at random before it models); None: Optuna's default 10
+    startup_trials: int | None = None
+    #: never prune a trial before its method trains its deployed form (the estimator's
+    #: final_form_progress): a soft phase is not judged on the hard network
+    prune_before_deployed: bool = False
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        """The tuning seeds (``seeds``, else the one ``seed``)."""
+        return self.seeds or (self.seed,)
 
 
 @dataclass(frozen=True)
@@ -92,10 +121,22 @@ class StudySpec:
     alpha: float = 0.05  # family-wise error rate of the verdicts (Holm)
     plateau: Plateau = field(default_factory=Plateau)
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
+    #: the baseline's extra seeds, disjoint from ``seeds``: an A/A row (baseline vs itself)
+    aa_seeds: tuple[int, ...] = ()
 
     def method(self, name: str) -> Method:
         """The method called ``name``."""
         return next(m for m in self.methods if m.name == name)
+
+    def setting(self, key: str) -> Setting:
+        """The setting called ``key``."""
+        return next(s for s in self.settings if s.key == key)
+
+    def methods_of(self, setting: Setting) -> tuple[Method, ...]:
+        """The methods run in ``setting``."""
+        if not setting.methods:
+            return self.methods
+        return tuple(m for m in self.methods if m.name in setting.methods)
 
 
 def preset_path(name_or_path: str) -> Path:
@@ -136,13 +177,25 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         raise QexpError(f"study spec: unknown keys {sorted(unknown)}; allowed: {sorted(SPEC_KEYS)}")
     settings = []
     for i, node in enumerate(_need(plain, "settings", "the spec") or []):
+        where = f"settings[{i}]"
+        extra = set(node) - SETTING_KEYS
+        if extra:
+            raise QexpError(f"study spec: {where} has unknown keys {sorted(extra)}; allowed: "
+                            f"{sorted(SETTING_KEYS)}")  # fmt: skip
         settings.append(
             Setting(
-                key=str(_need(node, "key", f"settings[{i}]")),
+                key=str(_need(node, "key", where)),
                 title=str(node.get("title") or node["key"]),
-                bits=int(_need(node, "bits", f"settings[{i}]")),
-                baseline=str(_need(node, "baseline", f"settings[{i}]")),
-                overrides=_strs(node.get("overrides"), f"settings[{i}].overrides"),
+                bits=int(_need(node, "bits", where)),
+                baseline=str(_need(node, "baseline", where)),
+                overrides=_strs(node.get("overrides"), f"{where}.overrides"),
+                budget=None if node.get("budget") is None else float(node["budget"]),
+                optimizer=None if node.get("optimizer") is None else str(node["optimizer"]),
+                final=_strs(node.get("final"), f"{where}.final"),
+                tuning=_strs(node.get("tuning"), f"{where}.tuning"),
+                knobs_from=None if node.get("knobs_from") is None else str(node["knobs_from"]),
+                methods=tuple(str(m) for m in node.get("methods") or ()),
+                init=str(node.get("init", "reference")),
             )
         )
     methods = []
@@ -158,7 +211,12 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
             )
         )
     tuning = _need(plain, "tuning", "the spec")
+    extra = set(tuning) - TUNING_KEYS
+    if extra:
+        raise QexpError(f"study spec: tuning has unknown keys {sorted(extra)}; allowed: "
+                        f"{sorted(TUNING_KEYS)}")  # fmt: skip
     seeds = tuple(int(s) for s in _need(plain, "seeds", "the spec"))
+    tuning_seeds = tuple(int(s) for s in tuning.get("seeds") or ())
     spec = StudySpec(
         name=str(_need(plain, "name", "the spec")),
         base=_strs(plain.get("base"), "base"),
@@ -166,11 +224,16 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         seeds=seeds,
         tuning=Tuning(
             trials=int(_need(tuning, "trials", "tuning")),
-            seed=int(tuning.get("seed", seeds[0] if seeds else 0)),
+            seed=int(tuning.get("seed", tuning_seeds[0] if tuning_seeds else
+                                 seeds[0] if seeds else 0)),  # fmt: skip
             overrides=_strs(tuning.get("overrides"), "tuning.overrides"),
             sampler_seed=int(tuning.get("sampler_seed", 0)),
             prune_startup_trials=int(tuning.get("prune_startup_trials", 2)),
             prune_warmup_epochs=int(tuning.get("prune_warmup_epochs", 1)),
+            seeds=tuning_seeds,
+            startup_trials=None if tuning.get("startup_trials") is None
+            else int(tuning["startup_trials"]),
+            prune_before_deployed=bool(tuning.get("prune_before_deployed", False)),
         ),
         final=_strs(plain.get("final"), "final"),
         settings=tuple(settings),
@@ -190,6 +253,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         alpha=float(plain.get("alpha", 0.05)),
         plateau=_plateau(plain.get("plateau") or {}),
         raw=plain,
+        aa_seeds=tuple(int(s) for s in plain.get("aa_seeds") or ()),
     )
     _check(spec)
     return spec
@@ -215,6 +279,29 @@ def _check(spec: StudySpec) -> None:
     for s in spec.settings:
         if s.baseline not in names:
             raise QexpError(f"study spec: baseline {s.baseline!r} of {s.key} is not a method")
+        unknown = [m for m in s.methods if m not in names]
+        if unknown or (s.methods and s.baseline not in s.methods):
+            raise QexpError(f"study spec: {s.key}.methods must name methods of the spec, its "
+                            f"baseline {s.baseline!r} among them")  # fmt: skip
+        if s.knobs_from is not None:
+            source = next((t for t in spec.settings if t.key == s.knobs_from), None)
+            if source is None or source.knobs_from is not None:
+                raise QexpError(f"study spec: {s.key}.knobs_from must name a setting that "
+                                "tunes its own knobs")  # fmt: skip
+            missing = [m.name for m in spec.methods_of(s) if m not in spec.methods_of(source)]
+            if missing:
+                raise QexpError(f"study spec: {s.key} takes its knobs from {source.key}, which "
+                                f"does not run {', '.join(missing)}")  # fmt: skip
+        if s.init not in ("reference", "scratch"):
+            raise QexpError(f"study spec: {s.key}.init: use reference | scratch")
+    overlap = set(spec.tuning.all_seeds) & set(spec.seeds)
+    if spec.tuning.seeds and overlap:
+        raise QexpError(
+            f"study spec: tuning.seeds and seeds must be disjoint (both have {sorted(overlap)}):"
+            " a tuning seed is never an evaluation seed"
+        )
+    if set(spec.aa_seeds) & (set(spec.seeds) | set(spec.tuning.all_seeds)):
+        raise QexpError("study spec: aa_seeds must be disjoint from seeds and tuning seeds")
     for m in spec.methods:
         for k in m.at:
             if k not in keys:

@@ -72,8 +72,11 @@ def _counted(t: optuna.trial.FrozenTrial) -> bool:
 class CellTuner:
     """The Optuna study of one cell, asked and told by the study's main process.
 
-    ``make_spec(values)`` composes the run spec of chosen knob values; trial ``n`` trains in
-    ``cell_dir/trial<n>``. ``study_dir``: trial run dirs are stored relative to it.
+    ``make_specs(values)`` composes the run specs of chosen knob values, one per tuning seed;
+    the trial's objective is their mean best validation accuracy. Trial ``n`` trains in
+    ``cell_dir/trial<n>`` (``trial<n>/seed<s>`` with several seeds). ``study_dir``: trial run
+    dirs are stored relative to it. Only the first seed's run reports its validation curve
+    for pruning (a pruned trial is pruned whatever its other seeds do).
     """
 
     def __init__(
@@ -83,14 +86,14 @@ class CellTuner:
         name: str,
         trials: int,
         knobs: list[Knob],
-        make_spec: Callable[[dict[str, Any]], RunSpec],
+        make_specs: Callable[[dict[str, Any]], list[tuple[int, RunSpec]]],
         sampler: optuna.samplers.BaseSampler,
         prune_startup_trials: int,
         prune_warmup_epochs: int,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
-        self.trials, self.knobs, self.make_spec = trials, knobs, make_spec
+        self.trials, self.knobs, self.make_specs = trials, knobs, make_specs
         self.journal = cell_dir / JOURNAL
         self.prune = (prune_startup_trials, prune_warmup_epochs)
         self.study = optuna.create_study(
@@ -113,38 +116,46 @@ class CellTuner:
         counted = sum(_counted(t) for t in self.study.get_trials(deepcopy=False))
         return max(0, self.trials - counted - self.in_flight)
 
-    def ask(self, round_: int) -> tuple[optuna.Trial, Task]:
-        """A new trial and the task that trains it."""
+    def ask(self, round_: int) -> tuple[optuna.Trial, list[Task]]:
+        """A new trial and the tasks that train it (one per tuning seed)."""
         trial = self.study.ask()
         values = suggest(trial, self.knobs)
+        specs = self.make_specs(values)
         run_dir = self.cell_dir / f"trial{trial.number:03d}"
         trial.set_user_attr("run_dir", _relative(run_dir, self.study_dir))
         trial.set_user_attr("round", round_)
         ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune)
-        task = Task(
-            key=f"{self.name}/trial{trial.number}",
-            config=self.make_spec(values).config,
-            run_dir=str(run_dir),
-            seal_test=True,
-            trial=ref,
-        )
+        tasks = [
+            Task(
+                key=f"{self.name}/trial{trial.number}/seed{seed}",
+                config=spec.config,
+                run_dir=str(run_dir / f"seed{seed}" if len(specs) > 1 else run_dir),
+                seal_test=True,
+                trial=ref if i == 0 else None,
+            )
+            for i, (seed, spec) in enumerate(specs)
+        ]
         self.in_flight += 1
-        return trial, task
+        return trial, tasks
 
-    def tell(self, trial: optuna.Trial, result: Result) -> None:
-        """Tell the study what became of ``trial``."""
+    def tell(self, trial: optuna.Trial, results: list[Result]) -> None:
+        """Tell the study what became of ``trial`` (its runs' results, in seed order)."""
         self.in_flight -= 1
         self.ran += 1
-        if result.pruned:
+        if any(r.pruned for r in results):
             self.study.tell(trial, state=TrialState.PRUNED)
             return
-        value = result.metrics.get("best_val_acc") if result.error is None else None
-        if value is None or not math.isfinite(float(value)):
-            error = result.error or result.metrics.get("reason") or "no validation accuracy"
+        values = [r.metrics.get("best_val_acc") if r.error is None else None for r in results]
+        if any(v is None or not math.isfinite(float(v)) for v in values):
+            bad = next(r for r, v in zip(results, values, strict=True)
+                       if v is None or not math.isfinite(float(v)))  # fmt: skip
+            error = bad.error or bad.metrics.get("reason") or "no validation accuracy"
             trial.set_user_attr("error", error)
             self.study.tell(trial, state=TrialState.FAIL)
-        else:
-            self.study.tell(trial, float(value))
+            return
+        if len(values) > 1:
+            trial.set_user_attr("per_seed", [float(v) for v in values])
+        self.study.tell(trial, sum(float(v) for v in values) / len(values))
 
     def result(self) -> TuneResult:
         """The cell's trials and its best knobs."""
@@ -162,6 +173,7 @@ class CellTuner:
                     "error": t.user_attrs.get("error"),
                     "run_dir": t.user_attrs.get("run_dir"),
                     "round": t.user_attrs.get("round"),
+                    "per_seed": t.user_attrs.get("per_seed"),
                 }
             )
         done = [t for t in self.study.get_trials(deepcopy=False) if t.state is TrialState.COMPLETE]

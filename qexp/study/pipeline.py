@@ -260,7 +260,7 @@ class Study:
             extra = knob_overrides(knobs, result.best_params or {})
             stage = (*self.spec.final, *setting.final)
             seeds = list(self.spec.seeds)
-            if method.name == setting.baseline:
+            if method.name == setting.baseline and setting.aa:
                 seeds += list(self.spec.aa_seeds)
             for seed in seeds:
                 reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
@@ -281,7 +281,7 @@ class Study:
         for setting, method in cells:
             source = self.tuned_from(setting)
             if tuners[(source.key, method.name)][1].remaining():
-                seeds = {*spec.seeds, *spec.aa_seeds}
+                seeds = {*spec.seeds, *(spec.aa_seeds if setting.aa else ())}
                 if source is setting:
                     seeds |= set(spec.tuning.all_seeds)
                 need |= {(setting.key, seed) for seed in seeds}

@@ -20,7 +20,7 @@ SPEC_KEYS = {
 #: keys of one setting
 SETTING_KEYS = {
     "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
-    "knobs_from", "methods", "init",
+    "knobs_from", "methods", "init", "aa",
 }
 #: keys of the tuning node
 TUNING_KEYS = {
@@ -45,6 +45,7 @@ class Setting:
     knobs_from: str | None = None  # take the knobs tuned in that setting instead of tuning
     methods: tuple[str, ...] = ()  # the methods run here (empty: every method)
     init: str = "reference"  # reference: start from the seed's reference | scratch
+    aa: bool = False  # also run the baseline over the spec's aa_seeds here (an A/A row)
 
 
 @dataclass(frozen=True)
@@ -196,6 +197,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
                 knobs_from=None if node.get("knobs_from") is None else str(node["knobs_from"]),
                 methods=tuple(str(m) for m in node.get("methods") or ()),
                 init=str(node.get("init", "reference")),
+                aa=bool(node.get("aa", False)),
             )
         )
     methods = []

@@ -1,0 +1,95 @@
+"""The citable study's protocol on digits: tuning seeds apart from evaluation seeds and averaged,
+knobs carried from one training budget to another, an A/A row, no pruning before a method's
+deployed form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import FAST
+
+from qexp.errors import QexpError
+from qexp.study.pipeline import Study
+from qexp.study.pipeline import main as study_main
+from qexp.study.runs import hydra_configs
+from qexp.study.spec import parse_spec
+
+BASE = [*FAST, "model=mlp", "model.hidden=[32]", "trainer.log_every=1000", "quantizer=binary"]
+
+
+def protocol(**changes) -> dict:
+    spec = {
+        "name": "protocol",
+        "base": BASE,
+        "reference": ["trainer.epochs=3"],
+        "seeds": [0, 1],
+        "aa_seeds": [20, 21],
+        "tuning": {"trials": 3, "seeds": [7, 8], "overrides": [], "startup_trials": 1,
+                   "prune_startup_trials": 0, "prune_warmup_epochs": 0,
+                   "prune_before_deployed": True},
+        "final": [],
+        "settings": [
+            {"key": "e5", "title": "W1/A1, 5 epochs", "bits": 1, "baseline": "clipped_ste",
+             "budget": 5, "optimizer": "adam", "tuning": ["trainer.epochs=5"],
+             "final": ["trainer.epochs=5"], "aa": True},
+            {"key": "e2", "title": "W1/A1, 2 epochs", "bits": 1, "baseline": "clipped_ste",
+             "budget": 2, "optimizer": "adam", "final": ["trainer.epochs=2"],
+             "knobs_from": "e5"},
+        ],
+        "methods": {"clipped_ste": {"overrides": ["estimator=clipped_ste"]},
+                    "alpha_blend": {"overrides": ["estimator=alpha_blend"]}},
+    }  # fmt: skip
+    spec.update(changes)
+    return spec
+
+
+def test_tuning_seeds_must_not_be_evaluation_seeds():
+    with pytest.raises(QexpError, match="disjoint"):
+        parse_spec(protocol(seeds=[0, 7]))
+    with pytest.raises(QexpError, match="aa_seeds"):
+        parse_spec(protocol(aa_seeds=[1, 20]))
+
+
+def test_no_pruning_before_the_deployed_form():
+    study = Study(parse_spec(protocol()), Path("/nonexistent"))
+    with hydra_configs():
+        blend = study.warmup_epochs(study.spec.setting("e5"), study.spec.method("alpha_blend"),
+                                    ("trainer.epochs=5",))  # fmt: skip
+        clipped = study.warmup_epochs(study.spec.setting("e5"),
+                                      study.spec.method("clipped_ste"), ("trainer.epochs=5",))
+    assert blend == 4  # alpha reaches 1 at 80% of training: epoch 4 of 5
+    assert clipped == 0  # deployed from the start
+
+
+@pytest.mark.slow
+def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
+    spec_file = tmp_path / "protocol.json"
+    spec_file.write_text(json.dumps(protocol()))
+    # JSON is YAML: the spec file is read as a preset path
+    assert study_main([str(spec_file), "--dir", str(tmp_path / "s"), "workers=1"]) == 0
+    results = json.loads((tmp_path / "s" / "results.json").read_text())
+    cells = {(c["setting"], c["method"]): c for c in results["cells"]}
+    # knobs tuned at 5 epochs carry to the 2-epoch setting, which tunes nothing itself
+    for method in ("clipped_ste", "alpha_blend"):
+        assert cells[("e2", method)]["best_params"] == cells[("e5", method)]["best_params"]
+        assert cells[("e5", method)]["budget"] == 5 and cells[("e2", method)]["budget"] == 2
+    assert not (tmp_path / "s" / "tuning" / "e2").exists()
+    # every trial trained on both tuning seeds, none of them an evaluation seed
+    for method in ("clipped_ste", "alpha_blend"):
+        for trial in cells[("e5", method)]["trials"]:
+            seeds = {json.loads(p.read_text())["seed"]
+                     for p in (tmp_path / "s" / trial["run_dir"]).glob("seed*/metrics.json")}
+            assert seeds == {7, 8}, trial  # fmt: skip
+            if trial["state"] == "pruned" and method == "alpha_blend":
+                assert trial["epochs"] >= 4  # judged only once alpha = 1 (end of epoch 4 of 5)
+            if trial["state"] == "complete" and trial.get("per_seed"):
+                assert trial["val_acc"] == pytest.approx(sum(trial["per_seed"]) / 2)
+    finals = {(r["setting"], r["method"], r["seed"]) for r in results["runs"]}
+    assert {s for (_, _, s) in finals} == {0, 1, 20, 21}
+    assert {(s, m) for (s, m, seed) in finals if seed >= 20} == {("e5", "clipped_ste")}
+    assert results["aa_seeds"] == [20, 21]
+    report = (tmp_path / "s" / "report.md").read_text()
+    assert "A/A" in report

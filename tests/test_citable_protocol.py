@@ -33,10 +33,10 @@ def protocol(**changes) -> dict:
         "settings": [
             {"key": "e5", "title": "W1/A1, 5 epochs", "bits": 1, "baseline": "clipped_ste",
              "budget": 5, "optimizer": "adam", "tuning": ["trainer.epochs=5"],
-             "final": ["trainer.epochs=5"], "aa": True},
+             "final": ["trainer.epochs=5"], "aa": True, "group": "w1a1"},
             {"key": "e2", "title": "W1/A1, 2 epochs", "bits": 1, "baseline": "clipped_ste",
              "budget": 2, "optimizer": "adam", "final": ["trainer.epochs=2"],
-             "knobs_from": "e5"},
+             "knobs_from": "e5", "group": "w1a1"},
         ],
         "methods": {"clipped_ste": {"overrides": ["estimator=clipped_ste"]},
                     "alpha_blend": {"overrides": ["estimator=alpha_blend"]}},
@@ -71,7 +71,9 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     # JSON is YAML: the spec file is read as a preset path
     assert study_main([str(spec_file), "--dir", str(tmp_path / "s"), "workers=1"]) == 0
     results = json.loads((tmp_path / "s" / "results.json").read_text())
-    cells = {(c["setting"], c["method"]): c for c in results["cells"]}
+    key = {5: "e5", 2: "e2"}  # the settings' budgets
+    cells = {(key[c["budget"]], c["method"]): c for c in results["cells"]}
+    assert {c["setting"] for c in results["cells"]} == {"w1a1"}  # one row, two budgets
     # knobs tuned at 5 epochs carry to the 2-epoch setting, which tunes nothing itself
     for method in ("clipped_ste", "alpha_blend"):
         assert cells[("e2", method)]["best_params"] == cells[("e5", method)]["best_params"]
@@ -87,9 +89,12 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
                 assert trial["epochs"] >= 4  # judged only once alpha = 1 (end of epoch 4 of 5)
             if trial["state"] == "complete" and trial.get("per_seed"):
                 assert trial["val_acc"] == pytest.approx(sum(trial["per_seed"]) / 2)
-    finals = {(r["setting"], r["method"], r["seed"]) for r in results["runs"]}
+    finals = {(key[r["budget"]], r["method"], r["seed"]) for r in results["runs"]}
     assert {s for (_, _, s) in finals} == {0, 1, 20, 21}
     assert {(s, m) for (s, m, seed) in finals if seed >= 20} == {("e5", "clipped_ste")}
     assert results["aa_seeds"] == [20, 21]
     report = (tmp_path / "s" / "report.md").read_text()
     assert "A/A" in report
+    assert (tmp_path / "s" / "accuracy_vs_budget.png").stat().st_size > 0
+    budgets = {(c["budget"], c["method"]) for c in results["comparisons"]}
+    assert budgets == {(5, "alpha_blend"), (2, "alpha_blend")}  # compared within a budget

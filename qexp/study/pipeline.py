@@ -36,7 +36,7 @@ from qexp.study.results import from_summary
 from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
 from qexp.study.spec import Method, Setting, StudySpec
-from qexp.study.stats import compare_all, mean_interval
+from qexp.study.stats import mean_interval
 from qexp.study.tune import CellTuner, TuneResult
 from qexp.study.workers import (
     InProcess,
@@ -466,7 +466,7 @@ def _reference_row(
     history = record.get("history") or []
     gain = plateau_gain(history, spec.plateau.window)
     return {
-        "setting": setting.key,
+        "setting": setting.row,
         "seed": seed,
         "run_dir": str(run_dir),
         "model": fp_cfg["model"],
@@ -504,11 +504,13 @@ def summarize(
     rows: list[dict[str, Any]],
 ) -> dict[str, Any]:
     """Stage 4's numbers: per-cell intervals, paired comparisons, cost, tuning outcomes."""
+    rows = [{**r, "setting": spec.setting(r["setting"]).row, "setting_key": r["setting"]}
+            for r in rows]  # fmt: skip
     ok = [r for r in rows if r["status"] == "completed" and r.get("test_acc") is not None
           and r["seed"] in spec.seeds]  # fmt: skip
     by_cell: dict[tuple[str, str], dict[int, float]] = {}
     for r in ok:
-        by_cell.setdefault((r["setting"], r["method"]), {})[r["seed"]] = float(r["test_acc"])
+        by_cell.setdefault((r["setting_key"], r["method"]), {})[r["seed"]] = float(r["test_acc"])
     cells = []
     for setting in spec.settings:
         for method in spec.methods_of(setting):
@@ -516,10 +518,11 @@ def summarize(
             knobs, result = tuned[key]
             accs = by_cell.get(key, {})
             ci = mean_interval(list(accs.values()))
-            runs = [r for r in ok if (r["setting"], r["method"]) == key]
+            runs = [r for r in ok if (r["setting_key"], r["method"]) == key]
             cells.append(
                 {
-                    "setting": setting.key,
+                    "setting": setting.row,
+                    "setting_key": setting.key,
                     "title": setting.title,
                     "bits": setting.bits,
                     "budget": setting.budget,
@@ -542,32 +545,13 @@ def summarize(
                     "trials": result.trials,
                 }
             )
-    baselines = {s.key: s.baseline for s in spec.settings}
-    comparisons = []
-    result = compare_all(by_cell, baselines, spec.alpha)
-    for (setting_key, method_name), paired in result.items():
-        comparisons.append(
-            {
-                "setting": setting_key,
-                "method": method_name,
-                "baseline": baselines[setting_key],
-                "n": paired.diff.n,
-                "diff": paired.diff.mean,
-                "low": paired.diff.low,
-                "high": paired.diff.high,
-                "p": paired.p,
-                "p_holm": paired.p_holm,
-                "verdict": paired.verdict,
-            }
-        )
     return {
         "name": spec.name,
         "seeds": list(spec.seeds),
         "aa_seeds": list(spec.aa_seeds),
         "alpha": spec.alpha,
         "references": list(refs.values()),
-        "cells": cells,
-        "comparisons": comparisons,
+        "cells": cells,  # comparisons, claim tests and A/A rows: qexp.study.results.analyze
         "runs": rows,
         "claims": [c.__dict__ for c in spec.claims],
     }

@@ -262,7 +262,7 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "| fwd/bwd per step |",
         "|---|" + "---|" * (12 + 2 * varied),
     ]
-    baselines = {s.key: s.baseline for s in spec.settings}
+    baselines = {s.row: s.baseline for s in spec.settings}
     for c in results.cells:
         comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
         if c.status == "failed":
@@ -447,10 +447,11 @@ def _draw_references(ax: Any, results: StudyResults, span: dict[str, tuple[float
             continue
         y = 100 * sum(accs) / len(accs)
         style = dict(ls=styles[i % len(styles)], color=str(0.2 + 0.2 * (i % 3)), label=label)
-        if span is None:
+        spans = [span[s] for s in settings if s in span] if span is not None else []
+        if not spans:
             ax.axhline(y, **style)
         else:
-            lows, highs = zip(*(span[s] for s in settings if s in span), strict=True)
+            lows, highs = zip(*spans, strict=True)
             ax.hlines(y, min(lows), max(highs), **style)
 
 
@@ -477,7 +478,7 @@ def figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
             continue
         xs = [c.bits * (1 + 0.015 * (i - len(lines) / 2)) for c in cells]
         _errorbar(ax, xs, cells, method if optimizer is None else f"{method}, {optimizer}")
-    bits = {s.key: (s.bits / 1.25, s.bits * 1.25) for s in spec.settings}
+    bits = {s.row: (s.bits / 1.25, s.bits * 1.25) for s in spec.settings}
     _draw_references(ax, results, bits)
     ax.set_xscale("log", base=2)
     budget = f", budget {top_budget:g}" if top_budget is not None else ""
@@ -518,18 +519,18 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     optimizers = results.optimizers or [None]
     fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.2),
                              squeeze=False, sharey=True)  # fmt: skip
+    rows = list(dict.fromkeys(s.row for s in spec.settings))
     for ax, optimizer in zip(axes[0], optimizers, strict=True):
-        for setting in spec.settings:
+        for row in rows:
             for method in spec.methods:
                 cells = sorted(
                     (c for c in results.cells if (c.setting, c.method, c.optimizer)
-                     == (setting.key, method.name, optimizer) and c.n > 0
+                     == (row, method.name, optimizer) and c.n > 0
                      and c.budget is not None),
                     key=lambda c: c.budget,
                 )  # fmt: skip
                 if cells:
-                    label = method.name if len(spec.settings) == 1 else (
-                        f"{method.name}, {setting.key}")  # fmt: skip
+                    label = method.name if len(rows) == 1 else f"{method.name}, {row}"
                     _errorbar(ax, [c.budget for c in cells], cells, label)
         _draw_references(ax, results, None)
         ax.set_xlabel("training budget")

@@ -417,7 +417,7 @@ def _paired_diffs(cells: dict, condition: Condition, method: str, baseline: str)
 def analyze(spec: StudySpec, results: StudyResults, power: float = 0.8) -> StudyResults:
     """``results`` with its comparisons, claim tests and A/A rows (re)computed from its run
     rows (see the module docstring); baselines come from ``spec``."""
-    baselines = {s.key: s.baseline for s in spec.settings}
+    baselines = {s.row: s.baseline for s in spec.settings}
     alpha = results.alpha
     cells = _accuracies(results, set(results.seeds))
     conditions = sorted({c for c, _ in cells}, key=lambda c: (str(c[0]), str(c[1]), str(c[2])))

@@ -20,7 +20,7 @@ SPEC_KEYS = {
 #: keys of one setting
 SETTING_KEYS = {
     "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
-    "knobs_from", "methods", "init", "aa",
+    "knobs_from", "methods", "init", "aa", "group",
 }
 #: keys of the tuning node
 TUNING_KEYS = {
@@ -46,6 +46,14 @@ class Setting:
     methods: tuple[str, ...] = ()  # the methods run here (empty: every method)
     init: str = "reference"  # reference: start from the seed's reference | scratch
     aa: bool = False  # also run the baseline over the spec's aa_seeds here (an A/A row)
+    #: the row of tables and claims this setting belongs to: settings that differ only in
+    #: budget or optimizer share one (e.g. "w1a1"); None: the setting's own key
+    group: str | None = None
+
+    @property
+    def row(self) -> str:
+        """The setting's name in results, tables and claims (its group, else its key)."""
+        return self.group or self.key
 
 
 @dataclass(frozen=True)
@@ -198,6 +206,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
                 methods=tuple(str(m) for m in node.get("methods") or ()),
                 init=str(node.get("init", "reference")),
                 aa=bool(node.get("aa", False)),
+                group=None if node.get("group") is None else str(node["group"]),
             )
         )
     methods = []
@@ -294,6 +303,12 @@ def _check(spec: StudySpec) -> None:
             if missing:
                 raise QexpError(f"study spec: {s.key} takes its knobs from {source.key}, which "
                                 f"does not run {', '.join(missing)}")  # fmt: skip
+        same_row = [t for t in spec.settings if t.row == s.row]
+        if any(t.baseline != s.baseline for t in same_row):
+            raise QexpError(f"study spec: the settings of row {s.row!r} must share a baseline")
+        if len({(t.budget, t.optimizer) for t in same_row}) != len(same_row):
+            raise QexpError(f"study spec: settings of row {s.row!r} must differ in budget or "
+                            "optimizer")  # fmt: skip
         if s.init not in ("reference", "scratch"):
             raise QexpError(f"study spec: {s.key}.init: use reference | scratch")
     overlap = set(spec.tuning.all_seeds) & set(spec.seeds)

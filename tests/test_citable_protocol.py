@@ -96,5 +96,6 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     report = (tmp_path / "s" / "report.md").read_text()
     assert "A/A" in report
     assert (tmp_path / "s" / "accuracy_vs_budget.png").stat().st_size > 0
+    assert (tmp_path / "s" / "lr_sensitivity.png").stat().st_size > 0
     budgets = {(c["budget"], c["method"]) for c in results["comparisons"]}
     assert budgets == {(5, "alpha_blend"), (2, "alpha_blend")}  # compared within a budget

@@ -157,8 +157,8 @@ class Study:
         """The search space of a cell (from its estimator's and quantizer's files)."""
         spec = compose_run(self.cell_overrides(setting, method))
         return search_space(
-            spec.identity["estimator"], spec.identity["quantizer"], method.space,
-            self.config_dirs,
+            spec.identity["estimator"], spec.identity["quantizer"],
+            {**method.space, **setting.space}, self.config_dirs,
         )
 
     def cells(self) -> list[tuple[Setting, Method]]:

@@ -540,6 +540,47 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     _save(fig, path)
 
 
+def lr_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
+    """Each method's learning-rate sensitivity from its tuning trials: validation accuracy
+    against the trial's LR (log axis), one panel per tuned condition; completed trials as
+    filled markers joined in LR order, pruned ones hollow, the best one ringed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tuned = [c for c in results.cells if any("trainer.lr" in t.params for t in c.trials)]
+    conditions = list(dict.fromkeys(c.condition for c in tuned))
+    cols = min(3, len(conditions))
+    rows = -(-len(conditions) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.8 * rows), squeeze=False)
+    for ax, cond in zip(axes.flat, conditions, strict=False):
+        for i, cell in enumerate(c for c in tuned if c.condition == cond):
+            color = f"C{i % 10}"
+            done = sorted((t.params["trainer.lr"], 100 * t.val_acc) for t in cell.trials
+                          if t.state == "complete" and t.val_acc is not None
+                          and "trainer.lr" in t.params)  # fmt: skip
+            pruned = [(t.params["trainer.lr"], 100 * t.val_acc) for t in cell.trials
+                      if t.state == "pruned" and t.val_acc is not None
+                      and "trainer.lr" in t.params]  # fmt: skip
+            if done:
+                ax.plot(*zip(*done, strict=True), "o-", color=color, label=cell.method, ms=4)
+            if pruned:
+                ax.plot(*zip(*pruned, strict=True), "o", mfc="none", color=color, ms=4)
+            best = (cell.best_params or {}).get("trainer.lr")
+            if best is not None and cell.best_val is not None:
+                ax.plot([best], [100 * cell.best_val], "o", mfc="none", mec="k", ms=9)
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate (trainer.lr)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title(condition_words(*cond), fontsize=9)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(conditions):]:
+        ax.set_visible(False)
+    fig.suptitle(f"{spec.name}: tuning trials (hollow: pruned; ringed: chosen)", fontsize=10)
+    _save(fig, path)
+
+
 def tensorboard(spec: StudySpec, results: StudyResults, folder: Path) -> None:
     """Per method: test accuracy, its interval and the paired difference against bit width
     (tags get a /budget_optimizer suffix when the study varies either)."""
@@ -597,5 +638,8 @@ def write_all(
     if results.budgets:
         paths["budget_figure"] = folder / "accuracy_vs_budget.png"
         budget_figure(spec, results, paths["budget_figure"])
+    if any("trainer.lr" in t.params for c in results.cells for t in c.trials):
+        paths["lr_figure"] = folder / "lr_sensitivity.png"
+        lr_figure(spec, results, paths["lr_figure"])
     tensorboard(spec, results, paths["tensorboard"])
     return paths

@@ -20,7 +20,7 @@ SPEC_KEYS = {
 #: keys of one setting
 SETTING_KEYS = {
     "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
-    "knobs_from", "methods", "init", "aa", "group",
+    "knobs_from", "methods", "init", "aa", "group", "space",
 }
 #: keys of the tuning node
 TUNING_KEYS = {
@@ -46,6 +46,9 @@ class Setting:
     methods: tuple[str, ...] = ()  # the methods run here (empty: every method)
     init: str = "reference"  # reference: start from the seed's reference | scratch
     aa: bool = False  # also run the baseline over the spec's aa_seeds here (an A/A row)
+    #: search-space entries of this setting's tuning (e.g. SGD's own LR range), after the
+    #: method's own
+    space: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
     #: the row of tables and claims this setting belongs to: settings that differ only in
     #: budget or optimizer share one (e.g. "w1a1"); None: the setting's own key
     group: str | None = None
@@ -207,6 +210,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
                 init=str(node.get("init", "reference")),
                 aa=bool(node.get("aa", False)),
                 group=None if node.get("group") is None else str(node["group"]),
+                space=dict(node.get("space") or {}),
             )
         )
     methods = []

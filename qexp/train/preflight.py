@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 
@@ -124,6 +125,8 @@ def check_command_line(argv: list[str]) -> None:
         args = get_args_parser().parse_args(argv)
     except SystemExit:
         return  # argparse already printed its usage message; let Hydra handle the rest
+    if getattr(args, "cfg", None) and not args.multirun:
+        _show_plan_of(args)  # `qexp train --cfg job`: the per-layer table too
     if any(getattr(args, flag, None) for flag in _NO_JOB_FLAGS):
         return
     if args.config_name or args.config_path:
@@ -154,6 +157,28 @@ def check_command_line(argv: list[str]) -> None:
                 if cfg.layers.get("overrides"):
                     check_layer_plan(cfg, show=not shown)
                     shown = True
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def _show_plan_of(args: Any) -> None:
+    """Print the per-layer table of a single run's config when it has override rules (errors
+    are left to Hydra's own printing of the config)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    extra = []
+    if args.config_dir:
+        extra.append(f"hydra.searchpath=[file://{Path(args.config_dir).resolve()}]")
+    overrides = [o for o in args.overrides if not o.lstrip("+~").startswith("hydra")]
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(config_module="qexp.conf", version_base=None):
+            cfg = compose(config_name="config", overrides=overrides + extra)
+            if cfg.layers.get("overrides"):
+                check_layer_plan(cfg, show=True)
+    except Exception as exc:  # noqa: BLE001 - Hydra prints the config (or its error) next
+        print(f"qexp: per-layer table not shown: {str(exc).splitlines()[0]}")
     finally:
         GlobalHydra.instance().clear()
 

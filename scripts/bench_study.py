@@ -63,7 +63,8 @@ def main() -> int:
         train_many = train_seconds(many / "study", many / "cache")
     same = a == b
     print(f"  1 worker : {t_one:7.1f} s wall ({train_one:.1f} s of recorded training)")
-    print(f"  {args.workers} workers: {t_many:7.1f} s wall ({train_many:.1f} s of recorded training)")
+    print(f"  {args.workers} workers: {t_many:7.1f} s wall "
+          f"({train_many:.1f} s of recorded training)")
     print(f"  wall ratio {args.workers} / 1 workers: {t_many / t_one:.3f}")
     print(f"  final runs: {len(a)}, test accuracies identical: {same}")
     if not same:

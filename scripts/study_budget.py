@@ -1,13 +1,15 @@
-"""Time one short run of every (setting, method) cell of a study preset and project its cost.
+"""Time one short run of every distinct cell of a study preset and project the study's cost.
 
-Each cell trains one epoch on ``--images`` training images in this process, from a freshly
-trained full-precision reference of the same subset (block replacement's partner too), exactly
-as the study composes it; the measured seconds per training image and per validation pass give
-the projection of the whole study: references (at their epoch cap: the worst case), tuning
-trials and final runs. Machine load changes the numbers: run it on the machine and at the time
-the study will use.
+Each distinct (setting overrides, method) trains one epoch on ``--images`` training images in
+this process, from a freshly trained full-precision reference of the same subset (block
+replacement's partner too), composed exactly as the study composes it; the measured seconds
+per training image and per validation pass give the projection of the whole study in
+CPU-seconds of one run at a time: references (at their epoch cap), tuning trials (every
+tuning seed, no pruning: an upper bound) and final runs (A/A seeds included). Divide by the
+workers that run side by side for wall time. Machine load changes the numbers: run it on the
+machine and at the time the study will use.
 
-    python scripts/study_budget.py fashion_reference
+    python scripts/study_budget.py citable
     python scripts/study_budget.py fashion_reference --images 2000 --methods ste,block_replace
 """
 
@@ -25,8 +27,14 @@ from qexp.train.partner import partner_config, partner_key
 from qexp.train.run import run_spec, train_run
 
 
-def _override(items: tuple[str, ...], key: str) -> str | None:
-    return next((o.split("=", 1)[1] for o in reversed(items) if o.startswith(key + "=")), None)
+def _epochs(*override_lists: tuple[str, ...], default: int = 3) -> int:
+    """The last ``trainer.epochs=N`` among the override lists (later lists win)."""
+    value = default
+    for items in override_lists:
+        for o in items:
+            if o.startswith("trainer.epochs="):
+                value = int(o.split("=", 1)[1])
+    return value
 
 
 def main() -> None:
@@ -37,57 +45,66 @@ def main() -> None:
     args = parser.parse_args()
     spec = load_spec(args.preset)
     study = Study(spec, Path(tempfile.mkdtemp(prefix="study_budget_")))
-    methods = [m for m in spec.methods if not args.methods or m.name in args.methods.split(",")]
-    per_image: dict[tuple[str, str], float] = {}
-    eval_s: dict[str, float] = {}
+    wanted = set(args.methods.split(",")) if args.methods else None
+    cells = [(s, m) for s, m in study.cells() if wanted is None or m.name in wanted]
+    per_image: dict[tuple, float] = {}
+    fp_image, eval_s, forms = [], [], set()
     train_images = None
-    forms: set[str] = set()  # distinct full-precision networks per seed (ReLU, hardtanh...)
     with hydra_configs():
         for setting in spec.settings:
+            form = (setting.overrides, setting.bits)
+            forms.add(partner_key(study.reference_config(setting, 0))[0])
+            if any(k[0] == form for k in per_image) or not any(s is setting for s, _ in cells):
+                continue
             fp = run_spec(partner_config(compose_run([
                 *spec.base, *setting.overrides, f"bits={setting.bits}", "trainer.epochs=1",
                 f"dataset.subset={args.images}",
-            ]).config))
-            forms.add(partner_key(study.reference_config(setting, 0))[0])
+            ]).config))  # fmt: skip
             ref = study.dir / f"ref_{setting.key}"
             t0 = time.perf_counter()
             metrics = train_run(fp, ref)
-            eval_s[setting.key] = time.perf_counter() - t0 - metrics["train_time_s"]
-            per_image[(setting.key, "fp")] = metrics["train_time_s"] / args.images
+            eval_s.append(time.perf_counter() - t0 - metrics["train_time_s"])
+            fp_image.append(metrics["train_time_s"] / args.images)
             if train_images is None:
                 full = compose_run([*spec.base, f"bits={setting.bits}"])
                 train_images = build_data(full.dataset).num_train
-            for method in methods:
-                cfg = study.run_config(setting, method, 0, ("trainer.epochs=1",
-                                       f"dataset.subset={args.images}"), [], ref)
-                m = train_run(cfg, study.dir / setting.key / method.name)
-                per_image[(setting.key, method.name)] = m["train_time_s"] / args.images
-                ms, fp_ms = (1e3 * per_image[(setting.key, k)] for k in (method.name, "fp"))
-                print(f"{setting.key:6s} {method.name:14s} {ms:.3f} ms/image (fp {fp_ms:.3f})",
-                      flush=True)
+            for s, method in cells:
+                if s is not setting:
+                    continue
+                run = study.run_config(setting, method, 0, ("trainer.epochs=1",
+                                       f"dataset.subset={args.images}"), [], str(ref))  # fmt: skip
+                m = train_run(run, study.dir / setting.key / method.name)
+                per_image[(form, method.name)] = m["train_time_s"] / args.images
+                print(f"{setting.key:14s} {method.name:14s} "
+                      f"{1e3 * per_image[(form, method.name)]:.3f} ms/image "
+                      f"(fp {1e3 * fp_image[-1]:.3f})", flush=True)  # fmt: skip
     assert train_images is not None
-    ref_epochs = int(_override(spec.reference, "trainer.epochs") or 3)
-    tune_epochs = int(_override(spec.tuning.overrides, "trainer.epochs") or 3)
-    final_epochs = int(_override(spec.final, "trainer.epochs") or 3)
-    seeds = len({*spec.seeds, spec.tuning.seed})
-    # evaluation: one validation pass per epoch (+ one test pass per run, about the same size)
-    evals = sum(eval_s.values()) / len(eval_s)
-    fp_image = sum(v for (_, m), v in per_image.items() if m == "fp") / len(spec.settings)
-    refs = len(forms) * seeds * ref_epochs * (train_images * fp_image + evals)
+    evals = sum(eval_s) / len(eval_s)  # one validation pass (a test pass is about as long)
+    fp = sum(fp_image) / len(fp_image)
+
+    def run_cost(setting, method, epochs: int) -> float:
+        image = per_image[((setting.overrides, setting.bits), method.name)]
+        return epochs * (train_images * image + evals) + evals
+
+    seeds = len({*spec.seeds, *spec.tuning.all_seeds, *spec.aa_seeds})
+    ref_epochs = _epochs(spec.reference)
+    refs = len(forms) * seeds * (ref_epochs * (train_images * fp + evals) + evals)
     tuning = sum(
-        spec.tuning.trials * tune_epochs * (train_images * per_image[(s.key, m.name)] + evals)
-        for s in spec.settings for m in methods
-    )
+        spec.tuning.trials * len(spec.tuning.all_seeds)
+        * run_cost(s, m, _epochs(spec.tuning.overrides, s.tuning))
+        for s, m in cells if s.knobs_from is None
+    )  # fmt: skip
     final = sum(
-        len(spec.seeds) * (final_epochs * (train_images * per_image[(s.key, m.name)] + evals))
-        for s in spec.settings
-        for m in methods
-    )
+        (len(spec.seeds) + (len(spec.aa_seeds) if s.aa and m.name == s.baseline else 0))
+        * run_cost(s, m, _epochs(spec.final, s.final))
+        for s, m in cells
+    )  # fmt: skip
     print(f"training images per epoch: {train_images}; eval pass ~{evals:.1f}s")
-    total = (refs + tuning + final) / 60
+    total = (refs + tuning + final) / 3600
     print(
-        f"projected: references <= {refs / 60:.0f} min (at the epoch cap), tuning "
-        f"{tuning / 60:.0f} min, final {final / 60:.0f} min, total {total:.0f} min"
+        f"projected (CPU-hours, one run at a time): references <= {refs / 3600:.1f} (at the "
+        f"epoch cap), tuning <= {tuning / 3600:.1f} (no pruning), final {final / 3600:.1f}, "
+        f"total {total:.1f}"
     )
 
 

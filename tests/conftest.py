@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from omegaconf import DictConfig
 
-#: fast, deterministic settings for end-to-end runs on the bundled digits set
+#: fast, deterministic settings for a run on the bundled digits set: the one list every test
+#: that trains, composes or sweeps a digits run starts from (``[*FAST, ...]``)
 FAST = ["dataset=digits", "trainer.threads=1", "trainer.progress=none", "trainer.histograms=false"]
 
 
@@ -36,11 +37,6 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-@pytest.fixture
-def fast_args() -> list[str]:
-    return list(FAST)
-
-
 def compose_config(*overrides: str, with_hydra: bool = False) -> DictConfig:
     """The composed run config of `qexp train OVERRIDES` (Hydra's compose API, no run dir);
     ``with_hydra`` keeps the ``hydra`` node (launcher, sweeper, dirs)."""
@@ -58,15 +54,10 @@ def compose_config(*overrides: str, with_hydra: bool = False) -> DictConfig:
         GlobalHydra.instance().clear()
 
 
-#: the run-config counterpart of FAST (Hydra overrides of a quick digits run)
-FAST_CFG = ["dataset=digits", "trainer.threads=1", "trainer.progress=none",
-            "trainer.histograms=false"]
-
-
 @pytest.fixture
 def cfg_train():
     """Compose a quick digits run config: ``cfg_train("estimator=aqe", "bits=2")``."""
-    return lambda *overrides: compose_config(*FAST_CFG, *overrides)
+    return lambda *overrides: compose_config(*FAST, *overrides)
 
 
 def hparams_backend(logdir: Path) -> dict:

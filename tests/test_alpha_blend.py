@@ -5,7 +5,7 @@ import sys
 
 import pytest
 import torch
-from conftest import compose_config
+from conftest import FAST, compose_config
 from torch import nn
 
 from qexp.cli import main
@@ -177,15 +177,13 @@ def _scalar_tags(run_dir):
     return acc, set(acc.Tags()["scalars"])
 
 
+@pytest.mark.slow
 def test_cli_alpha_blend_end_to_end(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     # in process (the `qexp` console script's own entry), so imports are paid once per session
     monkeypatch.setattr(sys, "argv", ["qexp"])
-    args = [
-        "train", "estimator=alpha_blend", "bits=4",
-        "dataset=digits", "trainer.epochs=2", "trainer.threads=1", "trainer.progress=none",
-        "trainer.histograms=false", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
+    args = ["train", "estimator=alpha_blend", "bits=4", *FAST, "trainer.epochs=2",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
     assert main(args) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"

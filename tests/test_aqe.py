@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import torch
-from conftest import FAST_CFG, compose_config
+from conftest import FAST, compose_config
 from torch import nn
 
 from qexp.cli import main
@@ -158,13 +158,14 @@ def _train_digits(tmp_path, overrides):
     from qexp.train.run import build_run, run_spec
     from qexp.train.trainer import Trainer
 
-    cfg = compose_config(*FAST_CFG, "trainer.epochs=1", *overrides)
+    cfg = compose_config(*FAST, "trainer.epochs=1", *overrides)
     parts = build_run(run_spec(cfg), tmp_path)
     metrics = Trainer(parts).fit()
     x, _ = next(iter(parts.data.eval_batches("test", 256, torch.device("cpu"))))
     return parts.model, x, metrics
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("quantizer", ["uniform", "binary"])
 def test_w1a1_deployed_layers_are_binary(tmp_path, quantizer):
     model, x, metrics = _train_digits(
@@ -182,15 +183,13 @@ def test_w1a1_deployed_layers_are_binary(tmp_path, quantizer):
         assert torch.equal(w.abs(), scale.expand_as(w))  # every channel is +-its scale
 
 
+@pytest.mark.slow
 def test_cli_aqe_end_to_end(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     # in process (the `qexp` console script's own entry), so imports are paid once per session
     monkeypatch.setattr(sys, "argv", ["qexp"])
-    args = [
-        "train", "estimator=aqe", "bits=1", "dataset=digits",
-        "trainer.epochs=2", "trainer.threads=1", "trainer.progress=none",
-        "trainer.histograms=false", f"hydra.run.dir={run_dir}",
-    ]  # fmt: skip
+    args = ["train", "estimator=aqe", "bits=1", *FAST, "trainer.epochs=2",
+            f"hydra.run.dir={run_dir}"]  # fmt: skip
     assert main(args) == 0
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["status"] == "completed"

@@ -124,6 +124,7 @@ def folder_with_truncated_png(tmp_path_factory) -> tuple[Path, Path]:
     return root, bad
 
 
+@pytest.mark.slow
 def test_cli_error_names_the_file_before_training(tmp_path, folder_with_truncated_png):
     root, bad = folder_with_truncated_png
     run_dir = tmp_path / "run"

@@ -120,11 +120,11 @@ def test_loss_terms_and_buffer_restore():
 
 _compose = compose_config
 
-BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=8",
-           "dataset=digits", "trainer.epochs=1", "trainer.threads=1", "trainer.progress=none",
-           "trainer.histograms=false"]  # fmt: skip
+BR_ARGS = ["estimator=block_replace", "bits=2", "model=small_cnn", "model.width=8", *FAST,
+           "trainer.epochs=1"]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_partner_frozen_and_cached(tmp_path, monkeypatch, caplog):
     import qexp.train.run as run_mod
     from qexp.train.trainer import Trainer
@@ -199,6 +199,7 @@ def test_nested_base_is_validated():
         validate_config(cfg)
 
 
+@pytest.mark.slow
 def test_cli_block_replace_end_to_end(tmp_path):
     env = {"QEXP_CACHE": str(tmp_path / "cache")}
     run_qexp("train", "estimator=block_replace", "bits=2", "model=small_cnn", "model.width=8",
@@ -254,6 +255,7 @@ def test_model_without_blocks_is_refused_before_any_partner_is_trained(monkeypat
         run_mod.build_model(spec, info, torch.device("cpu"), total_steps=10)
 
 
+@pytest.mark.slow
 def test_partner_of_a_budget_run_is_full_precision_and_reused(tmp_path, monkeypatch):
     """block_replace + dq_u3 under a memory budget: the partner carries no quantizer options
     (so no budget it could never meet), completes, is cached, and a second run reuses it."""

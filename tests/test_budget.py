@@ -207,6 +207,7 @@ def _train(run_dir: Path, *overrides: str) -> dict:
     return read_metrics(run_dir)
 
 
+@pytest.mark.slow
 def test_budget_run_meets_the_budget_and_logs_bits(tmp_path: Path):
     budget = 26.0  # uniform 4 bits with 8-bit edges: 32.4 KB; all body layers at 3 bits: 24.5
     run_dir = tmp_path / "r"
@@ -238,6 +239,7 @@ def test_budget_run_meets_the_budget_and_logs_bits(tmp_path: Path):
     assert any(t.startswith("layers") for t in ea.Tags()["tensors"])
 
 
+@pytest.mark.slow
 def test_unreachable_budget_reports_the_last_epoch_plainly(tmp_path: Path):
     run_dir = tmp_path / "r"
     # below even 2-bit body weights (16.7 KB)
@@ -300,6 +302,7 @@ def test_default_dq_u3_meets_a_60_percent_budget_with_mixed_bits(tmp_path: Path)
     assert all(r["ok"] for r in m["layers"])
 
 
+@pytest.mark.slow
 def test_bits_32_is_a_full_precision_network_unless_edges_are_set(tmp_path: Path):
     sizes = _digits_conv_sizes()
     m = _train(tmp_path / "fp", "bits=32", "trainer.epochs=1")

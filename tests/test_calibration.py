@@ -99,6 +99,7 @@ def test_calibrate_helper_leaves_batchnorm_statistics_alone():
         assert torch.equal(net.state_dict()[k], v), k
 
 
+@pytest.mark.slow
 def test_the_trainer_calibrates_on_its_first_batch_only(monkeypatch, cfg_train, tmp_path):
     from qexp.train.run import build_run, run_spec
     from qexp.train.trainer import Trainer

@@ -16,7 +16,10 @@ COMMON = [*FAST, "trainer.epochs=3"]
 
 @pytest.mark.parametrize(
     "overrides",
-    [[], ["quantizer=lsq"], ["quantizer=dq_u3", "estimator=clipped_ste"], ["model=resnet20"]],
+    [
+        [], ["quantizer=lsq"], ["quantizer=dq_u3", "estimator=clipped_ste"],
+        pytest.param(["model=resnet20"], marks=pytest.mark.slow),  # a deep net: seconds to trace
+    ],
 )  # fmt: skip
 def test_quantized_training_forward_is_one_graph(overrides):
     """No host sync, no Python branch on tensor values: dynamo captures the whole network."""

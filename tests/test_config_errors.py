@@ -49,6 +49,7 @@ def test_sweep_points_are_all_checked(capsys, tmp_path, monkeypatch):
     assert not (tmp_path / "multirun").exists()
 
 
+@pytest.mark.slow
 def test_cli_subprocess_prints_no_traceback(tmp_path):
     proc = run_qexp("train", "bits=0", cwd=tmp_path, check=False)
     assert proc.returncode == 2

@@ -144,6 +144,7 @@ def test_killed_two_process_run_resumes_and_finishes(runs, tmp_path):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_rank0_calibrated_state_reaches_every_rank(tmp_path):
     out = ok(torchrun(tmp_path, script=RANK_STATE))
     line = next(line for line in out.splitlines() if line.startswith("RESULT"))

@@ -23,6 +23,7 @@ print("ok")
 """
 
 
+@pytest.mark.slow  # compiles C++ kernels in a fresh interpreter
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
 @pytest.mark.skipif(torch.cuda.is_available(), reason="triton is kept where a GPU is visible")
 def test_without_gpu_triton_stays_unloaded_and_compile_still_works():

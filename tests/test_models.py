@@ -194,6 +194,7 @@ def test_block_replacement(case: str) -> None:
         assert torch.equal(model(x), reference)
 
 
+@pytest.mark.slow  # 30 training steps
 def test_small_cnn_learns_separable_problem() -> None:
     torch.manual_seed(0)
     n, size = 64, 28

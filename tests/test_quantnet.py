@@ -169,6 +169,7 @@ def test_deployed_levels_within_bits_and_loss_regularizer(bits, cfg_train, tmp_p
             assert max(len(torch.unique(r)) for r in rows) <= 2**bits
 
 
+@pytest.mark.slow
 def test_cli_quantnet_one_bit_end_to_end(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

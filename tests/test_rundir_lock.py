@@ -277,6 +277,7 @@ def test_bad_launcher_options_are_refused_in_preflight(overrides, named):
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.slow
 def test_bad_launcher_option_stops_the_sweep_before_any_job(tmp_path):
     sweep = tmp_path / "sweep"
     proc = run_qexp("train", "-m", *ARGS, "bits=1,2", "hydra/launcher=local",

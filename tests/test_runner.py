@@ -30,6 +30,7 @@ def digits_run(tmp_path_factory) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_run_reports_honest_accuracy_well_above_chance(digits_run):
     m = read_metrics(digits_run)
     assert set(m) >= METRIC_FIELDS
@@ -50,6 +51,7 @@ def test_run_reports_honest_accuracy_well_above_chance(digits_run):
     assert m["weight_kb"] == pytest.approx(expected_kb, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_run_dir_layout_and_tensorboard_tags(digits_run):
     assert (digits_run / ".hydra" / "config.yaml").is_file()
     assert (digits_run / "checkpoints" / "last.pt").is_file()
@@ -82,6 +84,7 @@ def _group_order(tags: list[str]) -> list[str]:
     return groups
 
 
+@pytest.mark.slow
 def test_time_series_opens_on_test_train_val(digits_run):
     ea = EventAccumulator(str(digits_run), size_guidance={"scalars": 0, "histograms": 0})
     ea.Reload()
@@ -94,6 +97,7 @@ def test_time_series_opens_on_test_train_val(digits_run):
     assert {"layers/text_summary", "run/text_summary"} <= set(tags["tensors"])
 
 
+@pytest.mark.slow
 def test_hparams_tab_lists_every_column(digits_run):
     m = read_metrics(digits_run)
     seen = hparams_backend(digits_run.parent)
@@ -106,11 +110,13 @@ def test_hparams_tab_lists_every_column(digits_run):
     assert {k: values[t] for k, t in METRICS.items()} == pytest.approx({k: m[k] for k in METRICS})
 
 
+@pytest.mark.slow
 def test_checkpoints_load_weights_only(digits_run):
     state = torch.load(digits_run / "checkpoints" / "last.pt", weights_only=True)
     assert state["epoch"] == 3 and "optimizer" in state and "rng" in state
 
 
+@pytest.mark.slow
 def test_corrupt_checkpoint_gives_one_line(tmp_path):
     run_dir = tmp_path / "r"
     (run_dir / "checkpoints").mkdir(parents=True)
@@ -122,6 +128,7 @@ def test_corrupt_checkpoint_gives_one_line(tmp_path):
     assert "corrupt" in proc.stderr and "last.pt" in proc.stderr
 
 
+@pytest.mark.slow
 def test_sweep_leaves_one_run_dir_per_job(tmp_path):
     sweep = tmp_path / "sweep"
     run_qexp("train", "-m", "estimator=ste,clipped_ste", "bits=1,4", *FAST, "trainer.epochs=1",
@@ -137,6 +144,7 @@ def test_sweep_leaves_one_run_dir_per_job(tmp_path):
     assert seen == {("ste", 1), ("ste", 4), ("clipped_ste", 1), ("clipped_ste", 4)}
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_result(tmp_path):
     args = [*FAST, "trainer.epochs=3", "trainer.batch_size=8", "trainer.lr=0.001"]
     ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
@@ -157,6 +165,7 @@ def test_killed_run_resumes_to_the_same_result(tmp_path):
     assert resumed["history"] == ref["history"]
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_different_config(tmp_path, digits_run):
     proc = run_qexp("train", *FAST, "trainer.epochs=3", "bits=2", "resume=true",
                     f"hydra.run.dir={digits_run}", cwd=tmp_path, check=False)
@@ -164,6 +173,7 @@ def test_resume_refuses_a_different_config(tmp_path, digits_run):
     assert "different config" in proc.stderr
 
 
+@pytest.mark.slow
 def test_user_config_dir_adds_a_group_option(tmp_path):
     user = tmp_path / "myconf" / "estimator"
     user.mkdir(parents=True)
@@ -174,6 +184,7 @@ def test_user_config_dir_adds_a_group_option(tmp_path):
     assert read_metrics(run_dir)["estimator"] == "my_ste"
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_one_line(tmp_path):
     run_dir = tmp_path / "r"
     proc = run_qexp("train", *FAST, "trainer.epochs=2", "trainer.lr=1e30",

@@ -23,6 +23,7 @@ def _run(*args: str) -> str:
     return proc.stdout
 
 
+@pytest.mark.slow
 def test_bench_prints_each_ratio_with_its_target():
     out = _run(
         "scripts/bench.py", "--models", "small_cnn", "--rounds", "1", "--steps", "1",
@@ -34,6 +35,7 @@ def test_bench_prints_each_ratio_with_its_target():
     assert re.search(r"fp\+copy / fp\s+[\d.]+", out), out
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not Path("/proc/self/smaps").exists(), reason="reads /proc (Linux)")
 def test_memory_floor_grows_stage_by_stage():
     out = _run("scripts/memory_floor.py")

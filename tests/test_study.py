@@ -72,6 +72,7 @@ def test_sealed_data_refuses_the_test_split():
         )
 
 
+@pytest.mark.slow
 def test_epoch_hook_and_patience_stop_training(tmp_path):
     cfg = compose_config(*BASE, "bits=32", "trainer.epochs=40", "trainer.patience=2")
     metrics = Trainer(build_run(run_spec(cfg), tmp_path / "plateau")).fit()

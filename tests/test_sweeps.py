@@ -15,20 +15,15 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import compose_config
+from conftest import FAST, compose_config
 
 from qexp.train.faults import FAULT_ENV
 from qexp.train.job import plan_job
 from qexp.train.sweep import MARKER, SUMMARY_FILE, available_cpus, launcher_threads
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-BASE = [
-    "dataset=digits",
-    "model=mlp",
-    "trainer.epochs=2",
-    "trainer.progress=none",
-    "trainer.histograms=false",
-]
+#: FAST but trainer.threads left unset: a sweep's jobs share the CPUs (launcher_threads)
+BASE = [*(o for o in FAST if not o.startswith("trainer.threads=")), "model=mlp", "trainer.epochs=2"]
 GRID = ["estimator=ste,clipped_ste", "bits=1,4", "seed=0,1"]
 TIMEOUT = 240
 
@@ -251,8 +246,8 @@ def test_compare_on_the_sweep(joblib_sweep):
 @pytest.mark.slow
 def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    overrides = ["estimator=clipped_ste,ste", "bits=2", *BASE[:2], "trainer.epochs=1"]
-    overrides += ["trainer.threads=1", "trainer.progress=none", f"hydra.sweep.dir={sweep}"]
+    overrides = ["estimator=clipped_ste,ste", "bits=2", *FAST, "model=mlp", "trainer.epochs=1"]
+    overrides += [f"hydra.sweep.dir={sweep}"]
     out = ok(qexp(tmp_path, "train", "-m", *overrides, env=CLIPPED_STE_CRASHES))
     by_estimator = {}
     for d in sweep.iterdir():
@@ -275,8 +270,8 @@ def test_a_crashing_job_does_not_stop_the_sweep(tmp_path):
 @pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     sweep = tmp_path / "sweep"
-    overrides = ["estimator=ste", "bits=1,4", *BASE[:2], "trainer.epochs=1"]
-    overrides += ["trainer.threads=1", "trainer.progress=none", f"hydra.sweep.dir={sweep}"]
+    overrides = ["estimator=ste", "bits=1,4", *FAST, "model=mlp", "trainer.epochs=1"]
+    overrides += [f"hydra.sweep.dir={sweep}"]
     ok(qexp(tmp_path, "train", "-m", *overrides, "hydra/launcher=submitit_local"))
     dirs = run_dirs(sweep)
     assert len(dirs) == 2

@@ -92,7 +92,8 @@ class SEQQuantizer(Quantizer):
         per_alpha = x[0].numel() if self.per_row else x.numel()
         g = 1.0 / math.sqrt(per_alpha) if self.use_grad_scale else 1.0
         # the grid step s = 2 alpha / n: LSQ's gradients in s are SEQ's in alpha
-        s = self._alpha(grad_scale(self.alpha, g)).to(x.dtype) * (2.0 / n)
+        alpha = channel_view(grad_scale(self.alpha, g), x, self.per_row)
+        s = alpha.to(x.dtype) * (2.0 / n)
         half = (n - 1) / 2  # the end levels are +-half steps
         xs = x / s
         v = (torch.round(xs + half) - half).detach()  # the bin centre, in steps (unclamped)

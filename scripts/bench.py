@@ -1,8 +1,9 @@
 """Training-step time of the quantized network against a true float network, eager and compiled.
 
-For each model (default: the small CNN on 28x28 inputs and ResNet-20 on 32x32 inputs) four
-training steps (forward, backward, optimizer step, and for the quantized net the quantizer
-clamps and weight-range refresh the trainer runs) are timed side by side in one process:
+For each model (default: the small CNN on 28x28 inputs and ResNet-20 on 32x32 inputs; also
+``vit_tiny`` on 28x28 and ``char_gpt`` on windows of 64 characters) four training steps
+(forward, backward, optimizer step, and for the quantized net the quantizer clamps and
+weight-range refresh the trainer runs) are timed side by side in one process:
 
 - ``fp``: the plain float network (no quantized layer at all, not even 8-bit edges);
 - ``quant``: the network as ``qexp train`` builds it (default: W4/A4 uniform, STE, 8-bit edges);
@@ -19,6 +20,7 @@ they wait for each other.
 
     python scripts/bench.py --threads 2
     python scripts/bench.py --models small_cnn --no-compile estimator=clipped_ste bits=2
+    python scripts/bench.py --models vit_tiny,char_gpt --no-compile --threads 1
 Targets (CPU): quant <= 1.10x fp; quant+compile <= 1.0x fp and <= 1.15x fp+compile.
 """
 
@@ -45,10 +47,14 @@ from qexp.train.run import build_model, run_spec
 from qexp.train.step import TrainStep
 
 #: data set whose input shape each benchmarked model gets
-MODELS = {"small_cnn": "fashion_mnist", "resnet20": "cifar10"}
+MODELS = {"small_cnn": "fashion_mnist", "resnet20": "cifar10", "vit_tiny": "fashion_mnist",
+          "char_gpt": "text"}
+#: the models timed without --models
+DEFAULT_MODELS = ("small_cnn", "resnet20")
 SHAPES = {"fashion_mnist": (1, 28), "mnist": (1, 28), "digits": (1, 8), "cifar10": (3, 32),
           "cifar100": (3, 32), "imagefolder": (3, 224)}
-CLASSES = {"cifar100": 100, "imagefolder": 1000}
+#: text: the vocabulary of the default corpus (the bench reads no data); 93 characters
+CLASSES = {"cifar100": 100, "imagefolder": 1000, "text": 93}
 
 Step = Callable[[], None]
 
@@ -56,14 +62,23 @@ Step = Callable[[], None]
 class _Info:
     """The parts of a data set's DataInfo that building a model reads (no data loaded)."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, block_size: int | None = None) -> None:
         self.name = name
-        self.in_channels, self.image_size = SHAPES[name]
         self.num_classes = CLASSES.get(name, 10)
+        if name == "text":  # token ids (B, block) and one target per position
+            self.in_channels, self.image_size = 1, int(block_size or 64)
+            self.input_kind = "tokens"
+        else:
+            self.in_channels, self.image_size = SHAPES[name]
+            self.input_kind = "image"
 
 
 def _batch(cfg, info: _Info, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     bs = int(cfg.trainer.batch_size)
+    if info.input_kind == "tokens":
+        t = info.image_size
+        x = torch.randint(0, info.num_classes, (bs, t), device=device)
+        return x, torch.randint(0, info.num_classes, (bs * t,), device=device)
     x = torch.randn(bs, info.in_channels, info.image_size, info.image_size, device=device)
     return x, torch.randint(0, info.num_classes, (bs,), device=device)
 
@@ -85,7 +100,7 @@ def make_steps(
     with initialize_config_module("qexp.conf", version_base=None):
         cfg = compose("config", overrides=overrides)
     spec = run_spec(cfg)
-    info = _Info(cfg.dataset.name)
+    info = _Info(cfg.dataset.name, cfg.dataset.get("block_size"))
     suffix = "+compile" if compile_model else ""
     settings = spec.trainer
 
@@ -195,7 +210,7 @@ def bench_model(
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS),
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS),
                         help=f"comma-separated, from {', '.join(MODELS)}")
     parser.add_argument("--rounds", type=int, default=11, help="interleaved rounds")
     parser.add_argument("--steps", type=int, default=5, help="training steps per variant a round")

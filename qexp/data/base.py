@@ -24,9 +24,19 @@ class DataInfo:
     """What a model needs to know about a data set."""
 
     name: str  # "fashion_mnist", ...
-    num_classes: int
-    in_channels: int
-    image_size: int  # height == width of the batches the model sees
+    num_classes: int  # classes; for text: the vocabulary size
+    in_channels: int  # image channels; for text: 1
+    image_size: int  # height == width of the batches the model sees; for text: the block size
+    #: "image": float batches (B, C, H, W); "tokens": int64 token ids (B, image_size)
+    input_kind: str = "image"
+
+    def example_input(self, device: torch.device | str = "cpu") -> Tensor:
+        """A zero input of one sample, shaped and typed as the model's batches are (for shape
+        probes such as the cost report and the precision monitor)."""
+        if self.input_kind == "tokens":
+            return torch.zeros(1, self.image_size, dtype=torch.long, device=device)
+        size = self.image_size
+        return torch.zeros(1, self.in_channels, size, size, device=device)
 
 
 class DataModule(abc.ABC):

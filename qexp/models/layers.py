@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from qexp.errors import QexpError
 
@@ -69,3 +70,12 @@ def check_positive(name: str, value: int) -> int:
     if int(value) != value or int(value) < 1:
         raise QexpError(f"model.{name} must be a positive integer, got {value!r}")
     return int(value)
+
+
+class MatMul(nn.Module):
+    """``a @ b`` as a module: attention's activation-activation products (``q k^T`` and
+    ``attention @ v``) go through it, so a later change can hook or quantize both inputs
+    (today it computes the float product)."""
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        return torch.matmul(a, b)

@@ -48,6 +48,11 @@ class QuantLayer:
     ) -> None:
         self.w_quant = w_quant
         self.a_quant = a_quant
+        # a weight quantizer with learned per-channel parameters sizes them from the weight
+        # now, before the optimizer collects the parameters (qexp.quant.seq)
+        bind = getattr(w_quant, "bind_weight", None)
+        if bind is not None:
+            bind(self.weight)
         #: "first", "last" or "body": edge layers keep their own bits and plain STE.
         self.layer_role = role
         self.mode = "auto"

@@ -2,21 +2,41 @@
 
 ``test_acc`` is the accuracy of the truly quantized network (weights and activations on their
 grids); ``test_acc_latent`` the latent float weights with quantized activations; estimators
-with a soft training forward also get ``test_acc_soft`` and the soft-hard gap. The per-layer
-level table proves the grid: a layer with more distinct levels than its bits allow fails the
-run. A tuning run (test split sealed) ends without a test.
+with a soft training forward also get ``test_acc_soft`` and the soft-hard gap. Text runs
+(token inputs) add ``test_loss`` (nats per character) and ``test_bpc`` (bits per character);
+their ``test_acc`` is next-character accuracy. The per-layer level table proves the grid: a
+layer with more distinct levels than its bits allow fails the run. A tuning run (test split
+sealed) ends without a test.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 from qexp.quant.cost import cost_metrics
 from qexp.record import RunStatus
+from qexp.train.evaluate import evaluate_loss
 from qexp.train.inspect_levels import layer_table, weight_kb
 
 log = logging.getLogger("qexp")
+
+
+def text_metrics(trainer: Any) -> dict[str, float]:
+    """The hard-quantized network's next-character accuracy (``test_acc``), mean loss in nats
+    per character (``test_loss``) and bits per character (``test_bpc`` = loss / ln 2) over the
+    test windows, from one pass."""
+    p = trainer.parts
+    result = evaluate_loss(
+        p.model, p.data, "test", int(p.settings.eval_batch_size), p.device, "auto",
+        trainer.step_fn.autocast(), p.dist,
+    )  # fmt: skip
+    return {
+        "test_acc": result.acc,
+        "test_loss": result.loss,
+        "test_bpc": result.loss / math.log(2),
+    }
 
 
 def final_test(trainer: Any) -> dict[str, Any]:
@@ -30,9 +50,16 @@ def final_test(trainer: Any) -> dict[str, Any]:
             RunStatus.COMPLETED, progress, "tuning run: not tested", **trainer.run_facts()
         )
         return record.to_json()
-    test_acc = trainer.evaluate("test", "auto")
-    test_acc_latent = trainer.evaluate("test", "latent")
     extra: dict[str, Any] = {}
+    if data.info.input_kind == "tokens":  # language modelling: next-character loss as well
+        text = text_metrics(trainer)
+        test_acc = text["test_acc"]
+        extra.update(test_loss=text["test_loss"], test_bpc=text["test_bpc"])
+        reporter.scalar("test/loss", text["test_loss"], step)
+        reporter.scalar("test/bpc", text["test_bpc"], step)
+    else:
+        test_acc = trainer.evaluate("test", "auto")
+    test_acc_latent = trainer.evaluate("test", "latent")
     if model.estimator.has_soft_forward:
         soft = trainer.evaluate("test", "soft")
         extra["test_acc_soft"] = soft

@@ -27,8 +27,8 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
     """Per-layer facts of the deployed network, measured on ``batch``.
 
     Each entry: name, kind, role, w_bits, a_bits, params, levels {weight: max distinct values
-    per output channel, activation: distinct values of the quantized input}, kb (weight
-    memory at w_bits) and ok (levels within 2**bits).
+    per output channel, activation: distinct values of the quantized input, per token for
+    per-token quantizers}, kb (weight memory at w_bits) and ok (levels within 2**bits).
     """
     seen: dict[str, int] = {}
     hooks = []
@@ -37,7 +37,11 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
         def record(mod: QuantLayer, args: tuple, name: str = name) -> None:
             x = args[0]
             xq = mod.a_quant.hard(x) if mod.a_quant is not None else x
-            seen[name] = int(torch.unique(xq.detach().float()).numel())
+            if getattr(mod.a_quant, "per_token", False):  # one grid per token: count per token
+                rows = xq.detach().float().reshape(-1, xq.shape[-1])
+                seen[name] = int(distinct_per_row(rows).max())
+            else:
+                seen[name] = int(torch.unique(xq.detach().float()).numel())
 
         hooks.append(layer.register_forward_pre_hook(record))
     was_training = model.training

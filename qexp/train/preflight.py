@@ -249,8 +249,6 @@ def check_budget_reachable(cfg: DictConfig) -> None:
     budget = budget_from_spec(spec.budget)
     if not budget.active:
         return
-    import torch
-
     info = build_data(spec.dataset).info
     net = build_quantized_net(spec, info)
     if not any(q.learns_bits for q in net.modules() if isinstance(q, Quantizer)):
@@ -258,6 +256,6 @@ def check_budget_reachable(cfg: DictConfig) -> None:
             "budget.* is set but no quantizer learns its bit width: use a learned-precision "
             "quantizer (quantizer=dq_u1 | dq_u2 | dq_u3 | dq_pow2) or drop the budget"
         )
-    layers = measure_layers(net, torch.zeros(1, info.in_channels, info.image_size, info.image_size))
+    layers = measure_layers(net, info.example_input())
     budget.bind(layers)
     check_reachable(budget, layers)

@@ -263,9 +263,7 @@ def build_run(
     optimizer = build_optimizer(model, settings)
     lr_curve = instantiate(spec.lr_schedule, "schedule.lr")
     budget = budget_from_spec(spec.budget)
-    info = data.info
-    example = torch.zeros(1, info.in_channels, info.image_size, info.image_size, device=device)
-    precision = PrecisionMonitor(model.net, budget, example)
+    precision = PrecisionMonitor(model.net, budget, data.info.example_input(device))
     run = RunInfo(run_dir, spec.seed, spec.fingerprint, dict(spec.identity), spec.config)
     log.info(
         "run %s: %s/%s on %s, w%d a%d (first layer %s bits, last %s), %s, %d steps",

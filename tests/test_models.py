@@ -285,7 +285,12 @@ def test_yaml_instantiates_with_commented_options(path: Path) -> None:
         key = line.split(":", 1)[0]
         if line and not line.startswith("#") and key not in ("_target_", "name"):
             assert "#" in line, f"{path.name}: option without a comment: {line}"
-    channels, size = (1, 28) if cfg.name in ("small_cnn", "mlp") else (3, 32)
+    if cfg.name == "char_gpt":  # tokens in, the logits of every position out
+        model = instantiate(cfg, num_classes=10, in_channels=1, image_size=16).eval()
+        assert model(torch.randint(0, 10, (2, 16))).shape == (2 * 16, 10)
+        assert all(isinstance(b, str) for b in model.block_names())
+        return
+    channels, size = (1, 28) if cfg.name in ("small_cnn", "mlp", "vit_tiny") else (3, 32)
     model = instantiate(cfg, num_classes=10, in_channels=channels, image_size=size).eval()
     assert model(torch.randn(2, channels, size, size)).shape == (2, 10)
     assert all(isinstance(b, str) for b in model.block_names())

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from qexp.analysis.hutchinson import TraceEstimate, hutchinson_traces
 from qexp.errors import QexpError
-from qexp.quant.base import Quantizer
+from qexp.quant.base import Quantizer, keep_reference
 from qexp.quant.layers import QuantLayer, quant_layers, quant_mode
 from qexp.quant.overrides import FLOAT_BITS, kind_of
 from qexp.quant.uniform import UniformQuantizer
@@ -58,7 +58,7 @@ def weight_quantizer(layer: QuantLayer, quantizer: Quantizer | None):
     deployed weight is ``quantizer.hard(w)``); the layer is restored exactly afterwards."""
     saved_q = layer.w_quant
     in_modules = "w_quant" in layer._modules
-    saved_est = layer.__dict__.get("estimator")
+    saved_est = vars(layer).get("estimator")
     if quantizer is not None:
         quantizer = quantizer.to(layer.weight.device)
         quantizer.train(layer.training)
@@ -67,9 +67,9 @@ def weight_quantizer(layer: QuantLayer, quantizer: Quantizer | None):
     if in_modules:
         layer._modules["w_quant"] = quantizer
     else:  # a layer built without a weight quantizer holds None as a plain attribute
-        layer.__dict__.pop("w_quant", None)
+        vars(layer).pop("w_quant", None)
         layer._modules["w_quant"] = quantizer
-    layer.__dict__["estimator"] = None
+    keep_reference(layer, "estimator", None)
     try:
         yield layer
     finally:
@@ -77,8 +77,8 @@ def weight_quantizer(layer: QuantLayer, quantizer: Quantizer | None):
             layer._modules["w_quant"] = saved_q
         else:
             layer._modules.pop("w_quant", None)
-            layer.__dict__["w_quant"] = saved_q
-        layer.__dict__["estimator"] = saved_est
+            keep_reference(layer, "w_quant", saved_q)
+        keep_reference(layer, "estimator", saved_est)
 
 
 # -- evaluation ----------------------------------------------------------------------------------

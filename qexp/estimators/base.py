@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import ste
+from qexp.quant.base import keep_reference, ste
 
 if TYPE_CHECKING:
     from qexp.quant.layers import QuantLayer
@@ -67,8 +67,9 @@ class Estimator(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.__dict__["model"] = None
-        self.__dict__["partner"] = None
+        # references to models owned elsewhere, not submodules (qexp.quant.base.keep_reference)
+        keep_reference(self, "model", None)
+        keep_reference(self, "partner", None)
 
     # -- wiring ------------------------------------------------------------------------------
     def check_model(self, net: nn.Module) -> None:
@@ -77,8 +78,8 @@ class Estimator(nn.Module):
 
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
         """Called once after the model is wrapped; keep references, build per-layer state."""
-        self.__dict__["model"] = model
-        self.__dict__["partner"] = ctx.partner
+        keep_reference(self, "model", model)
+        keep_reference(self, "partner", ctx.partner)
 
     # -- per-layer training forward --------------------------------------------------------------
     def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:

@@ -203,12 +203,12 @@ class BlockReplace(Estimator):
         A forward hook on the partner's block i returns the LP block i applied to the input
         the partner's block received; the partner's own output is discarded.
         """
-        partner = self.__dict__["partner"]
+        partner = self.partner
         if index is None:
             yield partner
             return
         name = self.block_names[index]
-        lp_block = self.__dict__["model"].net.get_submodule(name)
+        lp_block = self.model.net.get_submodule(name)
 
         def swap(module: nn.Module, args: tuple[Any, ...], output: Any) -> Tensor:
             return lp_block(*args)
@@ -228,7 +228,7 @@ class BlockReplace(Estimator):
         """Remember the running statistics of the LP blocks that mixed nets will touch."""
         if self.mixed_stats or self._saved_buffers:
             return
-        net = self.__dict__["model"].net
+        net = self.model.net
         for i in indices:
             for buf in net.get_submodule(self.block_names[i]).buffers():
                 self._saved_buffers.append((buf, buf.detach().clone()))

@@ -85,7 +85,7 @@ class ClippedSTE(Estimator):
     def after_optimizer_step(self) -> None:
         if not self.clip_weights or self.clip is None:
             return
-        model = self.__dict__["model"]
+        model = self.model
         for m in model.modules():
             if isinstance(m, QuantLayer) and m.w_quant is not None and m.layer_role == "body":
                 m.weight.clamp_(-self.clip, self.clip)

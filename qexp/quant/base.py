@@ -76,6 +76,17 @@ def round_ste(x: Tensor) -> Tensor:
     return ste(x, torch.round(x))
 
 
+def keep_reference(module: nn.Module, name: str, value: object) -> None:
+    """Give ``module`` a plain attribute ``name`` holding ``value``, even a module.
+
+    ``nn.Module.__setattr__`` would register a module value as a submodule, so it would be
+    saved in the owner's state_dict, visited by ``.modules()`` and moved by ``.to()``. A layer's
+    link to its estimator, an estimator's to the model it trains or its frozen partner, are
+    references to objects owned elsewhere: they bypass that registration.
+    """
+    object.__setattr__(module, name, value)
+
+
 def channel_view(t: Tensor, like: Tensor, per_channel: bool) -> Tensor:
     """Shape a per-channel vector (dim 0 of ``like``) so it broadcasts against ``like``."""
     if not per_channel:

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qexp.quant.base import Quantizer
+from qexp.quant.base import Quantizer, keep_reference
 
 #: How a quantized layer computes its forward.
 #: - "auto": training -> the estimator's training forward; eval -> hard grid.
@@ -34,14 +34,29 @@ class QuantLayer:
     def from_float(
         cls, layer: nn.Module, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
     ):
-        """Wrap a float ``layer`` of the matching type, sharing its parameters (no copy)."""
-        q = cls.__new__(cls)
-        q.__dict__.update(layer.__dict__)
-        q._modules = dict(layer._modules)
-        q._parameters = dict(layer._parameters)
-        q._buffers = dict(layer._buffers)
+        """The quantized counterpart of a float ``layer``, sharing its parameters (no copy).
+
+        Built with the float layer's hyper-parameters on the meta device (so no memory is
+        allocated and no random initialisation runs: the run's random numbers stay as they
+        were), then given the float layer's own parameter and buffer objects and any other
+        attribute a model set on it.
+        """
+        q = cls._empty_like(layer)
+        for name, param in layer.named_parameters(recurse=False):
+            setattr(q, name, param)
+        for name, buf in layer.named_buffers(recurse=False):
+            q.register_buffer(name, buf)
+        for name, value in vars(layer).items():  # attributes a model may have set
+            if not name.startswith("_") and name not in vars(q):
+                setattr(q, name, value)
+        q.train(layer.training)
         q._setup_quant(w_quant, a_quant, role)
         return q
+
+    @classmethod
+    def _empty_like(cls, layer: nn.Module) -> nn.Module:
+        """A layer of this class with ``layer``'s hyper-parameters, parameters on meta."""
+        raise NotImplementedError
 
     def _setup_quant(
         self, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str = "body"
@@ -57,7 +72,7 @@ class QuantLayer:
         self.layer_role = role
         self.mode = "auto"
         # A plain attribute (not a submodule): the estimator is owned by the QuantModel.
-        self.__dict__["estimator"] = None
+        keep_reference(self, "estimator", None)
 
     @property
     def w_bits(self) -> int:
@@ -79,7 +94,7 @@ class QuantLayer:
         if self.training and self.w_quant.observing:
             self.w_quant.observe(w)
         if self._uses_estimator():
-            est = self.__dict__["estimator"]
+            est = self.estimator
             return est.weight(self, w) if est is not None else self.w_quant(w)
         return self.deployed_weight()
 
@@ -93,7 +108,7 @@ class QuantLayer:
         w = self.weight
         if self.w_quant is None:
             return w
-        deploy = getattr(self.__dict__["estimator"], "deploy_weight", None)
+        deploy = getattr(self.estimator, "deploy_weight", None)
         return deploy(self, w) if deploy is not None else self.w_quant.hard(w)
 
     def quant_input(self, x: Tensor) -> Tensor:
@@ -103,7 +118,7 @@ class QuantLayer:
         if self._uses_estimator():
             if self.training and self.a_quant.observing:
                 self.a_quant.observe(x)
-            est = self.__dict__["estimator"]
+            est = self.estimator
             return est.activation(self, x) if est is not None else self.a_quant(x)
         return self.a_quant.hard(x)
 
@@ -111,12 +126,25 @@ class QuantLayer:
 class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d with quantized weight and input."""
 
+    @classmethod
+    def _empty_like(cls, layer: nn.Module) -> QConv2d:
+        return cls(
+            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
+            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
+        )  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
 
 
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear with quantized weight and input."""
+
+    @classmethod
+    def _empty_like(cls, layer: nn.Module) -> QLinear:
+        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
+                   device="meta")  # fmt: skip
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)

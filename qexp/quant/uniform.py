@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import Grid, Quantizer, channel_view
+from qexp.quant.base import Grid, Quantizer, channel_view, keep_reference
 
 #: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
 #: because low bit widths want aggressive clipping.
@@ -252,11 +252,11 @@ class UniformQuantizer(Quantizer):
         if not isinstance(w, nn.Parameter) or torch.compiler.is_compiling():
             return self._estimate_range(w)
         key = (w.data_ptr(), w._version, tuple(w.shape), self.bits)
-        cached = self.__dict__.get("_range_cache")
+        cached = vars(self).get("_range_cache")
         if cached is not None and cached[0] == key:
             return cached[1]
         rng = self._estimate_range(w)
-        self.__dict__["_range_cache"] = (key, rng)
+        keep_reference(self, "_range_cache", (key, rng))
         return rng
 
     def grid(self, x: Tensor) -> Grid:

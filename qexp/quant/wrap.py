@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import nn
 
-from qexp.quant.base import Quantizer
+from qexp.quant.base import Quantizer, keep_reference
 from qexp.quant.layers import QConv2d, QLinear, QuantLayer
 from qexp.quant.overrides import LayerPlan, PlanRow, resolve_plan
 
@@ -120,4 +120,4 @@ def attach_estimator(net: nn.Module, estimator: nn.Module) -> None:
     """Point every body layer's training forward at ``estimator`` (edge layers keep STE)."""
     for m in net.modules():
         if isinstance(m, QuantLayer):
-            m.__dict__["estimator"] = estimator if m.layer_role == "body" else None
+            keep_reference(m, "estimator", estimator if m.layer_role == "body" else None)

@@ -34,14 +34,38 @@ class QuantLayer:
     def from_float(
         cls, layer: nn.Module, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
     ):
-        """Wrap a float ``layer`` of the matching type, sharing its parameters (no copy)."""
-        q = cls.__new__(cls)
-        q.__dict__.update(layer.__dict__)
-        q._modules = dict(layer._modules)
-        q._parameters = dict(layer._parameters)
-        q._buffers = dict(layer._buffers)
+        """Wrap a float ``layer`` of the matching type, sharing its parameters (no copy).
+
+        The quantized layer is built by its own constructor with ``layer``'s hyper-parameters
+        on the meta device (no memory, no initialisation drawn from the global RNG, so a run's
+        numbers do not depend on whether a layer was wrapped), then takes over ``layer``'s
+        Parameter and buffer objects, its submodules, hooks and any attribute a model set on it.
+        """
+        q = cls(**cls._float_hparams(layer), device="meta")
+        q._share_state(layer)
         q._setup_quant(w_quant, a_quant, role)
         return q
+
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        """Constructor arguments that rebuild ``layer``'s shape (each subclass says which)."""
+        raise NotImplementedError
+
+    def _share_state(self, layer: nn.Module) -> None:
+        """Make this (meta-built) layer use ``layer``'s tensors and state as its own."""
+        self._parameters.clear()  # the meta placeholders
+        for name, param in layer._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in layer._buffers.items():
+            self.register_buffer(name, buf, name not in layer._non_persistent_buffers_set)
+        for name, module in layer._modules.items():
+            self.add_module(name, module)
+        # Hooks, the training flag and attributes a model set on the layer (e.g. a tag read by
+        # its forward): shared as they are, so wrapping changes nothing the model relies on.
+        containers = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+        for name, value in vars(layer).items():
+            if name not in containers:
+                object.__setattr__(self, name, value)
 
     def _setup_quant(
         self, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str = "body"
@@ -106,12 +130,34 @@ class QuantLayer:
 class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d with quantized weight and input."""
 
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        return {
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": layer.kernel_size,
+            "stride": layer.stride,
+            "padding": layer.padding,
+            "dilation": layer.dilation,
+            "groups": layer.groups,
+            "bias": layer.bias is not None,
+            "padding_mode": layer.padding_mode,
+        }
+
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
 
 
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear with quantized weight and input."""
+
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        return {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)

@@ -104,7 +104,7 @@ def test_clipped_ste_passes_gradients_over_the_whole_multibit_grid(bits):
 
 
 def test_clipped_ste_window_of_learned_quantizers_needs_no_grid():
-    from qexp.quant.dq import DQPow2Quantizer, DQU3Quantizer
+    from qexp.quant.dq import DQPow2P3Quantizer, DQU3Quantizer
 
     est = ClippedSTE()
     u3 = DQU3Quantizer(4, "weight")
@@ -112,7 +112,7 @@ def test_clipped_ste_window_of_learned_quantizers_needs_no_grid():
     u3.observe(w)  # calibrates: q_max = 1, d = 1 / 7
     lo, hi = u3.clip_window(w)
     assert float(lo) == pytest.approx(-1 - 1 / 14) and float(hi) == pytest.approx(1 + 1 / 14)
-    p2 = DQPow2Quantizer(4, "weight")
+    p2 = DQPow2P3Quantizer(4, "weight")
     p2.observe(w)
     lo, hi = p2.clip_window(w)
     assert float(hi) == pytest.approx(2**0.5) and float(lo) == pytest.approx(-(2**0.5))

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import ste
+from qexp.quant.base import Quantizer, ste
+from qexp.quant.refs import keep_reference
 
 if TYPE_CHECKING:
     from qexp.quant.layers import QuantLayer
@@ -57,28 +58,36 @@ class Estimator(nn.Module):
     QuantModel, so its parameters and buffers are checkpointed with the model.
     """
 
-    #: short name used in run dirs and reports
-    name: str = "ste"
     #: set to True to receive a frozen full-precision partner in ``attach``
     needs_partner: bool = False
     #: True where the training forward differs from the hard network (soft stand-ins): the
     #: trainer then also evaluates the training-time forward and logs the gap.
     has_soft_forward: bool = False
 
+    #: the QuantModel being trained (set by ``attach``; a reference, not a submodule)
+    model: nn.Module | None
+    #: the frozen full-precision partner (set by ``attach`` when ``needs_partner``; a reference)
+    partner: nn.Module | None
+
     def __init__(self) -> None:
         super().__init__()
-        self.__dict__["model"] = None
-        self.__dict__["partner"] = None
+        keep_reference(self, "model", None)
+        keep_reference(self, "partner", None)
 
     # -- wiring ------------------------------------------------------------------------------
     def check_model(self, net: nn.Module) -> None:
         """Raise QexpError if ``net`` cannot be trained by this estimator (called before any
         costly preparation such as training a partner); default: every model is fine."""
 
+    def check_quantizer(self, role: str, quant: Quantizer) -> None:
+        """Raise QexpError if this estimator cannot train body layers whose ``role``
+        (``"weight"`` / ``"activation"``) quantizer is ``quant`` (the preflight calls it before
+        any job starts; see qexp.estimators.compat); default: every quantizer is fine."""
+
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
         """Called once after the model is wrapped; keep references, build per-layer state."""
-        self.__dict__["model"] = model
-        self.__dict__["partner"] = ctx.partner
+        keep_reference(self, "model", model)
+        keep_reference(self, "partner", ctx.partner)
 
     # -- per-layer training forward --------------------------------------------------------------
     def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:

@@ -168,6 +168,8 @@ class _UniformDQ(_LearnedPrecision):
     """Uniform learned-precision quantizer; subclasses choose what is learned (``_dq``)."""
 
     pow2_step: bool = False
+    window_needs_grid = False  # clip_window reads (d, q_max) directly
+    rounds_then_clamps = True
 
     def _b_lo(self) -> int:
         return max(self.b_min, 2) if self._is_signed() else self.b_min
@@ -399,6 +401,7 @@ class DQPow2Quantizer(_LearnedPrecision):
 
     #: the levels are powers of two, not a uniform grid (estimators needing one refuse it)
     uniform_grid = False
+    window_needs_grid = False  # clip_window reads the exponents
     #: the parametrization's name, as ``dq_pow2(param=...)`` spells it
     param: str = ""
 

@@ -8,11 +8,16 @@ reported accuracy is that of the truly quantized network.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qexp.quant.base import Quantizer
+from qexp.quant.refs import keep_reference
+
+if TYPE_CHECKING:
+    from qexp.estimators.base import Estimator
 
 #: How a quantized layer computes its forward.
 #: - "auto": training -> the estimator's training forward; eval -> hard grid.
@@ -29,6 +34,9 @@ class QuantLayer:
     w_quant: Quantizer | None
     a_quant: Quantizer | None
     weight: nn.Parameter
+    #: the run's estimator (body layers; None: straight-through), a reference owned by the
+    #: QuantModel (set with :func:`~qexp.quant.refs.keep_reference`, never a submodule)
+    estimator: Estimator | None
 
     @classmethod
     def from_float(
@@ -75,8 +83,7 @@ class QuantLayer:
         #: "first", "last" or "body": edge layers keep their own bits and plain STE.
         self.layer_role = role
         self.mode = "auto"
-        # A plain attribute (not a submodule): the estimator is owned by the QuantModel.
-        self.__dict__["estimator"] = None
+        keep_reference(self, "estimator", None)
 
     @property
     def w_bits(self) -> int:
@@ -98,7 +105,7 @@ class QuantLayer:
         if self.training and self.w_quant.observing:
             self.w_quant.observe(w)
         if self._uses_estimator():
-            est = self.__dict__["estimator"]
+            est = self.estimator
             return est.weight(self, w) if est is not None else self.w_quant(w)
         return self.deployed_weight()
 
@@ -112,8 +119,8 @@ class QuantLayer:
         w = self.weight
         if self.w_quant is None:
             return w
-        deploy = getattr(self.__dict__["estimator"], "deploy_weight", None)
-        return deploy(self, w) if deploy is not None else self.w_quant.hard(w)
+        est = self.estimator
+        return est.deploy_weight(self, w) if est is not None else self.w_quant.hard(w)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """The input activation this forward computes with."""
@@ -122,7 +129,7 @@ class QuantLayer:
         if self._uses_estimator():
             if self.training and self.a_quant.observing:
                 self.a_quant.observe(x)
-            est = self.__dict__["estimator"]
+            est = self.estimator
             return est.activation(self, x) if est is not None else self.a_quant(x)
         return self.a_quant.hard(x)
 

@@ -8,16 +8,12 @@ reported accuracy is that of the truly quantized network.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import TYPE_CHECKING
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qexp.quant.base import Quantizer
 from qexp.quant.refs import keep_reference
-
-if TYPE_CHECKING:
-    from qexp.estimators.base import Estimator
 
 #: How a quantized layer computes its forward.
 #: - "auto": training -> the estimator's training forward; eval -> hard grid.
@@ -34,9 +30,9 @@ class QuantLayer:
     w_quant: Quantizer | None
     a_quant: Quantizer | None
     weight: nn.Parameter
-    #: the run's estimator (body layers; None: straight-through), a reference owned by the
-    #: QuantModel (set with :func:`~qexp.quant.refs.keep_reference`, never a submodule)
-    estimator: Estimator | None
+    #: the run's estimator (a qexp.estimators Estimator; body layers, None: straight-through), a
+    #: reference owned by the QuantModel (set with :func:`~qexp.quant.refs.keep_reference`)
+    estimator: nn.Module | None
 
     @classmethod
     def from_float(

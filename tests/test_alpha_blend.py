@@ -16,6 +16,7 @@ from qexp.estimators.model import QuantModel
 from qexp.quant.binary import BinaryQuantizer
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QLinear, quant_mode
+from qexp.quant.refs import keep_reference
 from qexp.quant.uniform import UniformQuantizer
 from qexp.quant.wrap import LayerBits, attach_estimator, quantize_model
 
@@ -51,7 +52,7 @@ def _body_layer(est, blend_activations=False):
         UniformQuantizer(2, "activation", signed=True),
         "body",
     )
-    lin.__dict__["estimator"] = est
+    keep_reference(lin, "estimator", est)
     return lin
 
 

@@ -16,6 +16,7 @@ from qexp.quant.base import Grid
 from qexp.quant.binary import BinaryQuantizer
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QLinear
+from qexp.quant.refs import keep_reference
 from qexp.quant.uniform import UniformQuantizer
 from qexp.train.inspect_levels import layer_table
 
@@ -33,7 +34,7 @@ def reference_stand_in(x, grid, beta):
 def _layer(est, w_quant, a_quant, n_in=16, n_out=6):
     torch.manual_seed(0)
     layer = QLinear.from_float(nn.Linear(n_in, n_out), w_quant, a_quant, "body")
-    layer.__dict__["estimator"] = est
+    keep_reference(layer, "estimator", est)
     return layer
 
 

@@ -153,9 +153,10 @@ def test_bad_budget_options_are_one_line_errors(node, match):
 
 
 def test_validate_rejects_bad_budget_and_accepts_the_yaml():
+    from qexp.config.registry import group_options
     from qexp.config.validate import validate_config
 
-    for name in ("dq_u1", "dq_u2", "dq_u3", "dq_pow2", "lsq", "pact", "dorefa"):
+    for name in group_options("quantizer"):
         validate_config(compose_config(f"quantizer={name}"))
     bad = compose_config("quantizer=dq_u3", "budget.act_mode=mean")
     with pytest.raises(QexpError, match="budget.act_mode"):

@@ -3,18 +3,14 @@ point before which a tuner must not prune it."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from conftest import compose_config
 
-import qexp
+from qexp.config.registry import group_options
 from qexp.train.build import build_estimator
 from qexp.train.run import run_spec
 
-ESTIMATORS = sorted(
-    p.stem for p in (Path(qexp.__file__).resolve().parents[1] / "conf" / "estimator").glob("*.yaml")
-)
+ESTIMATORS = group_options("estimator")
 
 
 @pytest.mark.parametrize("name", ESTIMATORS)

@@ -7,6 +7,7 @@ from torch import nn
 from qexp.estimators.clipped_ste import ClippedSTE
 from qexp.estimators.ste import STE
 from qexp.quant.layers import QLinear
+from qexp.quant.refs import keep_reference
 from qexp.quant.uniform import UniformQuantizer
 
 
@@ -18,8 +19,8 @@ def _layer(estimator, bits=2):
         UniformQuantizer(bits, "activation", signed=True),
         "body",
     )
-    layer.__dict__["estimator"] = estimator
-    estimator.__dict__["model"] = nn.Sequential(layer)
+    keep_reference(layer, "estimator", estimator)
+    keep_reference(estimator, "model", nn.Sequential(layer))
     return layer
 
 
@@ -29,7 +30,7 @@ def test_ste_weight_and_activation_gradients_are_identity():
     w = layer.weight.detach().clone().requires_grad_(True)
     x = torch.randn(32, 16, requires_grad=True)
     g = torch.randn(4, 16)
-    est = layer.__dict__["estimator"]
+    est = layer.estimator
     (est.weight(layer, w) * g).sum().backward()
     # autograd of the identity: d(sum(w * g))/dw = g
     w_ref = w.detach().clone().requires_grad_(True)
@@ -44,7 +45,7 @@ def test_ste_weight_and_activation_gradients_are_identity():
 def test_ste_forward_is_hard_quantized():
     layer = _layer(STE())
     w = layer.weight
-    torch.testing.assert_close(layer.__dict__["estimator"].weight(layer, w), layer.w_quant.hard(w))
+    torch.testing.assert_close(layer.estimator.weight(layer, w), layer.w_quant.hard(w))
 
 
 def test_clipped_ste_gradient_equals_hardtanh_derivative():
@@ -81,7 +82,7 @@ def _window_grads(est, bits, x, activation_range):
         UniformQuantizer(bits, "activation", signed=False, scale_method="max_abs"),
         "body",
     )
-    layer.__dict__["estimator"] = est
+    keep_reference(layer, "estimator", est)
     layer.a_quant.observe(torch.full((1, 1), activation_range))  # range = activation_range
     xg = x.clone().requires_grad_(True)
     est.activation(layer, xg).sum().backward()
@@ -104,7 +105,7 @@ def test_clipped_ste_passes_gradients_over_the_whole_multibit_grid(bits):
 
 
 def test_clipped_ste_window_of_learned_quantizers_needs_no_grid():
-    from qexp.quant.dq import DQPow2Quantizer, DQU3Quantizer
+    from qexp.quant.dq import DQPow2P3Quantizer, DQU3Quantizer
 
     est = ClippedSTE()
     u3 = DQU3Quantizer(4, "weight")
@@ -112,7 +113,7 @@ def test_clipped_ste_window_of_learned_quantizers_needs_no_grid():
     u3.observe(w)  # calibrates: q_max = 1, d = 1 / 7
     lo, hi = u3.clip_window(w)
     assert float(lo) == pytest.approx(-1 - 1 / 14) and float(hi) == pytest.approx(1 + 1 / 14)
-    p2 = DQPow2Quantizer(4, "weight")
+    p2 = DQPow2P3Quantizer(4, "weight")
     p2.observe(w)
     lo, hi = p2.clip_window(w)
     assert float(hi) == pytest.approx(2**0.5) and float(lo) == pytest.approx(-(2**0.5))

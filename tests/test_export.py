@@ -243,7 +243,7 @@ def test_unsupported_quantizer_is_a_one_line_error(tmp_path):
     model = build_model(run_spec(cfg), data.info, torch.device("cpu"), total_steps=1)
     x, _ = next(iter(data.eval_batches("test", 16, torch.device("cpu"))))
     calibrate(model, x)
-    with pytest.raises(QexpError, match="export: layer stage1.0 uses DQPow2Quantizer"):
+    with pytest.raises(QexpError, match="export: layer stage1.0 uses DQPow2P3Quantizer"):
         build_graph(model.net, x)
 
 

@@ -7,10 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from qexp.errors import QexpError
 from qexp.quant.dorefa import DoReFaQuantizer
-from qexp.quant.dq import DQPow2Quantizer, DQU1Quantizer, DQU2Quantizer, DQU3Quantizer
+from qexp.quant.dq import DQU1Quantizer, DQU2Quantizer, DQU3Quantizer, dq_pow2
 from qexp.quant.lsq import LSQQuantizer
 from qexp.quant.pact import PACTQuantizer
 from qexp.train.inspect_levels import distinct_per_row
@@ -289,7 +290,7 @@ def test_weights_initialise_from_max_abs_at_the_initial_bits_when_observed():
     ],
 )
 def test_pow2_p3_inferred_bits_match_formula(q_min, q_max, want):
-    q = DQPow2Quantizer(8, "weight", param="p3", b_min=1, b_max=8)
+    q = dq_pow2(8, "weight", param="p3", b_min=1, b_max=8)
     _set(q, True, q_min=q_min, q_max=q_max)
     formula = math.ceil(math.log2(math.log2(q_max / q_min) + 1) + 1)
     assert want == formula == q.bits
@@ -306,7 +307,7 @@ def test_pow2_p3_inferred_bits_match_formula(q_min, q_max, want):
 @pytest.mark.parametrize("param", ["p1", "p2", "p3"])
 @pytest.mark.parametrize("with_zero", [False, True])
 def test_pow2_parametrizations_are_honest(param, with_zero):
-    q = DQPow2Quantizer(4, "weight", param=param, with_zero=with_zero)
+    q = dq_pow2(4, "weight", param=param, with_zero=with_zero)
     torch.manual_seed(1)
     w = torch.randn(16, 64) * 0.2
     q.observe(w)
@@ -321,7 +322,7 @@ def test_pow2_parametrizations_are_honest(param, with_zero):
 
 @pytest.mark.parametrize("ste", ["log", "linear"])
 def test_pow2_gradients_follow_the_authors_or_the_linear_form(ste):
-    q = DQPow2Quantizer(4, "weight", param="p3", ste=ste)
+    q = dq_pow2(4, "weight", param="p3", ste=ste)
     q_min, q_max = 0.1375, 1.3  # snapped: 2^-3 and 2^0
     _set(q, True, q_min=q_min, q_max=q_max)
     lo, hi = 0.125, 1.0
@@ -350,9 +351,29 @@ def test_pow2_gradients_follow_the_authors_or_the_linear_form(ste):
         assert x.grad.min() >= 2**-0.5 - 1e-4 and x.grad.max() <= 2**0.5 + 1e-4
 
 
+@pytest.mark.parametrize("param", ["p1", "p2", "p3"])
+def test_pow2_param_key_picks_the_parametrization_from_the_config(param):
+    from conftest import compose_config
+    from hydra.utils import instantiate
+
+    from qexp.config.validate import check_component
+    from qexp.quant.dq import POW2_PARAMETRIZATIONS
+
+    cfg = compose_config("quantizer=dq_pow2", f"quantizer.weight.param={param}")
+    node = OmegaConf.to_container(cfg.quantizer.weight, resolve=True)
+    check_component("quantizer.weight", node)
+    node.pop("name", None)
+    q = instantiate(node, bits=4, role="weight")
+    assert type(q) is POW2_PARAMETRIZATIONS[param] and q.param == param
+    learned = {"p1": {"b", "q_max"}, "p2": {"b", "q_min"}, "p3": {"q_max", "q_min"}}[param]
+    assert {n for n, _ in q.named_parameters()} == learned
+    with pytest.raises(QexpError, match="p1 | p2 | p3"):
+        check_component("quantizer.weight", {**node, "param": "p4"})
+
+
 def test_pow2_p1_p2_p3_agree():
     kw = dict(role="weight", with_zero=False, b_max=8)
-    p1, p2, p3 = (DQPow2Quantizer(4, param=p, **kw) for p in ("p1", "p2", "p3"))
+    p1, p2, p3 = (dq_pow2(4, param=p, **kw) for p in ("p1", "p2", "p3"))
     _set(p1, True, b=4, q_max=0.5)
     _set(p2, True, b=4, q_min=2.0**-8)
     _set(p3, True, q_min=2.0**-8, q_max=0.5)

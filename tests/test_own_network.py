@@ -175,7 +175,7 @@ def test_unwrappable_layer_kept_in_float_trains(tmp_path):
 @pytest.mark.slow
 def test_block_replace_on_user_network(tmp_path):
     src, conf = _user_package(tmp_path)
-    args = ["estimator=block_replace", "estimator.partner_epochs=1"]
+    args = ["estimator=block_replace", "partner.epochs=1"]
     proc = _train(
         tmp_path, src, conf, "model=my_net", *args, f"hydra.run.dir={tmp_path / 'a'}", check=False
     )

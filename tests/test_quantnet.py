@@ -15,6 +15,7 @@ from qexp.estimators.base import EstimatorContext
 from qexp.estimators.quantnet import QuantNet, hard_level, soft_staircase
 from qexp.quant.calibrate import calibration
 from qexp.quant.layers import QConv2d, QLinear, quant_layers
+from qexp.quant.refs import keep_reference
 from qexp.quant.uniform import UniformQuantizer
 from qexp.train.inspect_levels import layer_table
 
@@ -32,7 +33,7 @@ def _layers(bits: int) -> list:
 def _attach(est: QuantNet, layers: list) -> nn.Module:
     holder = nn.ModuleList(layers)
     for m in layers:
-        m.__dict__["estimator"] = est
+        keep_reference(m, "estimator", est)
     est.attach(holder, EstimatorContext(total_steps=10, device=torch.device("cpu")))
     with torch.no_grad():  # leave the residual start, so the meta net's gradients are not trivial
         est.w_out.normal_(0.0, 0.5)
@@ -202,7 +203,7 @@ def test_dorefa_weights_deploy_dorefas_own_levels(bits):
     est = QuantNet(gamma=1.0, hidden=8)
     holder = nn.ModuleList(layers)
     for m in layers:
-        m.__dict__["estimator"] = est
+        keep_reference(m, "estimator", est)
     est.attach(holder, EstimatorContext(total_steps=10, device=torch.device("cpu")))
     for layer in layers:
         w = layer.weight.detach()

@@ -1,4 +1,5 @@
-"""Search spaces: every estimator brings one, and every value in every range is a valid run."""
+"""Search spaces: every search-space file parses and names knobs the config accepts, and every
+value in every range of every estimator's knobs (its own or the common ones) is a valid run."""
 
 from __future__ import annotations
 
@@ -7,17 +8,38 @@ from pathlib import Path
 import pytest
 from conftest import compose_config
 
+from qexp.config.registry import group_options
 from qexp.config.validate import validate_config
 from qexp.errors import QexpError
 from qexp.study.space import Knob, knob_overrides, parse_knob, search_space
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
-ESTIMATORS = sorted(p.stem for p in (CONF / "estimator").glob("*.yaml"))
+ESTIMATORS = group_options("estimator")
+QUANTIZERS = group_options("quantizer")
+#: (group, option) of every search-space file qexp ships (a method without one is tuned on the
+#: common knobs)
+SPACE_FILES = [
+    (group, name)
+    for group in ("estimator", "quantizer")
+    for name in sorted(p.stem for p in (CONF / "search_space" / group).glob("*.yaml"))
+]
 
 
-def test_every_estimator_declares_a_search_space():
-    have = {p.stem for p in (CONF / "search_space" / "estimator").glob("*.yaml")}
-    assert set(ESTIMATORS) <= have, f"no search space for {set(ESTIMATORS) - have}"
+@pytest.mark.parametrize(("group", "name"), SPACE_FILES)
+def test_every_search_space_file_parses_and_names_known_keys(group, name):
+    options = ESTIMATORS if group == "estimator" else QUANTIZERS
+    assert name in options, f"search_space/{group}/{name}.yaml has no {group}={name}"
+    estimator, quantizer = (name, "uniform") if group == "estimator" else ("ste", name)
+    if estimator == "block_replace":
+        quantizer = "lsq"
+    knobs = search_space(estimator, quantizer)
+    cfg = compose_config("dataset=digits", f"estimator={estimator}", f"quantizer={quantizer}")
+    for knob in knobs:
+        for key in (knob.key, *knob.also):
+            node = cfg
+            for part in key.split("."):
+                assert part in node, f"search_space/{group}/{name}.yaml: unknown key {key}"
+                node = node[part]
 
 
 def _ends(knob: Knob) -> list:

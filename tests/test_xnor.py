@@ -7,6 +7,7 @@ from torch import nn
 
 from qexp.quant.binary import BinaryQuantizer
 from qexp.quant.layers import QConv2d, QLinear
+from qexp.quant.refs import keep_reference
 from qexp.quant.xnor import pack_bits, popcount, xnor_conv2d, xnor_layer_forward, xnor_linear
 
 
@@ -82,7 +83,7 @@ def _meta_net_layers():
     est = QuantNet(gamma=2.0, hidden=8)
     holder = nn.ModuleList([lin, conv])
     for m in holder:
-        m.__dict__["estimator"] = est
+        keep_reference(m, "estimator", est)
     est.attach(holder, EstimatorContext(total_steps=10, device=torch.device("cpu")))
     with torch.no_grad():
         est.w_out.normal_(0.0, 0.8)

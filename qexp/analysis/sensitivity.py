@@ -34,9 +34,10 @@ from torch import Tensor, nn
 
 from qexp.analysis.hutchinson import TraceEstimate, hutchinson_traces
 from qexp.errors import QexpError
-from qexp.quant.base import Quantizer, keep_reference
+from qexp.quant.base import Quantizer
 from qexp.quant.layers import QuantLayer, quant_layers, quant_mode
 from qexp.quant.overrides import FLOAT_BITS, kind_of
+from qexp.quant.refs import keep_reference
 from qexp.quant.uniform import UniformQuantizer
 
 DEFAULT_BITS = (2, 3, 4, 8)

@@ -54,7 +54,6 @@ class AlphaBlend(Estimator):
     only one that counts as the method's final form (see ``is_final_form``).
     """
 
-    name = "alpha_blend"
 
     def __init__(self, alpha: AlphaCurve | None = None, blend_activations: bool = False) -> None:
         super().__init__()
@@ -62,9 +61,10 @@ class AlphaBlend(Estimator):
             alpha = Ramp(start=0.0, end=1.0, p0=0.0, p1=0.8, shape="cubic")
         if not callable(alpha):
             raise ValueError(f"alpha must be a curve of training progress, got {alpha!r}")
-        p1 = getattr(alpha, "p1", None)
-        if p1 is not None and not 0.0 <= float(p1) <= 1.0:
-            raise ValueError(f"alpha's p1={p1} must lie in [0, 1] so alpha reaches 1 in training")
+        if isinstance(alpha, Ramp) and not 0.0 <= float(alpha.p1) <= 1.0:
+            raise ValueError(
+                f"alpha's p1={alpha.p1} must lie in [0, 1] so alpha reaches 1 in training"
+            )
         end = float(alpha(1.0))
         if end != 1.0:
             raise ValueError(

@@ -136,7 +136,6 @@ class AQE(Estimator):
     are constants for fixed quantizers and receive the stand-in's gradient for learned ones.
     """
 
-    name = "aqe"
     has_soft_forward = True
 
     def __init__(

@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import keep_reference, ste
+from qexp.quant.base import Quantizer, ste
+from qexp.quant.refs import keep_reference
 
 if TYPE_CHECKING:
     from qexp.quant.layers import QuantLayer
@@ -57,17 +58,19 @@ class Estimator(nn.Module):
     QuantModel, so its parameters and buffers are checkpointed with the model.
     """
 
-    #: short name used in run dirs and reports
-    name: str = "ste"
     #: set to True to receive a frozen full-precision partner in ``attach``
     needs_partner: bool = False
     #: True where the training forward differs from the hard network (soft stand-ins): the
     #: trainer then also evaluates the training-time forward and logs the gap.
     has_soft_forward: bool = False
 
+    #: the QuantModel being trained (set by ``attach``; a reference, not a submodule)
+    model: nn.Module | None
+    #: the frozen full-precision partner (set by ``attach`` when ``needs_partner``; a reference)
+    partner: nn.Module | None
+
     def __init__(self) -> None:
         super().__init__()
-        # references to models owned elsewhere, not submodules (qexp.quant.base.keep_reference)
         keep_reference(self, "model", None)
         keep_reference(self, "partner", None)
 
@@ -75,6 +78,11 @@ class Estimator(nn.Module):
     def check_model(self, net: nn.Module) -> None:
         """Raise QexpError if ``net`` cannot be trained by this estimator (called before any
         costly preparation such as training a partner); default: every model is fine."""
+
+    def check_quantizer(self, role: str, quant: Quantizer) -> None:
+        """Raise QexpError if this estimator cannot train body layers whose ``role``
+        (``"weight"`` / ``"activation"``) quantizer is ``quant`` (the preflight calls it before
+        any job starts; see qexp.estimators.compat); default: every quantizer is fine."""
 
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
         """Called once after the model is wrapped; keep references, build per-layer state."""

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from qexp.errors import QexpError
 from qexp.estimators.base import Criterion, Estimator, EstimatorContext, LogValues
 from qexp.estimators.ste import STE
-from qexp.quant.layers import QuantLayer
+from qexp.estimators.wrapping import WrappingEstimator
 
 REPLACE = ("one", "all")
 MIXED_TERMS = ("kd", "ce", "both")
@@ -44,16 +44,12 @@ def kd_loss(student: Tensor, teacher: Tensor, temperature: float) -> Tensor:
     ) * (t * t)
 
 
-class BlockReplace(Estimator):
-    """Block replacement around a base estimator, distilling from a frozen FP partner.
+class BlockReplace(WrappingEstimator):
+    """Block replacement around a base estimator, distilling from a frozen FP partner (the
+    run's top-level ``partner:`` node says where that partner comes from).
 
     Args:
         base: the estimator that trains the LP net (a nested ``_target_`` node; default STE).
-        partner: checkpoint file or run dir of a full-precision model of the same
-            architecture; null = train one with the run's settings and cache it
-            (``$QEXP_CACHE/partners``), shared by every run with the same model, data, seed and
-            training settings.
-        partner_epochs: epochs of that cached FP training (null = trainer.epochs).
         replace: ``one`` random block per step or ``all`` blocks (one mixed net each).
         mixed_terms: loss of each mixed net: ``kd`` (vs the partner), ``ce`` (vs the labels)
             or ``both``.
@@ -66,14 +62,11 @@ class BlockReplace(Estimator):
             which is the network that is deployed.
     """
 
-    name = "block_replace"
     needs_partner = True
 
     def __init__(
         self,
         base: Estimator | None = None,
-        partner: str | None = None,
-        partner_epochs: int | None = None,
         replace: str = "one",
         mixed_terms: str = "kd",
         w_task: float = 1.0,
@@ -82,7 +75,7 @@ class BlockReplace(Estimator):
         temperature: float = 4.0,
         mixed_stats: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(STE() if base is None else base)
         if replace not in REPLACE:
             raise QexpError(f"estimator.replace={replace!r} is not allowed: use one | all")
         if mixed_terms not in MIXED_TERMS:
@@ -94,24 +87,11 @@ class BlockReplace(Estimator):
         for key, value in (("w_task", w_task), ("w_kd", w_kd), ("w_mixed", w_mixed)):
             if value < 0:
                 raise QexpError(f"estimator.{key} must be >= 0, got {value}")
-        if partner_epochs is not None and int(partner_epochs) < 1:
-            raise QexpError(f"estimator.partner_epochs must be >= 1, got {partner_epochs}")
-        base = STE() if base is None else base
-        if not isinstance(base, Estimator):
-            raise QexpError(
-                f"estimator.base must build a qexp Estimator, got {type(base).__name__}"
-            )
-        if base.needs_partner:
-            raise QexpError("estimator.base cannot itself need a partner")
-        self.base = base
-        self.partner_source = partner
         self.replace = replace
         self.mixed_terms = mixed_terms
         self.w_task, self.w_kd, self.w_mixed = float(w_task), float(w_kd), float(w_mixed)
         self.temperature = float(temperature)
         self.mixed_stats = bool(mixed_stats)
-        # The training forward differs from the hard net exactly when the base's does.
-        self.has_soft_forward = base.has_soft_forward
         self.block_names: list[str] = []
         #: LP-block buffers saved before this step's mixed forwards, restored after the step
         self._saved_buffers: list[tuple[Tensor, Tensor]] = []
@@ -144,13 +124,13 @@ class BlockReplace(Estimator):
 
     def check_model(self, net: nn.Module) -> None:
         # before the partner is trained: a model without (valid) blocks can never be used
+        super().check_model(net)
         self._blocks_of(net)
 
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
         if ctx.partner is None:
             raise QexpError("block_replace needs a full-precision partner, but none was given")
         super().attach(model, ctx)
-        self.base.attach(model, ctx)
         net = model.net if hasattr(model, "net") else model
         names = self._blocks_of(net)
         partner = ctx.partner
@@ -166,34 +146,10 @@ class BlockReplace(Estimator):
         for p in partner.parameters():
             p.requires_grad_(False)
 
-    # -- the LP net's training forward: the base estimator's -------------------------------------
-    def weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
-        return self.base.weight(layer, w)
-
-    def activation(self, layer: QuantLayer, x: Tensor) -> Tensor:
-        return self.base.activation(layer, x)
-
-    def deploy_weight(self, layer: QuantLayer, w: Tensor) -> Tensor:
-        return self.base.deploy_weight(layer, w)
-
-    def step(self, progress: float) -> dict[str, float]:
-        return self.base.step(progress)
-
-    def param_groups(self, lr: float) -> list[dict[str, Any]]:
-        return self.base.param_groups(lr)
-
+    # -- the LP net's training forward, schedules and parameters: the base's (inherited) ------
     def after_optimizer_step(self) -> None:
         self._restore_buffers()
-        self.base.after_optimizer_step()
-
-    def is_final_form(self) -> bool:
-        return self.base.is_final_form()
-
-    def final_form_progress(self, resolution: int = 1000) -> float:
-        return self.base.final_form_progress(resolution)
-
-    def state_summary(self) -> dict[str, float]:
-        return self.base.state_summary()
+        super().after_optimizer_step()
 
     # -- mixed nets --------------------------------------------------------------------------------
     @contextmanager

@@ -15,18 +15,13 @@ MULTIBIT = ("grid", "clip")
 
 def is_multibit(quant: Quantizer) -> bool:
     """Whether ``quant`` may have more than two levels (learned precision counts as such)."""
-    return bool(getattr(quant, "learns_bits", False)) or quant.bits > 1
+    return quant.learns_bits or quant.bits > 1
 
 
 def clip_window(quant: Quantizer, x: Tensor) -> tuple[Tensor, Tensor]:
     """(low, high) of the values ``quant`` does not clip, in the units of ``grid_input(x)``:
-    the outermost levels plus half a step (a quantizer may define its own ``clip_window``)."""
-    own = getattr(quant, "clip_window", None)
-    if own is not None:
-        return own(x)
-    grid = quant.grid(x)
-    low = grid.low - grid.step / 2
-    return low, low + grid.num_levels * grid.step
+    the outermost levels plus half a step (``Quantizer.clip_window``)."""
+    return quant.clip_window(x)
 
 
 class ClippedSTE(Estimator):
@@ -44,7 +39,6 @@ class ClippedSTE(Estimator):
             the grid still resolves).
     """
 
-    name = "clipped_ste"
 
     def __init__(
         self, clip: float | None = 1.0, clip_weights: bool = True, multibit: str = "grid"
@@ -75,8 +69,8 @@ class ClippedSTE(Estimator):
         return straight_through(x, hard, self._mask(layer.a_quant, x.detach()))
 
     def check_quantizer(self, role: str, quant: Quantizer) -> None:
-        """The window comes from the quantizer's grid unless it defines ``clip_window``."""
-        if self._uses_grid(quant) and not hasattr(quant, "clip_window"):
+        """The window comes from the quantizer's grid unless it computes its own."""
+        if self._uses_grid(quant) and quant.window_needs_grid:
             refuse_without_grid(
                 "clipped_ste", role, quant, "use estimator.multibit=clip or estimator=ste"
             )

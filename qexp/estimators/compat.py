@@ -10,22 +10,26 @@ before any job starts.
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from typing import TYPE_CHECKING
+
+from torch import Tensor
 
 from qexp.errors import QexpError
 from qexp.quant.base import Quantizer
+
+if TYPE_CHECKING:
+    from qexp.estimators.base import Estimator
 
 
 def grid_input(quant: Quantizer, x: Tensor) -> Tensor:
     """The tensor whose values ``quant.grid(x)`` describes (differentiable): ``x`` itself
     unless the quantizer maps it first (``grid_input`` method, e.g. DoReFa weights)."""
-    transform = getattr(quant, "grid_input", None)
-    return transform(x) if transform is not None else x
+    return quant.grid_input(x)
 
 
 def has_uniform_grid(quant: Quantizer) -> bool:
     """Whether ``quant.grid()`` describes its levels (False for power-of-two levels)."""
-    return bool(getattr(quant, "uniform_grid", True))
+    return quant.uniform_grid
 
 
 def refuse_without_grid(estimator: str, role: str, quant: Quantizer, hint: str) -> None:
@@ -39,19 +43,13 @@ def refuse_without_grid(estimator: str, role: str, quant: Quantizer, hint: str) 
 
 
 def check_pairing(
-    estimator: nn.Module, w_quant: Quantizer | None, a_quant: Quantizer | None
+    estimator: Estimator, w_quant: Quantizer | None, a_quant: Quantizer | None
 ) -> None:
     """Raise QexpError if ``estimator`` cannot train body layers with these quantizers.
 
-    Estimators opt in with ``check_quantizer(role, quant)``; a wrapping estimator's ``base``
-    (block replacement) is checked too, since it trains the same layers.
+    Each estimator says so in ``check_quantizer(role, quant)``; a wrapping estimator (block
+    replacement) also asks the estimator it wraps, since that one trains the same layers.
     """
-    base = getattr(estimator, "base", None)
-    if isinstance(base, nn.Module):
-        check_pairing(base, w_quant, a_quant)
-    check = getattr(estimator, "check_quantizer", None)
-    if check is None:
-        return
     for role, quant in (("weight", w_quant), ("activation", a_quant)):
         if quant is not None:
-            check(role, quant)
+            estimator.check_quantizer(role, quant)

@@ -35,7 +35,7 @@ from qexp.curves import Curve
 from qexp.errors import QexpError
 from qexp.estimators.base import Criterion, Estimator, EstimatorContext, LogValues
 from qexp.estimators.compat import grid_input, refuse_without_grid
-from qexp.quant.base import Grid, Quantizer, keep_reference
+from qexp.quant.base import Grid, Quantizer
 from qexp.quant.layers import QuantLayer
 
 
@@ -99,7 +99,6 @@ class QuantNet(Estimator):
             decay.
     """
 
-    name = "quantnet"
     has_soft_forward = True
 
     def __init__(
@@ -134,7 +133,8 @@ class QuantNet(Estimator):
         self.register_buffer("gamma", torch.tensor(float(gamma) if not callable(gamma) else 1.0))
         # regularizer terms of the current loss() forward: (sum, count) per layer call
         self._reg_terms: list[tuple[Tensor, int]] | None = None
-        keep_reference(self, "layer_index", {})
+        #: position of each body layer (by id) among the meta nets, filled by ``attach``
+        self.layer_index: dict[int, int] = {}
 
     # -- wiring ------------------------------------------------------------------------------
     def attach(self, model: nn.Module, ctx: EstimatorContext) -> None:
@@ -147,7 +147,7 @@ class QuantNet(Estimator):
             for m in model.modules()
             if isinstance(m, QuantLayer) and m.layer_role == "body" and m.w_quant is not None
         ]
-        keep_reference(self, "layer_index", {id(m): i for i, m in enumerate(layers)})
+        self.layer_index = {id(m): i for i, m in enumerate(layers)}
         nets = 1 if self.share else max(len(layers), 1)
         h, e = self.hidden, self.embed_dim
         # Input weights ~ N(0, 1): the input w_norm has unit std, so hidden units start spread

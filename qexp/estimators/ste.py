@@ -8,4 +8,3 @@ from qexp.estimators.base import Estimator
 class STE(Estimator):
     """Plain STE for weights and activations (the base class's behaviour)."""
 
-    name = "ste"

@@ -29,14 +29,7 @@ from qexp.errors import QexpError
 from qexp.export.pack import pack_codes
 from qexp.quant.base import Grid, Quantizer
 from qexp.quant.binary import BinaryQuantizer
-from qexp.quant.dq import _UniformDQ
 from qexp.quant.layers import QConv2d, QuantLayer, quant_mode
-from qexp.quant.lsq import LSQQuantizer
-from qexp.quant.pact import PACTQuantizer
-
-#: quantizers whose hard map is ``clamp(round(x / step), lo, hi) * step`` (integer offset)
-#: rather than the Grid form ``(clamp(round(x / step - offset), 0, n - 1) + offset) * step``
-_ROUND_THEN_CLAMP = (LSQQuantizer, _UniformDQ, PACTQuantizer)
 
 Node = dict[str, Any]
 
@@ -162,7 +155,7 @@ class GraphBuilder:
                 grid = _grid(name, aq, x)
                 offset, n = float(grid.offset), int(grid.num_levels)
                 desc = {"kind": "grid", "scale": float(grid.step), "levels": n}
-                if isinstance(aq, _ROUND_THEN_CLAMP):
+                if aq.rounds_then_clamps:
                     desc.update(shift=0.0, qmin=int(offset), qmax=int(offset) + n - 1)
                 else:
                     desc.update(shift=-offset + 0.0, qmin=0, qmax=n - 1)

@@ -76,17 +76,6 @@ def round_ste(x: Tensor) -> Tensor:
     return ste(x, torch.round(x))
 
 
-def keep_reference(module: nn.Module, name: str, value: object) -> None:
-    """Give ``module`` a plain attribute ``name`` holding ``value``, even a module.
-
-    ``nn.Module.__setattr__`` would register a module value as a submodule, so it would be
-    saved in the owner's state_dict, visited by ``.modules()`` and moved by ``.to()``. A layer's
-    link to its estimator, an estimator's to the model it trains or its frozen partner, are
-    references to objects owned elsewhere: they bypass that registration.
-    """
-    object.__setattr__(module, name, value)
-
-
 def channel_view(t: Tensor, like: Tensor, per_channel: bool) -> Tensor:
     """Shape a per-channel vector (dim 0 of ``like``) so it broadcasts against ``like``."""
     if not per_channel:
@@ -109,6 +98,14 @@ class Quantizer(nn.Module):
     tracks_during_training: bool = False
     #: whether the bit width is learned in training (learned mixed precision)
     learns_bits: bool = False
+    #: whether ``grid()`` describes the levels (False for power-of-two levels)
+    uniform_grid: bool = True
+    #: whether ``clip_window`` is read off ``grid()`` (False where the quantizer computes it)
+    window_needs_grid: bool = True
+    #: whether the hard map is ``clamp(round(x / step), lo, hi) * step`` with an integer
+    #: offset, rather than the Grid form ``(clamp(round(x / step - offset), 0, n - 1) + offset)
+    #: * step`` (the two round half-way values differently; the exporter writes the right one)
+    rounds_then_clamps: bool = False
 
     def __init__(self, bits: int, role: str = "weight") -> None:
         super().__init__()
@@ -157,6 +154,12 @@ class Quantizer(nn.Module):
         """Current bit width (learned-precision quantizers override this)."""
         return self._bits
 
+    @property
+    def min_bits(self) -> int:
+        """The fewest bits this quantizer can reach (what a memory budget can ask of it):
+        its bit width, unless it learns one."""
+        return self.bits
+
     # -- sign decided by data (activations) -----------------------------------------------------
     def _register_sign(self, signed: bool | None) -> None:
         """Keep the grid's sign in a buffer, so checkpoints restore it, with a Python mirror,
@@ -185,10 +188,27 @@ class Quantizer(nn.Module):
         """The grid ``x`` is quantized onto (may depend on ``x`` for data-driven scales)."""
         raise NotImplementedError
 
+    def grid_input(self, x: Tensor) -> Tensor:
+        """The tensor whose values ``grid(x)`` describes (differentiable): ``x`` itself unless
+        the quantizer maps it first (DoReFa's k-bit weights: ``tanh(w) / max|tanh(w)|``)."""
+        return x
+
+    def clip_window(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """(low, high) of the values this quantizer does not clip, in the units of
+        ``grid_input(x)``: by default the outermost grid levels plus half a step."""
+        grid = self.grid(x)
+        low = grid.low - grid.step / 2
+        return low, low + grid.num_levels * grid.step
+
     def observe(self, x: Tensor) -> None:
         """Update calibration state from values this quantizer sees (called by the layers only
         while ``observing``: the calibration phase, and training for quantizers that
         ``tracks_during_training``); default: nothing to calibrate."""
+
+    def bind_weight(self, weight: Tensor) -> None:
+        """See the layer's weight when the layer is built (quantizers whose learned
+        parameters are shaped like the weight's rows create them here, before the optimizer
+        collects the parameters: qexp.quant.seq); default: nothing."""
 
     def refresh(self, w: Tensor, step: int) -> None:
         """Update state derived from the weight ``w`` after optimizer step ``step`` (weight

@@ -16,7 +16,7 @@ Rounding is straight-through. U3's gradients are the paper's closed forms:
 
 Power-of-two variant (:class:`DQPow2Quantizer`): magnitudes ``2^k`` between q_min and q_max,
 learned as P1 (b, q_max), P2 (b, q_min) or P3 (q_min, q_max, b inferred as
-``ceil(log2(log2(q_max / q_min) + 1) + 1)``).
+``ceil(log2(log2(q_max / q_min) + 1) + 1)``), one subclass each (:func:`dq_pow2` by name).
 
 The run's bit width (``bits`` / ``w_bits`` / ``a_bits``) is the *initial* bit width of these
 quantizers and, unless ``b_max`` says otherwise, also the largest one. The current bit width
@@ -30,6 +30,7 @@ that ``init_from`` has already loaded them); activations from the first training
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -167,6 +168,8 @@ class _UniformDQ(_LearnedPrecision):
     """Uniform learned-precision quantizer; subclasses choose what is learned (``_dq``)."""
 
     pow2_step: bool = False
+    window_needs_grid = False  # clip_window reads (d, q_max) directly
+    rounds_then_clamps = True
 
     def _b_lo(self) -> int:
         return max(self.b_min, 2) if self._is_signed() else self.b_min
@@ -373,6 +376,13 @@ class DQPow2Quantizer(_LearnedPrecision):
     ``ceil(log2(log2(q_max / q_min) + 1) + 1)``. The levels are not uniform, so ``grid()``
     raises; use estimators that only need ``forward``/``hard`` (ste, alpha_blend, clipped_ste).
 
+    What is learned is the parametrization's business, one subclass each:
+    :class:`DQPow2P1Quantizer` (b, q_max), :class:`DQPow2P2Quantizer` (b, q_min),
+    :class:`DQPow2P3Quantizer` (q_min, q_max); :func:`dq_pow2` picks one by name (``param``).
+    A subclass says how its parameters give the exponents (``exponents``), the bit width
+    (``_bits_cont``), which ends take the linear form's gradient (``_linear_ends``), and how
+    its parameters are initialised (``_init_params``) and kept valid (``clamp_``).
+
     Gradients (``ste``): ``"log"`` (default, the authors' code) puts the straight-through
     estimate on the rounding in the log domain, ``2^round_ste(log2|x|)``, so inside the range
     ``dQ/dx = Q(x) / x`` (between 0.71 and 1.41) and the clipped ends pass
@@ -382,7 +392,6 @@ class DQPow2Quantizer(_LearnedPrecision):
     Args:
         bits: initial bit width.
         role: ``"weight"`` or ``"activation"``.
-        param: ``"p1"`` learns (b, q_max), ``"p2"`` (b, q_min), ``"p3"`` (q_min, q_max).
         signed: ``None``: weights signed, activations decided by the first batch.
         with_zero: add a zero level (costs one level; needed after ReLU).
         b_min: smallest bit width.
@@ -392,32 +401,25 @@ class DQPow2Quantizer(_LearnedPrecision):
 
     #: the levels are powers of two, not a uniform grid (estimators needing one refuse it)
     uniform_grid = False
+    window_needs_grid = False  # clip_window reads the exponents
+    #: the parametrization's name, as ``dq_pow2(param=...)`` spells it
+    param: str = ""
 
     def __init__(
         self,
         bits: int,
         role: str = "weight",
-        param: str = "p3",
         signed: bool | None = None,
         with_zero: bool = False,
         b_min: int = 2,
         b_max: int | None = None,
         ste: str = "log",
     ) -> None:
-        if param not in ("p1", "p2", "p3"):
-            raise ValueError(f"param must be p1 | p2 | p3, got {param!r}")
         if ste not in ("log", "linear"):
             raise ValueError(f"ste must be log | linear, got {ste!r}")
         super().__init__(bits, role, signed, b_min, b_max)
         self.ste = ste
-        self.param = param
         self.with_zero = with_zero
-        if param in ("p1", "p2"):
-            self.b = nn.Parameter(torch.tensor(float(bits)))
-        if param in ("p1", "p3"):
-            self.q_max = nn.Parameter(torch.tensor(1.0))
-        if param in ("p2", "p3"):
-            self.q_min = nn.Parameter(torch.tensor(2.0**-8))
 
     # -- magnitudes <-> bits ---------------------------------------------------------------------
     def _sz(self) -> tuple[int, int]:
@@ -437,29 +439,14 @@ class DQPow2Quantizer(_LearnedPrecision):
             b += 1
         return b
 
-    def _b_int(self) -> Tensor:
-        return clamp_ste(round_ste(self.b), float(self._b_lo()), float(self.b_max))
-
     def exponents(self) -> tuple[Tensor, Tensor]:
         """(e_min, e_max): integer exponents (straight-through) of the extreme magnitudes."""
-        if self.param == "p3":
-            return round_ste(torch.log2(self.q_min)), round_ste(torch.log2(self.q_max))
-        b = self._b_int()
-        # m(b) is a step function: pass b's gradient straight through it, so that the end of
-        # the range that is not learned still responds to b
-        m = b + (self.magnitudes(b) - b).detach()
-        if self.param == "p1":
-            e_max = round_ste(torch.log2(self.q_max))
-            return e_max - (m - 1), e_max
-        e_min = round_ste(torch.log2(self.q_min))
-        return e_min, e_min + (m - 1)
+        raise NotImplementedError
 
-    def _bits_cont(self) -> Tensor:
-        if self.param != "p3":
-            return self._b_int()
-        e_min, e_max = self.exponents()
-        s, z = self._sz()
-        return torch.log2(s * (e_max - e_min + 1) + z)
+    def _linear_ends(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        """``ste="linear"``: the range ends (values ``lo``, ``hi``) with gradient 1 to the
+        learned q_min / q_max; an end that is not learned stays as it is."""
+        raise NotImplementedError
 
     # -- maps ------------------------------------------------------------------------------------
     def grid(self, x: Tensor) -> Grid:
@@ -482,10 +469,7 @@ class DQPow2Quantizer(_LearnedPrecision):
             inner = torch.where(a < lo, lo.detach(), torch.where(a > hi, hi.detach(), a))
             mid = torch.exp2(round_ste(torch.log2(inner)))
         else:
-            if self.param != "p2":
-                hi = self.q_max + (hi - self.q_max).detach()  # value 2^e_max, gradient 1
-            if self.param != "p1":
-                lo = self.q_min + (lo - self.q_min).detach()
+            lo, hi = self._linear_ends(lo, hi)
             mid_hard = torch.exp2(torch.round(torch.log2(a.detach().clamp(min=1e-30))))
             mid = a + (mid_hard - a).detach()
         mag = torch.where(a > hi, hi, torch.where(a < lo, lo, mid))
@@ -510,34 +494,9 @@ class DQPow2Quantizer(_LearnedPrecision):
         bottom = -top if self._is_signed() else -torch.exp2(e_min) / 2
         return bottom, top
 
-    # -- parameters ------------------------------------------------------------------------------
-    def _init_params(self, top: float) -> None:
-        m = self.magnitudes(self._bits)
-        if self.param in ("p1", "p2"):
-            self.b.fill_(float(self._bits))
-        if self.param in ("p1", "p3"):
-            self.q_max.fill_(top)
-        if self.param in ("p2", "p3"):
-            self.q_min.fill_(2.0 ** (round(math.log2(top)) - (m - 1)))
-
-    def clamp_(self) -> None:
-        with torch.no_grad():
-            if self.param in ("p1", "p2"):
-                self.b.clamp_(self._b_lo(), self.b_max)
-            if self.param == "p1":
-                self.q_max.clamp_(min=1e-30)
-            elif self.param == "p2":
-                self.q_min.clamp_(min=1e-30)
-            else:
-                self.q_max.clamp_(min=1e-30)
-                e_max = round(math.log2(float(self.q_max)))
-                # fewest magnitudes whose inferred bit width still reaches b_lo
-                b_lo = self._b_lo()
-                m_lo = self.magnitudes(b_lo - 1) + 1 if b_lo > 1 else 1
-                m_hi = self.magnitudes(self.b_max)
-                # keep round(log2 q_min) within [e_max - m_hi + 1, e_max - m_lo + 1]
-                lo, hi = 2.0 ** (e_max - m_hi + 1), 2.0 ** (e_max - m_lo + 1)
-                self.q_min.clamp_(min=lo, max=hi)
+    def _q_min_for(self, top: float) -> float:
+        """Initial q_min: ``m`` magnitudes (initial bit width) down from the range ``top``."""
+        return 2.0 ** (round(math.log2(top)) - (self.magnitudes(self._bits) - 1))
 
     def extra_repr(self) -> str:
         e_min, e_max = (e.detach() for e in self.exponents())
@@ -546,3 +505,177 @@ class DQPow2Quantizer(_LearnedPrecision):
             f"q_min=2^{int(e_min)}, q_max=2^{int(e_max)}, with_zero={self.with_zero}, "
             f"ste={self.ste}"
         )
+
+
+def _value_with_unit_grad(value: Tensor, learned: Tensor) -> Tensor:
+    """``value`` in the forward pass, gradient 1 to ``learned``."""
+    return learned + (value - learned).detach()
+
+
+class _Pow2LearnedBits(DQPow2Quantizer):
+    """P1 / P2: the bit width b is learned (rounded, straight-through) and fixes the number of
+    magnitudes below q_max (P1) or above q_min (P2)."""
+
+    def _b_int(self) -> Tensor:
+        return clamp_ste(round_ste(self.b), float(self._b_lo()), float(self.b_max))
+
+    def _magnitudes_ste(self) -> Tensor:
+        """m(b), with b's gradient passed straight through the step function, so that the end
+        of the range that is not learned still responds to b."""
+        b = self._b_int()
+        return b + (self.magnitudes(b) - b).detach()
+
+    def _bits_cont(self) -> Tensor:
+        return self._b_int()
+
+    def _clamp_b(self) -> None:
+        self.b.clamp_(self._b_lo(), self.b_max)
+
+
+class DQPow2P1Quantizer(_Pow2LearnedBits):
+    """Power-of-two levels, P1: learns the bit width b and the largest magnitude q_max."""
+
+    param = "p1"
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        with_zero: bool = False,
+        b_min: int = 2,
+        b_max: int | None = None,
+        ste: str = "log",
+    ) -> None:
+        super().__init__(bits, role, signed, with_zero, b_min, b_max, ste)
+        self.b = nn.Parameter(torch.tensor(float(bits)))
+        self.q_max = nn.Parameter(torch.tensor(1.0))
+
+    def exponents(self) -> tuple[Tensor, Tensor]:
+        m = self._magnitudes_ste()
+        e_max = round_ste(torch.log2(self.q_max))
+        return e_max - (m - 1), e_max
+
+    def _linear_ends(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        return lo, _value_with_unit_grad(hi, self.q_max)
+
+    def _init_params(self, top: float) -> None:
+        self.b.fill_(float(self._bits))
+        self.q_max.fill_(top)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self._clamp_b()
+            self.q_max.clamp_(min=1e-30)
+
+
+class DQPow2P2Quantizer(_Pow2LearnedBits):
+    """Power-of-two levels, P2: learns the bit width b and the smallest magnitude q_min."""
+
+    param = "p2"
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        with_zero: bool = False,
+        b_min: int = 2,
+        b_max: int | None = None,
+        ste: str = "log",
+    ) -> None:
+        super().__init__(bits, role, signed, with_zero, b_min, b_max, ste)
+        self.b = nn.Parameter(torch.tensor(float(bits)))
+        self.q_min = nn.Parameter(torch.tensor(2.0**-8))
+
+    def exponents(self) -> tuple[Tensor, Tensor]:
+        m = self._magnitudes_ste()
+        e_min = round_ste(torch.log2(self.q_min))
+        return e_min, e_min + (m - 1)
+
+    def _linear_ends(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        return _value_with_unit_grad(lo, self.q_min), hi
+
+    def _init_params(self, top: float) -> None:
+        self.b.fill_(float(self._bits))
+        self.q_min.fill_(self._q_min_for(top))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self._clamp_b()
+            self.q_min.clamp_(min=1e-30)
+
+
+class DQPow2P3Quantizer(DQPow2Quantizer):
+    """Power-of-two levels, P3 (the paper's recommendation): learns q_min and q_max; the bit
+    width is inferred, ``ceil(log2(log2(q_max / q_min) + 1) + 1)`` (signed, no zero level)."""
+
+    param = "p3"
+
+    def __init__(
+        self,
+        bits: int,
+        role: str = "weight",
+        signed: bool | None = None,
+        with_zero: bool = False,
+        b_min: int = 2,
+        b_max: int | None = None,
+        ste: str = "log",
+    ) -> None:
+        super().__init__(bits, role, signed, with_zero, b_min, b_max, ste)
+        self.q_max = nn.Parameter(torch.tensor(1.0))
+        self.q_min = nn.Parameter(torch.tensor(2.0**-8))
+
+    def exponents(self) -> tuple[Tensor, Tensor]:
+        return round_ste(torch.log2(self.q_min)), round_ste(torch.log2(self.q_max))
+
+    def _bits_cont(self) -> Tensor:
+        e_min, e_max = self.exponents()
+        s, z = self._sz()
+        return torch.log2(s * (e_max - e_min + 1) + z)
+
+    def _linear_ends(self, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        return _value_with_unit_grad(lo, self.q_min), _value_with_unit_grad(hi, self.q_max)
+
+    def _init_params(self, top: float) -> None:
+        self.q_max.fill_(top)
+        self.q_min.fill_(self._q_min_for(top))
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.q_max.clamp_(min=1e-30)
+            e_max = round(math.log2(float(self.q_max)))
+            # fewest magnitudes whose inferred bit width still reaches b_lo
+            b_lo = self._b_lo()
+            m_lo = self.magnitudes(b_lo - 1) + 1 if b_lo > 1 else 1
+            m_hi = self.magnitudes(self.b_max)
+            # keep round(log2 q_min) within [e_max - m_hi + 1, e_max - m_lo + 1]
+            lo, hi = 2.0 ** (e_max - m_hi + 1), 2.0 ** (e_max - m_lo + 1)
+            self.q_min.clamp_(min=lo, max=hi)
+
+
+#: the power-of-two parametrizations by the name ``dq_pow2(param=...)`` takes
+POW2_PARAMETRIZATIONS: dict[str, type[DQPow2Quantizer]] = {
+    "p1": DQPow2P1Quantizer,
+    "p2": DQPow2P2Quantizer,
+    "p3": DQPow2P3Quantizer,
+}
+
+
+def dq_pow2(
+    bits: int,
+    role: str = "weight",
+    param: Literal["p1", "p2", "p3"] = "p3",
+    signed: bool | None = None,
+    with_zero: bool = False,
+    b_min: int = 2,
+    b_max: int | None = None,
+    ste: Literal["log", "linear"] = "log",
+) -> DQPow2Quantizer:
+    """The power-of-two quantizer of parametrization ``param`` (conf/quantizer/dq_pow2.yaml's
+    ``_target_``, so ``quantizer.weight.param=p1`` picks the subclass from the command line);
+    the other arguments are :class:`DQPow2Quantizer`'s."""
+    if param not in POW2_PARAMETRIZATIONS:
+        raise ValueError(f"param must be p1 | p2 | p3, got {param!r}")
+    cls = POW2_PARAMETRIZATIONS[param]
+    return cls(bits, role, signed=signed, with_zero=with_zero, b_min=b_min, b_max=b_max, ste=ste)

@@ -12,7 +12,8 @@ from contextlib import contextmanager
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from qexp.quant.base import Quantizer, keep_reference
+from qexp.quant.base import Quantizer
+from qexp.quant.refs import keep_reference
 
 #: How a quantized layer computes its forward.
 #: - "auto": training -> the estimator's training forward; eval -> hard grid.
@@ -29,49 +30,57 @@ class QuantLayer:
     w_quant: Quantizer | None
     a_quant: Quantizer | None
     weight: nn.Parameter
+    #: the run's estimator (a qexp.estimators Estimator; body layers, None: straight-through), a
+    #: reference owned by the QuantModel (set with :func:`~qexp.quant.refs.keep_reference`)
+    estimator: nn.Module | None
 
     @classmethod
     def from_float(
         cls, layer: nn.Module, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str
     ):
-        """The quantized counterpart of a float ``layer``, sharing its parameters (no copy).
+        """Wrap a float ``layer`` of the matching type, sharing its parameters (no copy).
 
-        Built with the float layer's hyper-parameters on the meta device (so no memory is
-        allocated and no random initialisation runs: the run's random numbers stay as they
-        were), then given the float layer's own parameter and buffer objects and any other
-        attribute a model set on it.
+        The quantized layer is built by its own constructor with ``layer``'s hyper-parameters
+        on the meta device (no memory, no initialisation drawn from the global RNG, so a run's
+        numbers do not depend on whether a layer was wrapped), then takes over ``layer``'s
+        Parameter and buffer objects, its submodules, hooks and any attribute a model set on it.
         """
-        q = cls._empty_like(layer)
-        for name, param in layer.named_parameters(recurse=False):
-            setattr(q, name, param)
-        for name, buf in layer.named_buffers(recurse=False):
-            q.register_buffer(name, buf)
-        for name, value in vars(layer).items():  # attributes a model may have set
-            if not name.startswith("_") and name not in vars(q):
-                setattr(q, name, value)
-        q.train(layer.training)
+        q = cls(**cls._float_hparams(layer), device="meta")
+        q._share_state(layer)
         q._setup_quant(w_quant, a_quant, role)
         return q
 
-    @classmethod
-    def _empty_like(cls, layer: nn.Module) -> nn.Module:
-        """A layer of this class with ``layer``'s hyper-parameters, parameters on meta."""
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        """Constructor arguments that rebuild ``layer``'s shape (each subclass says which)."""
         raise NotImplementedError
+
+    def _share_state(self, layer: nn.Module) -> None:
+        """Make this (meta-built) layer use ``layer``'s tensors and state as its own."""
+        self._parameters.clear()  # the meta placeholders
+        for name, param in layer._parameters.items():
+            self.register_parameter(name, param)
+        for name, buf in layer._buffers.items():
+            self.register_buffer(name, buf, name not in layer._non_persistent_buffers_set)
+        for name, module in layer._modules.items():
+            self.add_module(name, module)
+        # Hooks, the training flag and attributes a model set on the layer (e.g. a tag read by
+        # its forward): shared as they are, so wrapping changes nothing the model relies on.
+        containers = {"_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"}
+        for name, value in vars(layer).items():
+            if name not in containers:
+                object.__setattr__(self, name, value)
 
     def _setup_quant(
         self, w_quant: Quantizer | None, a_quant: Quantizer | None, role: str = "body"
     ) -> None:
         self.w_quant = w_quant
         self.a_quant = a_quant
-        # a weight quantizer with learned per-channel parameters sizes them from the weight
-        # now, before the optimizer collects the parameters (qexp.quant.seq)
-        bind = getattr(w_quant, "bind_weight", None)
-        if bind is not None:
-            bind(self.weight)
+        if w_quant is not None:  # learned per-channel parameters are sized from the weight
+            w_quant.bind_weight(self.weight)  # now, before the optimizer collects them
         #: "first", "last" or "body": edge layers keep their own bits and plain STE.
         self.layer_role = role
         self.mode = "auto"
-        # A plain attribute (not a submodule): the estimator is owned by the QuantModel.
         keep_reference(self, "estimator", None)
 
     @property
@@ -108,8 +117,8 @@ class QuantLayer:
         w = self.weight
         if self.w_quant is None:
             return w
-        deploy = getattr(self.estimator, "deploy_weight", None)
-        return deploy(self, w) if deploy is not None else self.w_quant.hard(w)
+        est = self.estimator
+        return est.deploy_weight(self, w) if est is not None else self.w_quant.hard(w)
 
     def quant_input(self, x: Tensor) -> Tensor:
         """The input activation this forward computes with."""
@@ -126,13 +135,19 @@ class QuantLayer:
 class QConv2d(QuantLayer, nn.Conv2d):
     """nn.Conv2d with quantized weight and input."""
 
-    @classmethod
-    def _empty_like(cls, layer: nn.Module) -> QConv2d:
-        return cls(
-            layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
-            padding=layer.padding, dilation=layer.dilation, groups=layer.groups,
-            bias=layer.bias is not None, padding_mode=layer.padding_mode, device="meta",
-        )  # fmt: skip
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        return {
+            "in_channels": layer.in_channels,
+            "out_channels": layer.out_channels,
+            "kernel_size": layer.kernel_size,
+            "stride": layer.stride,
+            "padding": layer.padding,
+            "dilation": layer.dilation,
+            "groups": layer.groups,
+            "bias": layer.bias is not None,
+            "padding_mode": layer.padding_mode,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return self._conv_forward(self.quant_input(x), self.quant_weight(), self.bias)
@@ -141,10 +156,13 @@ class QConv2d(QuantLayer, nn.Conv2d):
 class QLinear(QuantLayer, nn.Linear):
     """nn.Linear with quantized weight and input."""
 
-    @classmethod
-    def _empty_like(cls, layer: nn.Module) -> QLinear:
-        return cls(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                   device="meta")  # fmt: skip
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        return {
+            "in_features": layer.in_features,
+            "out_features": layer.out_features,
+            "bias": layer.bias is not None,
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)

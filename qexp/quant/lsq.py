@@ -47,6 +47,8 @@ class LSQQuantizer(Quantizer):
             ``round(v / s)`` (False, torch's fake-quant op); see the module docstring.
     """
 
+    rounds_then_clamps = True  # clamp(round(x / step), lo, hi) * step (see Quantizer)
+
     def __init__(
         self,
         bits: int,

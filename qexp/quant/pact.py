@@ -31,6 +31,8 @@ class PACTQuantizer(Quantizer):
             decides from the first batch (signed if it has negative values).
     """
 
+    rounds_then_clamps = True  # clamp(round(x / step), lo, hi) * step (see Quantizer)
+
     def __init__(
         self,
         bits: int,

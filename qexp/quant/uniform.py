@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import Grid, Quantizer, channel_view, keep_reference
+from qexp.quant.base import Grid, Quantizer, channel_view
 
 #: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
 #: because low bit widths want aggressive clipping.
@@ -138,6 +138,8 @@ class UniformQuantizer(Quantizer):
         search_every: int = 50,
     ) -> None:
         super().__init__(bits, role)
+        #: (parameter key, range) of the last weight range computed outside training forwards
+        self._range_cache: tuple[tuple, Tensor] | None = None
         if int(search_every) < 1:
             raise ValueError(f"search_every must be at least 1, got {search_every}")
         if scale_method not in ("max_abs", "mse"):
@@ -252,11 +254,11 @@ class UniformQuantizer(Quantizer):
         if not isinstance(w, nn.Parameter) or torch.compiler.is_compiling():
             return self._estimate_range(w)
         key = (w.data_ptr(), w._version, tuple(w.shape), self.bits)
-        cached = vars(self).get("_range_cache")
+        cached = self._range_cache
         if cached is not None and cached[0] == key:
             return cached[1]
         rng = self._estimate_range(w)
-        keep_reference(self, "_range_cache", (key, rng))
+        self._range_cache = (key, rng)
         return rng
 
     def grid(self, x: Tensor) -> Grid:

@@ -15,9 +15,10 @@ from typing import Any
 
 from torch import nn
 
-from qexp.quant.base import Quantizer, keep_reference
+from qexp.quant.base import Quantizer
 from qexp.quant.layers import QConv2d, QLinear, QuantLayer
 from qexp.quant.overrides import LayerPlan, PlanRow, resolve_plan
+from qexp.quant.refs import keep_reference
 
 #: Builds a quantizer for (role, bits); returns None for 32 bits (full precision). Called as
 #: ``factory(role, bits, options)`` for a layer whose rules set quantizer options (a mapping

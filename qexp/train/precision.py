@@ -40,7 +40,7 @@ class PrecisionMonitor:
         self._last_penalty: Tensor | None = None
         #: whether any bit width can change in training (else bits and sizes are constants)
         self.learned = any(
-            getattr(q, "learns_bits", False)
+            q is not None and q.learns_bits
             for _, layer in quant_layers(net)
             for q in (layer.w_quant, layer.a_quant)
         )

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import FAST, read_metrics, run_qexp
 from torch import nn
 
 from qexp.data import text as text_data
@@ -21,7 +22,6 @@ from qexp.models.vit import ViT
 from qexp.quant.overrides import resolve_plan
 from qexp.quant.wrap import LayerBits
 from qexp.train.evaluate import evaluate, evaluate_loss
-from tests.conftest import FAST, read_metrics, run_qexp
 
 CPU = torch.device("cpu")
 TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n" * 12

@@ -168,8 +168,14 @@ def _worker_init(runtime: Runtime) -> None:
 
 def _worker_loop(index: int, runtime: Runtime, tasks: Any, results: Any) -> None:
     _worker_init(runtime)
+    parent = os.getppid()
     while True:
-        task = tasks.get()
+        try:
+            task = tasks.get(timeout=5.0)
+        except queue.Empty:
+            if os.getppid() != parent:  # the study was killed: do not linger as an orphan
+                return
+            continue
         if task is None:
             return
         results.put((index, execute(task, runtime, index)))

@@ -28,6 +28,14 @@ METRICS_FILE = "metrics.json"
 RESUME_FREE_KEYS = (
     "resume", "trainer.device", "trainer.threads", "trainer.progress", "trainer.compile"
 )
+#: options added after runs were recorded, with the value that reproduces what runs did before
+#: the option existed: a config holding that value hashes as if the key were absent, so a new
+#: option does not orphan the records of a study run in pieces across code versions. A new
+#: option whose neutral value is its default goes here.
+FINGERPRINT_NEUTRAL: dict[str, Any] = {
+    "layers.matmul_bits": None,  # activation-activation products stay float
+    "layers.embed_bits": None,  # embeddings stay float
+}
 #: config keys that change no result at all (reports neither group nor label runs by them)
 RESULT_FREE_KEYS = (*RESUME_FREE_KEYS, "trainer.log_every", "trainer.histograms")
 
@@ -171,4 +179,10 @@ def config_fingerprint(config: Mapping[str, Any]) -> str:
             (plain.get(node) or {}).pop(leaf, None)
         else:
             plain.pop(node, None)
+    for key, neutral in FINGERPRINT_NEUTRAL.items():
+        node, _, leaf = key.partition(".")
+        parent = plain.get(node) if leaf else plain
+        name = leaf or node
+        if isinstance(parent, dict) and name in parent and parent[name] == neutral:
+            del parent[name]
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]

@@ -63,6 +63,24 @@ def test_no_pruning_before_the_deployed_form():
     assert clipped == 0  # deployed from the start
 
 
+def test_paired_aa_seeds_start_from_their_partners_reference():
+    """A/A seed i fine-tunes evaluation seed i's reference (the paired design's noise floor);
+    ``aa_reference: own`` gives it a reference of its own."""
+    setting = "e5"
+    with hydra_configs():
+        paired = Study(parse_spec(protocol()), Path("/nonexistent"))
+        refs = paired.reference_configs(paired.cells())
+        own = Study(parse_spec(protocol(aa_reference="own")), Path("/nonexistent"))
+        own_refs = own.reference_configs(own.cells())
+    for aa, seed in ((20, 0), (21, 1)):
+        assert refs[(setting, aa)] == refs[(setting, seed)]
+        assert own_refs[(setting, aa)] != own_refs[(setting, seed)]
+        assert own_refs[(setting, aa)]["seed"] == aa
+    assert refs[(setting, 0)] != refs[(setting, 1)]
+    with pytest.raises(QexpError, match="aa_reference"):
+        parse_spec(protocol(aa_reference="shared"))
+
+
 @pytest.mark.slow
 def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
@@ -93,6 +111,10 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     assert {s for (_, _, s) in finals} == {0, 1, 20, 21}
     assert {(s, m) for (s, m, seed) in finals if seed >= 20} == {("e5", "clipped_ste")}
     assert results["aa_seeds"] == [20, 21]
+    starts = {seed: json.loads((tmp_path / "s" / "final" / "e5" / "clipped_ste" / f"seed{seed}"
+                                / "metrics.json").read_text())["config"]["init_from"]
+              for seed in (0, 1, 20, 21)}  # fmt: skip
+    assert starts[20] == starts[0] and starts[21] == starts[1] != starts[0]  # paired A/A
     report = (tmp_path / "s" / "report.md").read_text()
     assert "A/A" in report
     assert (tmp_path / "s" / "accuracy_vs_budget.png").stat().st_size > 0

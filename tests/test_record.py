@@ -72,3 +72,19 @@ def test_fingerprint_ignores_only_result_free_keys():
     assert config_fingerprint(base) == config_fingerprint(same)
     assert config_fingerprint(base) != config_fingerprint(other)
     assert base["trainer"]["device"] == "cpu"  # the caller's dict is not edited
+
+
+def test_a_new_option_at_its_neutral_value_keeps_old_fingerprints():
+    """A config recorded before an option existed and one holding the option's neutral value
+    hash alike (a study resumed on newer code keeps its runs); any other value differs."""
+    from qexp.record import FINGERPRINT_NEUTRAL
+
+    old = {"seed": 0, "layers": {"first_bits": 8, "last_bits": 8}}
+    for key, neutral in FINGERPRINT_NEUTRAL.items():
+        node, _, leaf = key.partition(".")
+        new = {"seed": 0, "layers": {"first_bits": 8, "last_bits": 8}}
+        (new.setdefault(node, {}) if leaf else new)[leaf or node] = neutral
+        assert config_fingerprint(new) == config_fingerprint(old), key
+        (new[node] if leaf else new)[leaf or node] = 3
+        assert config_fingerprint(new) != config_fingerprint(old), key
+    assert "matmul_bits" not in old["layers"]

@@ -198,7 +198,8 @@ class Study:
         spec = self.spec
         seeds = sorted({*spec.seeds, *spec.tuning.all_seeds, *spec.aa_seeds})
         settings = [s for s in spec.settings if any(c[0] == s for c in cells)]
-        return {(s.key, seed): self.reference_config(s, seed) for s in settings for seed in seeds}
+        return {(s.key, seed): self.reference_config(s, spec.reference_seed(seed))
+                for s in settings for seed in seeds}  # fmt: skip
 
     def tuners(self, cells: list[tuple[Setting, Method]], ref_configs: dict) -> dict:
         """(setting key, method name) -> (knobs, :class:`CellTuner`) of every cell that tunes
@@ -307,6 +308,8 @@ class Study:
                 raise QexpError(f"{result.key}: {result.error}")
         out = {}
         for (setting_key, seed), config in ref_configs.items():
+            if self.spec.reference_seed(seed) != seed:
+                continue  # a paired A/A seed: it starts from another seed's reference
             run_dir = cached_dir(config)
             record = read_record(run_dir)
             setting = next(s for s in self.spec.settings if s.key == setting_key)

@@ -185,7 +185,7 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
     lines += _references_section(spec, results)
     lines += _tuning_section(spec, results)
     lines += _results_section(spec, results)
-    lines += _aa_section(results)
+    lines += _aa_section(spec, results)
     lines += _claims_section(spec, results)
     lines += [
         "",
@@ -297,7 +297,7 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
     return lines
 
 
-def _aa_section(results: StudyResults) -> list[str]:
+def _aa_section(spec: StudySpec, results: StudyResults) -> list[str]:
     lines = ["", "## A/A: the baseline against itself", ""]
     if not results.aa:
         return lines + [
@@ -308,7 +308,12 @@ def _aa_section(results: StudyResults) -> list[str]:
     lines += [
         "The baseline on a second, disjoint set of seeds minus the same baseline on the "
         "study's seeds, paired by index (the i-th seed of one set with the i-th of the other): "
-        "a difference two identical methods show by chance. Not part of either family.",
+        "a difference two identical methods show by chance. Not part of either family. "
+        + ("Each A/A run fine-tunes the same full-precision reference as the run it is "
+           "paired with (as the two methods of a comparison do), so the row is the noise floor "
+           "of the paired comparisons." if spec.aa_reference == "paired" else
+           "Each A/A run starts from a reference of its own: the noise of two independent "
+           "runs, wider than that of the paired comparisons."),
         "",
         "| setting | method | seeds vs other seeds | n | difference [95% CI] | SD of pairs | p |",
         "|---|---|---|---|---|---|---|",

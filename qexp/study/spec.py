@@ -15,7 +15,7 @@ from qexp.errors import QexpError
 #: top-level keys of a study spec
 SPEC_KEYS = {
     "name", "base", "reference", "seeds", "tuning", "final", "settings", "methods", "claims",
-    "alpha", "notes", "plateau", "aa_seeds",
+    "alpha", "notes", "plateau", "aa_seeds", "aa_reference",
 }
 #: keys of one setting
 SETTING_KEYS = {
@@ -135,6 +135,17 @@ class StudySpec:
     raw: dict[str, Any] = field(default_factory=dict, compare=False)
     #: the baseline's extra seeds, disjoint from ``seeds``: an A/A row (baseline vs itself)
     aa_seeds: tuple[int, ...] = ()
+    #: where an A/A run starts: "paired" (A/A seed i from the reference of ``seeds[i]``, the
+    #: float start its partner run has: the noise floor of a paired comparison) | "own" (its
+    #: own reference, the noise of two independent runs)
+    aa_reference: str = "paired"
+
+    def reference_seed(self, seed: int) -> int:
+        """The seed of the reference run ``seed`` starts from (itself, or for a paired A/A
+        seed the evaluation seed it is paired with)."""
+        if self.aa_reference == "paired" and seed in self.aa_seeds:
+            return self.seeds[self.aa_seeds.index(seed) % len(self.seeds)]
+        return seed
 
     def method(self, name: str) -> Method:
         """The method called ``name``."""
@@ -269,6 +280,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         plateau=_plateau(plain.get("plateau") or {}),
         raw=plain,
         aa_seeds=tuple(int(s) for s in plain.get("aa_seeds") or ()),
+        aa_reference=str(plain.get("aa_reference", "paired")),
     )
     _check(spec)
     return spec
@@ -323,6 +335,8 @@ def _check(spec: StudySpec) -> None:
         )
     if set(spec.aa_seeds) & (set(spec.seeds) | set(spec.tuning.all_seeds)):
         raise QexpError("study spec: aa_seeds must be disjoint from seeds and tuning seeds")
+    if spec.aa_reference not in ("paired", "own"):
+        raise QexpError("study spec: aa_reference: use paired | own")
     for m in spec.methods:
         for k in m.at:
             if k not in keys:

@@ -218,3 +218,17 @@ def test_a_file_without_newlines_is_cut_at_the_exact_positions() -> None:
     assert text_data.split_by_position(text, (0.9, 0.05, 0.05)) == (
         text[:90], text[90:95], text[95:]
     )
+
+
+def test_concatenated_split_repeats_the_old_exact_position_cut(corpus: Path) -> None:
+    data = TextData(path=str(corpus), split="concatenated", block_size=8)
+    n = len(TEXT)
+    val_end = int(n * 0.9) + int(n * 0.05)  # no line boundaries: the exact positions
+    decode = lambda ids: "".join(data.vocab[i] for i in ids.tolist())  # noqa: E731
+    test_x, _ = next(data.eval_batches("test", 1000, CPU))
+    assert decode(test_x.reshape(-1)) == TEXT[val_end : val_end + data.num_test * 8]
+    assert data.data_report()["characters"] == {
+        "train": int(n * 0.9), "val": int(n * 0.05), "test": n - val_end
+    }
+    with pytest.raises(QexpError, match="dataset.split"):
+        TextData(path=str(corpus), split="random")

@@ -47,6 +47,9 @@ FORTUNE_FILES = ("literature", "wisdom", "humorists", "people", "science", "work
 #: train / val / test shares of each file, in this order by position
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
 SPLITS = ("train", "val", "test")
+#: values of ``dataset.split``: per_file (each file cut 90/5/5, parts joined per split) or
+#: concatenated (the files joined, then cut once: the test split is the last file's tail)
+SPLIT_MODES = ("per_file", "concatenated")
 
 #: "X<backspace>Y" prints Y over X (bold, underline); "____<4 backspaces>SOME" nests such pairs
 _OVERSTRIKE = re.compile(r"[^\x08]\x08")
@@ -62,9 +65,15 @@ def clean_fortunes(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if line.rstrip() != "%")
 
 
-def read_corpus(path: str | None) -> tuple[dict[str, str], str]:
+def read_corpus(path: str | None, split: str = "per_file") -> tuple[dict[str, str], str]:
     """({train, val, test: text}, where it came from): the user's file, or the default fortunes
-    collections, each file split by :func:`split_by_position` and the parts joined per split."""
+    collections, each file split by :func:`split_by_position` and the parts joined per split
+    (``split="concatenated"``: the files joined first, then cut at the exact positions, as
+    qexp did before per-file splits; kept so such runs can be repeated)."""
+    if split not in SPLIT_MODES:
+        raise QexpError(f"dataset.split={split!r} is not allowed: use one of {SPLIT_MODES}")
+    if split == "concatenated":
+        return _concatenated_splits(path)
     if path is not None:
         file = Path(path).expanduser()
         if not file.is_file():
@@ -85,6 +94,25 @@ def read_corpus(path: str | None) -> tuple[dict[str, str], str]:
             parts[split].append(clean_fortunes(part))
     source = f"{FORTUNES_DIR}/{{{','.join(FORTUNE_FILES)}}}"
     return {k: "".join(v) for k, v in parts.items()}, source
+
+
+def _concatenated_splits(path: str | None) -> tuple[dict[str, str], str]:
+    """The whole corpus cleaned and joined, then cut 90/5/5 at the exact positions."""
+    if path is not None:
+        texts, source = read_corpus(path)
+        text = "".join(texts[k] for k in SPLITS)
+    else:
+        read_corpus(None)  # the missing-corpus check
+        text = "".join(
+            clean_fortunes((FORTUNES_DIR / f).read_text(encoding="utf-8", errors="replace"))
+            for f in FORTUNE_FILES
+        )
+        source = f"{FORTUNES_DIR}/{{{','.join(FORTUNE_FILES)}}}"
+    n = len(text)
+    train_end = int(n * SPLIT_FRACTIONS[0])
+    val_end = train_end + int(n * SPLIT_FRACTIONS[1])
+    return dict(zip(SPLITS, (text[:train_end], text[train_end:val_end], text[val_end:]),
+                    strict=True)), source  # fmt: skip
 
 
 def split_by_position(
@@ -135,6 +163,8 @@ class TextData(DataModule):
 
     Args:
         path: a plain-text file (UTF-8); null = the fortunes collections in ``FORTUNE_FILES``.
+        split: ``per_file`` (see the module docstring) or ``concatenated`` (the files joined,
+            then cut at the exact 90 / 5 % positions: qexp's splits before per-file ones).
         block_size: characters per window (the model's context length).
         subset: at most this many training windows per epoch (quick smoke runs).
         name: data-set name reported in DataInfo.
@@ -143,6 +173,7 @@ class TextData(DataModule):
     def __init__(
         self,
         path: str | None = None,
+        split: str = "per_file",
         block_size: int = 64,
         subset: int | None = None,
         name: str | None = None,
@@ -151,7 +182,7 @@ class TextData(DataModule):
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise QexpError(f"dataset.block_size must be a positive integer, got {block_size!r}")
         self.block_size = int(block_size)
-        texts, self.source = read_corpus(path)
+        texts, self.source = read_corpus(path, split)
         self.vocab = sorted(set("".join(texts.values())))
         self._cpu = {k: encode_with(self.vocab, v) for k, v in texts.items()}
         short = [k for k, v in self._cpu.items() if v.numel() < self.block_size + 1]

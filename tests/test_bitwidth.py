@@ -121,3 +121,16 @@ def test_a_1_58_bit_digits_run_has_at_most_3_levels_per_layer(
     assert m["weight_kb"] == pytest.approx(sum(r["params"] * (2 if r["w_bits"] == 1.58 else
                                                               r["w_bits"]) for r in m["layers"])
                                            / 8 / 1024, abs=1e-3)  # fmt: skip
+
+
+def test_a_layer_rule_may_set_1_58_and_the_plan_prints_it() -> None:
+    from qexp.quant.overrides import format_plan, resolve_plan
+    from qexp.quant.wrap import LayerBits
+
+    net = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Linear(5, 5), torch.nn.Linear(5, 2))
+    plan = resolve_plan(net, [{"match": "1", "w_bits": 1.58}], LayerBits(4, 8), 8, 8)
+    (row,) = [r for r in plan.wrapped if r.name == "1"]
+    assert row.w_bits == 1.58 and row.a_bits == 8
+    assert "1.58" in format_plan(plan)
+    with pytest.raises(QexpError, match="1.58 \\(ternary\\)"):
+        resolve_plan(net, [{"match": "1", "w_bits": 1.5}], LayerBits(4, 8), 8, 8)

@@ -124,8 +124,8 @@ class RunSpec:
     fingerprint: str
     identity: dict
     seed: int
-    w_bits: int
-    a_bits: int
+    w_bits: float  # an int, or 1.58 (ternary: qexp.bitwidth)
+    a_bits: float
     model: dict
     dataset: dict
     quantizer: dict

@@ -30,6 +30,7 @@ LAYERS = {
     "qexp.spec": 1,
     "qexp.record": 1,
     "qexp.bitops": 1,
+    "qexp.bitwidth": 1,
     "qexp.rundir_lock": 1,
     "qexp.errors": 1,
     "qexp": 1,  # the package's __init__ only

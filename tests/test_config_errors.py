@@ -9,9 +9,14 @@ from qexp.cli import main
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("bits=abc", ["bits", "Integer"]),
-        ("bits=0", ["bits=0", "1 to 16", "32"]),
-        ("bits=2.5", ["bits", "Integer"]),
+        ("bits=abc", ["bits='abc'", "1 to 16", "1.58"]),
+        ("bits=0", ["bits=0", "1 to 16", "1.58", "32"]),
+        ("bits=2.5", ["bits=2.5", "1 to 16", "1.58"]),
+        ("w_bits=1.5", ["w_bits=1.5", "1.58 (ternary)"]),
+        ("bits=4.0", ["bits=4.0", "1 to 16"]),
+        ("w_bits=1.58", ["quantizer.weight", "signed_grid=narrow"]),
+        ("quantizer=lsq w_bits=1.58", ["quantizer.weight", "quantizer=ternary", "quantizer=seq"]),
+        ("quantizer=ternary bits=1.58", ["quantizer.activation", "a_bits=1.58", "a_bits=8"]),
         ("trainer.epochs=-1", ["trainer.epochs=-1", ">= 1"]),
         ("trainer.epoch=3", ["trainer.epoch", "not a config key", "trainer.epochs"]),
         ("foo=1", ["foo", "not a config key"]),

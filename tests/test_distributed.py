@@ -11,8 +11,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import FAST
 
+from qexp.train import distributed as D
 from qexp.train.faults import FAULT_ENV
 
 EPOCHS = ["trainer.epochs=8"]
@@ -153,3 +155,52 @@ def test_rank0_calibrated_state_reaches_every_rank(tmp_path):
     # rank 1 had decided signed grids from its data; it now mirrors rank 0's unsigned ones
     assert result["mirrors"] == [[False, False, True], [False, False, True]]
     assert result["grads_averaged"]
+
+
+# -- sharding a batch by hand (pure functions: no process group) ---------------------------------
+TEXT = "".join(f"line {i}: the rank and the world, {i * 7 % 13} windows\n" for i in range(40))
+
+
+def _text_batch(tmp_path: Path, windows: int):
+    from qexp.data.text import TextData
+
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT)
+    data = TextData(path=str(path), block_size=8)
+    x, y = next(data.train_batches(windows, epoch=0, seed=0, device=torch.device("cpu")))
+    return data, x, y
+
+
+def test_each_rank_gets_the_targets_of_its_own_text_windows(tmp_path):
+    data, x, y = _text_batch(tmp_path, windows=5)
+    decode = lambda ids: "".join(data.vocab[i] for i in ids.tolist())  # noqa: E731
+    counted = 0
+    for rank in range(2):
+        xs, ys, n = D.shard(x, y, D.DistInfo(rank=rank, world=2, local_rank=rank))
+        assert torch.equal(xs, x[rank::2])
+        assert ys.shape == (xs.shape[0] * 8,) and n == ys.numel()
+        for window, targets in zip(xs, ys.view(-1, 8), strict=True):
+            # the targets are this window shifted by one character, in the text
+            assert torch.equal(targets[:-1], window[1:])
+            assert decode(window) + decode(targets[-1:]) in TEXT
+        ev_x, ev_y = D.eval_shard(x, y, D.DistInfo(rank=rank, world=2, local_rank=rank))
+        assert torch.equal(ev_x, xs) and torch.equal(ev_y, ys)
+        counted += n
+    assert counted == y.numel()
+
+
+def test_classification_batches_shard_as_before():
+    x, y = torch.randn(7, 3), torch.arange(7)
+    for rank in range(3):
+        xs, ys, n = D.shard(x, y, D.DistInfo(rank=rank, world=3, local_rank=rank))
+        assert torch.equal(xs, x[rank::3]) and torch.equal(ys, y[rank::3]) and n == ys.numel()
+
+
+def test_a_text_batch_smaller_than_the_world_is_trained_whole_and_counted_once(tmp_path):
+    _, x, y = _text_batch(tmp_path, windows=1)
+    counts = []
+    for rank in range(2):
+        xs, ys, n = D.shard(x, y, D.DistInfo(rank=rank, world=2, local_rank=rank))
+        assert torch.equal(xs, x) and torch.equal(ys, y)
+        counts.append(n)
+    assert counts == [y.numel(), 0]

@@ -47,9 +47,19 @@ def test_ternary_gradient_is_straight_through() -> None:
     torch.testing.assert_close(w.grad, upstream)
 
 
-def test_ternary_needs_two_bits() -> None:
-    with pytest.raises(ValueError, match="w_bits=2"):
-        TernaryQuantizer(4, "weight")
+@pytest.mark.parametrize("bits", [4, 1, 3])
+def test_ternary_takes_1_58_or_its_alias_2(bits: int) -> None:
+    with pytest.raises(ValueError, match="w_bits=1.58"):
+        TernaryQuantizer(bits, "weight")
+
+
+def test_ternary_at_1_58_is_its_alias_2() -> None:
+    w = _weights()
+    q158, q2 = TernaryQuantizer(1.58, "weight"), TernaryQuantizer(2, "weight")
+    torch.testing.assert_close(q158.hard(w), q2.hard(w), rtol=0, atol=0)
+    torch.testing.assert_close(q158.hard(w), _bitnet_reference(w, False))
+    # stored and sized at 2 bits, checked against 3 levels, whichever spelling
+    assert (q158.bits, q158.max_levels) == (q2.bits, q2.max_levels) == (2, 3)
 
 
 # -- per token -------------------------------------------------------------------------------
@@ -91,10 +101,11 @@ def _seq_grads(
     return grad_w, grad_a / math.sqrt(w.shape[1])
 
 
-@pytest.mark.parametrize(("ternary", "n"), [(True, 3), (False, 4)])
-def test_seq_forward_and_gradients(ternary: bool, n: int) -> None:
+@pytest.mark.parametrize(("bits", "ternary", "n"), [(1.58, False, 3), (2, True, 3), (2, False, 4)])
+def test_seq_forward_and_gradients(bits: float, ternary: bool, n: int) -> None:
     w0 = _weights(3)
-    q = SEQQuantizer(2, "weight", ternary=ternary)
+    q = SEQQuantizer(bits, "weight", ternary=ternary)
+    assert (q.bits, q.max_levels) == (2, n)
     q.bind_weight(w0)
     q.observe(w0)  # calibration: alpha = max|w| per row
     torch.testing.assert_close(q.alpha.detach(), w0.abs().amax(dim=1))

@@ -24,7 +24,7 @@ from qexp.quant.wrap import LayerBits
 from qexp.train.evaluate import evaluate, evaluate_loss
 
 CPU = torch.device("cpu")
-TEXT = "The quick brown fox jumps over the lazy dog; pack my box with five dozen jugs.\n" * 12
+TEXT = "The quick brown fox jumps\nover the lazy dog; pack my\nbox with five dozen jugs.\n" * 12
 
 
 def _tiny_vit(**kw) -> ViT:
@@ -74,6 +74,16 @@ def test_char_gpt_is_causal_and_flattens_its_logits() -> None:
 
 
 # -- text data -----------------------------------------------------------------------------------
+def _nearest_line_start(text: str, pos: int, after: str | None = None) -> int:
+    """Brute force: the start of a line (after a line equal to ``after``, if given) strictly
+    inside ``text`` nearest ``pos``, the earlier on a tie."""
+    lines = text.split("\n")
+    starts = [len("\n".join(lines[: i + 1])) + 1 for i in range(len(lines) - 1)]
+    if after is not None:
+        starts = [p for i, p in enumerate(starts) if lines[i] == after]
+    return min((p for p in starts if 0 < p < len(text)), key=lambda p: (abs(p - pos), p))
+
+
 @pytest.fixture
 def corpus(tmp_path: Path) -> Path:
     path = tmp_path / "corpus.txt"
@@ -89,8 +99,10 @@ def test_text_data_vocab_splits_and_targets(corpus: Path) -> None:
     assert example.dtype == torch.long and example.shape == (1, 8)
     decode = lambda ids: "".join(data.vocab[i] for i in ids.tolist())  # noqa: E731
     n = len(TEXT)
-    train_end, val_end = int(n * 0.9), int(n * 0.9) + int(n * 0.05)
-    # contiguous splits by position: the test windows read the text's tail, in order
+    train_end = _nearest_line_start(TEXT, int(n * 0.9))
+    val_end = _nearest_line_start(TEXT, int(n * 0.9) + int(n * 0.05))
+    assert train_end < val_end < n
+    # contiguous splits by position, cut at line starts: the test windows read the tail, in order
     test_x, test_y = next(data.eval_batches("test", 1000, CPU))
     assert test_x.shape == (data.num_test, 8) and test_y.shape == (data.num_test * 8,)
     assert decode(test_x.reshape(-1)) == TEXT[val_end : val_end + data.num_test * 8]
@@ -166,3 +178,57 @@ def test_every_estimator_trains_a_transformer(
         assert 0 < m["test_loss"] < 2 * math.log(len(set(TEXT)))
     else:
         assert "test_loss" not in m and "test_bpc" not in m
+
+
+def _fortune_file(topic: str, quotes: int) -> str:
+    """A fortunes collection: quotations of a few lines, ``%`` lines between them."""
+    return "%\n".join(
+        f"{topic} saying {i}: {'words ' * (1 + i % 5)}\n  -- {topic.title()} {i}\n"
+        for i in range(quotes)
+    )
+
+
+def test_every_split_covers_every_topic_file(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(text_data, "FORTUNES_DIR", tmp_path)
+    raws = {}
+    for i, topic in enumerate(text_data.FORTUNE_FILES):
+        raws[topic] = _fortune_file(topic, 40 + 10 * i)  # files of different lengths
+        (tmp_path / topic).write_text(raws[topic])
+    texts, source = text_data.read_corpus(None)
+    assert source.startswith(str(tmp_path))
+    expected: dict[str, str] = {"train": "", "val": "", "test": ""}
+    for topic, raw in raws.items():
+        n = len(raw)
+        # each file cut 90/5/5 by position, at the quotation boundary nearest each cut
+        a = _nearest_line_start(raw, int(n * 0.9), after="%")
+        b = _nearest_line_start(raw, int(n * 0.9) + int(n * 0.05), after="%")
+        for split, part in (("train", raw[:a]), ("val", raw[a:b]), ("test", raw[b:])):
+            assert f"{topic} saying" in part  # every split holds every topic
+            assert not part.startswith("  --")  # no quotation is cut in two
+            expected[split] += clean_fortunes(part)
+    assert texts == expected
+    data = TextData(block_size=8)
+    decode = lambda ids: "".join(data.vocab[i] for i in ids.tolist())  # noqa: E731
+    test_x, _ = next(data.eval_batches("test", 10_000, CPU))
+    assert decode(test_x.reshape(-1)) == expected["test"][: data.num_test * 8]
+
+
+def test_a_file_without_newlines_is_cut_at_the_exact_positions() -> None:
+    text = "abcdefghij" * 10
+    assert text_data.split_by_position(text, (0.9, 0.05, 0.05)) == (
+        text[:90], text[90:95], text[95:]
+    )
+
+
+def test_concatenated_split_repeats_the_old_exact_position_cut(corpus: Path) -> None:
+    data = TextData(path=str(corpus), split="concatenated", block_size=8)
+    n = len(TEXT)
+    val_end = int(n * 0.9) + int(n * 0.05)  # no line boundaries: the exact positions
+    decode = lambda ids: "".join(data.vocab[i] for i in ids.tolist())  # noqa: E731
+    test_x, _ = next(data.eval_batches("test", 1000, CPU))
+    assert decode(test_x.reshape(-1)) == TEXT[val_end : val_end + data.num_test * 8]
+    assert data.data_report()["characters"] == {
+        "train": int(n * 0.9), "val": int(n * 0.05), "test": n - val_end
+    }
+    with pytest.raises(QexpError, match="dataset.split"):
+        TextData(path=str(corpus), split="random")

@@ -18,7 +18,11 @@ QUANTIZED_EDGE_BITS = 8
 
 def edge_bits(w_bits: int, a_bits: int) -> int:
     """32 when the run is full precision (both widths >= 32), else :data:`QUANTIZED_EDGE_BITS`."""
-    return 32 if int(w_bits) >= 32 and int(a_bits) >= 32 else QUANTIZED_EDGE_BITS
+    try:
+        full = float(w_bits) >= 32 and float(a_bits) >= 32
+    except (TypeError, ValueError):  # not a number: qexp.config.validate names the bad key
+        full = False
+    return 32 if full else QUANTIZED_EDGE_BITS
 
 
 def resume_free_keys(*extra: str) -> list[str]:

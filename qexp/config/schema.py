@@ -64,9 +64,12 @@ class QexpConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)  # type: ignore[valid-type]
     partner: PartnerConfig = field(default_factory=PartnerConfig)  # type: ignore[valid-type]
     seed: int = 0
-    bits: int = 4
-    w_bits: int = "${bits}"  # type: ignore[assignment]
-    a_bits: int = "${bits}"  # type: ignore[assignment]
+    # An int, or the float 1.58 (ternary): OmegaConf has no Union of int and float, and a float
+    # field would turn every int width into a float (4 -> 4.0) and change each run's config
+    # fingerprint; so Any, checked by qexp.config.validate against qexp.bitwidth.
+    bits: Any = 4
+    w_bits: Any = "${bits}"
+    a_bits: Any = "${bits}"
     resume: bool = False
     init_from: Optional[str] = None
     tag: Optional[str] = None

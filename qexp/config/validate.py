@@ -18,20 +18,13 @@ from typing import Any, Union
 
 from omegaconf import DictConfig, OmegaConf
 
+from qexp.bitwidth import BITS_ALLOWED, valid_bits
 from qexp.errors import QexpError
 from qexp.spec import AMP_DTYPES, COMPILE_MODES, OPTIMIZERS, PROGRESS_MODES, BudgetSpec
 
-BITS_ALLOWED = "an integer from 1 to 16, or 32 for full precision"
 GROUPS = ("model", "dataset", "quantizer", "estimator", "schedule")
 #: keys of a component node that are not constructor arguments
 RESERVED = {"_target_", "_partial_", "_recursive_", "_convert_", "_args_", "name"}
-
-
-def valid_bits(value: Any) -> bool:
-    """True for a usable bit width: 1..16, or 32 (full precision)."""
-    return (
-        isinstance(value, int) and not isinstance(value, bool) and (1 <= value <= 16 or value == 32)
-    )
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -62,7 +55,7 @@ def validate_config(cfg: DictConfig) -> None:
             v is None or valid_bits(v),
             f"layers.{key}",
             v,
-            f"null (same as the run) or {BITS_ALLOWED}",
+            "null (same as the run), an integer from 1 to 16, or 32 for full precision",
         )
     _check(plain["seed"] >= 0, "seed", plain["seed"], "a non-negative integer")
 

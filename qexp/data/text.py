@@ -1,9 +1,12 @@
 """Character-level language modelling on a plain-text file (default: Debian's fortunes).
 
-The whole text is one sequence of character ids; the vocabulary is the sorted set of the
-file's characters (sorted, so the ids depend only on which characters occur, not on where
-they first appear: the same file always gives the same ids). The sequence is split by position
-into train / val / test (90 / 5 / 5 %, contiguous, so no window straddles two splits).
+Splits are fixed, by position, **per file**: each file of the corpus is cut into its first 90 %
+(train), next 5 % (val) and last 5 % (test), each cut moved to the nearest quotation boundary
+(a fortunes ``%`` line; in a plain file, the nearest line start), and the train parts, the val
+parts and the test parts are concatenated in file order. So every split samples every topic
+file (one cut of the whole concatenation would leave the test split inside the last file), and
+no window straddles two splits. The vocabulary is the sorted set of the corpus's characters
+(sorted, so the ids depend only on which characters occur, not on where they first appear).
 
 Batches fit qexp's classification trainer: ``x`` holds windows of ``block_size`` ids
 ``(B, block_size)`` and ``y`` the next character of every position, flattened to
@@ -16,6 +19,7 @@ size, ``in_channels`` = 1, ``image_size`` = block size and ``input_kind`` = "tok
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,8 +44,12 @@ from qexp.errors import QexpError
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 #: the collections of quotations in prose (no ASCII art, program code or verse), ~550 KB
 FORTUNE_FILES = ("literature", "wisdom", "humorists", "people", "science", "work")
-#: train / val / test shares of the sequence, in this order by position
+#: train / val / test shares of each file, in this order by position
 SPLIT_FRACTIONS = (0.90, 0.05, 0.05)
+SPLITS = ("train", "val", "test")
+#: values of ``dataset.split``: per_file (each file cut 90/5/5, parts joined per split) or
+#: concatenated (the files joined, then cut once: the test split is the last file's tail)
+SPLIT_MODES = ("per_file", "concatenated")
 
 #: "X<backspace>Y" prints Y over X (bold, underline); "____<4 backspaces>SOME" nests such pairs
 _OVERSTRIKE = re.compile(r"[^\x08]\x08")
@@ -57,39 +65,97 @@ def clean_fortunes(text: str) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if line.rstrip() != "%")
 
 
-def read_corpus(path: str | None) -> tuple[str, str]:
-    """(text, where it came from): the user's file, or the default fortunes collections."""
+def read_corpus(path: str | None, split: str = "per_file") -> tuple[dict[str, str], str]:
+    """({train, val, test: text}, where it came from): the user's file, or the default fortunes
+    collections, each file split by :func:`split_by_position` and the parts joined per split
+    (``split="concatenated"``: the files joined first, then cut at the exact positions, as
+    qexp did before per-file splits; kept so such runs can be repeated)."""
+    if split not in SPLIT_MODES:
+        raise QexpError(f"dataset.split={split!r} is not allowed: use one of {SPLIT_MODES}")
+    if split == "concatenated":
+        return _concatenated_splits(path)
     if path is not None:
         file = Path(path).expanduser()
         if not file.is_file():
             raise QexpError(f"dataset.path={path}: no such file; give a plain-text file")
-        return file.read_text(encoding="utf-8", errors="replace"), str(file)
+        text = file.read_text(encoding="utf-8", errors="replace")
+        return dict(zip(SPLITS, split_by_position(text, SPLIT_FRACTIONS), strict=True)), str(file)
     missing = [f for f in FORTUNE_FILES if not (FORTUNES_DIR / f).is_file()]
     if missing:
         raise QexpError(
             f"dataset=text: the default corpus {FORTUNES_DIR}/{missing[0]} is missing: install "
             "Debian's fortunes package (apt-get install fortunes) or set dataset.path=FILE"
         )
-    parts = [
-        clean_fortunes((FORTUNES_DIR / f).read_text(encoding="utf-8", errors="replace"))
-        for f in FORTUNE_FILES
-    ]
-    return "".join(parts), f"{FORTUNES_DIR}/{{{','.join(FORTUNE_FILES)}}}"
+    parts: dict[str, list[str]] = {k: [] for k in SPLITS}
+    for f in FORTUNE_FILES:
+        raw = (FORTUNES_DIR / f).read_text(encoding="utf-8", errors="replace")
+        # cut between quotations (after a "%" line), then clean each part
+        for split, part in zip(SPLITS, split_by_position(raw, SPLIT_FRACTIONS, "%"), strict=True):
+            parts[split].append(clean_fortunes(part))
+    source = f"{FORTUNES_DIR}/{{{','.join(FORTUNE_FILES)}}}"
+    return {k: "".join(v) for k, v in parts.items()}, source
 
 
-def encode(text: str) -> tuple[list[str], Tensor]:
-    """(sorted vocabulary, int64 ids of every character)."""
-    vocab = sorted(set(text))
+def _concatenated_splits(path: str | None) -> tuple[dict[str, str], str]:
+    """The whole corpus cleaned and joined, then cut 90/5/5 at the exact positions."""
+    if path is not None:
+        texts, source = read_corpus(path)
+        text = "".join(texts[k] for k in SPLITS)
+    else:
+        read_corpus(None)  # the missing-corpus check
+        text = "".join(
+            clean_fortunes((FORTUNES_DIR / f).read_text(encoding="utf-8", errors="replace"))
+            for f in FORTUNE_FILES
+        )
+        source = f"{FORTUNES_DIR}/{{{','.join(FORTUNE_FILES)}}}"
+    n = len(text)
+    train_end = int(n * SPLIT_FRACTIONS[0])
+    val_end = train_end + int(n * SPLIT_FRACTIONS[1])
+    return dict(zip(SPLITS, (text[:train_end], text[train_end:val_end], text[val_end:]),
+                    strict=True)), source  # fmt: skip
+
+
+def split_by_position(
+    text: str, fractions: Sequence[float], separator: str | None = None
+) -> tuple[str, str, str]:
+    """(train, val, test) parts of one file: its first ``fractions[0]``, the next
+    ``fractions[1]`` and the rest, by position, each cut moved to the nearest boundary: the
+    start of a line after a ``separator`` line where there is one, else of any line, else the
+    exact position (a file without newlines)."""
+    n = len(text)
+    cuts = _boundaries(text, separator)
+    train_end = _nearest(cuts, int(n * fractions[0]), n)
+    val_end = max(train_end, _nearest(cuts, int(n * fractions[0]) + int(n * fractions[1]), n))
+    return text[:train_end], text[train_end:val_end], text[val_end:]
+
+
+def _boundaries(text: str, separator: str | None) -> list[int]:
+    """Positions a split may start at, ascending: line starts (after a separator line, when
+    the text has one)."""
+    starts, after_separator, pos = [], [], 0
+    for line in text.split("\n")[:-1]:  # the last piece ends the text, not a line
+        pos += len(line) + 1
+        starts.append(pos)
+        if separator is not None and line.rstrip() == separator:
+            after_separator.append(pos)
+    return after_separator or starts
+
+
+def _nearest(cuts: list[int], pos: int, n: int) -> int:
+    """The cut nearest ``pos`` (the earlier one on a tie), or ``pos`` when there is none
+    strictly inside the text."""
+    inside = [c for c in cuts if 0 < c < n]
+    if not inside:
+        return pos
+    i = bisect.bisect_left(inside, pos)
+    near = [inside[j] for j in (i - 1, i) if 0 <= j < len(inside)]
+    return min(near, key=lambda c: (abs(c - pos), c))
+
+
+def encode_with(vocab: list[str], text: str) -> Tensor:
+    """int64 ids of every character of ``text`` in ``vocab``."""
     index = {ch: i for i, ch in enumerate(vocab)}
-    return vocab, torch.tensor([index[ch] for ch in text], dtype=torch.long)
-
-
-def position_splits(ids: Tensor, fractions: Sequence[float]) -> dict[str, Tensor]:
-    """Contiguous train / val / test slices of ``ids`` by the given shares."""
-    n = ids.numel()
-    train_end = int(n * fractions[0])
-    val_end = train_end + int(n * fractions[1])
-    return {"train": ids[:train_end], "val": ids[train_end:val_end], "test": ids[val_end:]}
+    return torch.tensor([index[ch] for ch in text], dtype=torch.long)
 
 
 class TextData(DataModule):
@@ -97,6 +163,8 @@ class TextData(DataModule):
 
     Args:
         path: a plain-text file (UTF-8); null = the fortunes collections in ``FORTUNE_FILES``.
+        split: ``per_file`` (see the module docstring) or ``concatenated`` (the files joined,
+            then cut at the exact 90 / 5 % positions: qexp's splits before per-file ones).
         block_size: characters per window (the model's context length).
         subset: at most this many training windows per epoch (quick smoke runs).
         name: data-set name reported in DataInfo.
@@ -105,6 +173,7 @@ class TextData(DataModule):
     def __init__(
         self,
         path: str | None = None,
+        split: str = "per_file",
         block_size: int = 64,
         subset: int | None = None,
         name: str | None = None,
@@ -113,13 +182,14 @@ class TextData(DataModule):
         if isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1:
             raise QexpError(f"dataset.block_size must be a positive integer, got {block_size!r}")
         self.block_size = int(block_size)
-        text, self.source = read_corpus(path)
-        self.vocab, ids = encode(text)
-        self._cpu = position_splits(ids, SPLIT_FRACTIONS)
+        texts, self.source = read_corpus(path, split)
+        self.vocab = sorted(set("".join(texts.values())))
+        self._cpu = {k: encode_with(self.vocab, v) for k, v in texts.items()}
         short = [k for k, v in self._cpu.items() if v.numel() < self.block_size + 1]
         if short:
+            total = sum(v.numel() for v in self._cpu.values())
             raise QexpError(
-                f"dataset=text: the {short[0]} split of {self.source} ({ids.numel()} characters) "
+                f"dataset=text: the {short[0]} split of {self.source} ({total} characters) "
                 f"is shorter than one window of block_size+1={self.block_size + 1} characters; "
                 "use a longer file or a smaller dataset.block_size"
             )

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from qexp.bitwidth import TERNARY_BITS, is_ternary, max_levels, storage_bits
+
 
 @dataclass
 class Grid:
@@ -83,11 +85,30 @@ def channel_view(t: Tensor, like: Tensor, per_channel: bool) -> Tensor:
     return t.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+#: the quantizers that build a ternary grid at bits=1.58, for messages
+TERNARY_QUANTIZERS = (
+    "quantizer=ternary, quantizer=seq, or quantizer=uniform with "
+    "quantizer.weight.signed_grid=narrow"
+)
+
+
+def ternary_refusal(name: str, role: str) -> str:
+    """The one-line refusal of bits=1.58 by a quantizer without a ternary grid."""
+    if role == "activation":
+        return (
+            f"a_bits=1.58 (ternary) is a weight format that {name} does not quantize "
+            "activations to: give the activations an integer a_bits (e.g. a_bits=8)"
+        )
+    return f"w_bits=1.58 (ternary, 3 levels) has no {name} grid: use {TERNARY_QUANTIZERS}"
+
+
 class Quantizer(nn.Module):
     """Base class of all quantizers.
 
     Args:
-        bits: bit width; the grid has at most ``2 ** bits`` levels.
+        bits: bit width; the grid has at most ``2 ** bits`` levels. ``1.58`` (ternary: three
+            levels ``{-s, 0, +s}``, stored in 2 bits, qexp.bitwidth) only where the subclass
+            says it builds that grid (:meth:`accepts_ternary`); others refuse it.
         role: ``"weight"`` or ``"activation"``; quantizers may use different defaults for each.
     """
 
@@ -111,8 +132,11 @@ class Quantizer(nn.Module):
         super().__init__()
         if role not in ("weight", "activation"):
             raise ValueError(f"role must be 'weight' or 'activation', got {role!r}")
+        self._check_ternary(bits, role)
         self.role = role
-        self._bits = int(bits)
+        self._bits = storage_bits(bits)
+        #: three levels {-s, 0, +s} (bits=1.58), stored in ``bits`` = 2
+        self.ternary = is_ternary(bits)
         #: set by qexp.quant.calibrate: layers call ``observe`` only while this is on
         self.observing = False
         self._calib_flag: str | None = None
@@ -153,6 +177,23 @@ class Quantizer(nn.Module):
     def bits(self) -> int:
         """Current bit width (learned-precision quantizers override this)."""
         return self._bits
+
+    @property
+    def max_levels(self) -> int:
+        """The most distinct values this quantizer's grid may produce (3 when ternary)."""
+        return max_levels(TERNARY_BITS if self.ternary else self.bits)
+
+    def _check_ternary(self, bits: float, role: str) -> None:
+        """Refuse ``bits=1.58`` unless :meth:`accepts_ternary` (subclasses whose own bit
+        checks run before ``super().__init__`` call this first, so the refusal names 1.58)."""
+        if is_ternary(bits) and not self.accepts_ternary(role):
+            raise ValueError(ternary_refusal(type(self).__name__, role))
+
+    def accepts_ternary(self, role: str) -> bool:
+        """Whether ``bits=1.58`` gives this quantizer the ternary grid ``{-s, 0, +s}`` for
+        ``role`` (called before ``__init__`` sets any state; the options a subclass takes
+        may be read from its own arguments there); default: no."""
+        return False
 
     @property
     def min_bits(self) -> int:

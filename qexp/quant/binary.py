@@ -24,6 +24,7 @@ class BinaryQuantizer(Quantizer):
     def __init__(
         self, bits: int = 1, role: str = "weight", per_channel: bool = True, act_scale: float = 1.0
     ) -> None:
+        self._check_ternary(bits, role)
         if bits != 1:
             raise ValueError(f"the binary quantizer has 1 bit, got bits={bits}")
         super().__init__(1, role)

@@ -15,8 +15,8 @@ or in a YAML file (``layers: {overrides: [...]}``). Keys of one rule:
   ``type:Linear`` (any module class name, base classes included). A name pattern selects a
   layer when it matches the layer's own name or the name of a module that contains it, so
   ``stage2`` selects every layer inside the block ``stage2``.
-- ``w_bits`` / ``a_bits``: the layer's weight / input bits (1-16, or 32 = not quantized);
-  ``bits`` sets both.
+- ``w_bits`` / ``a_bits``: the layer's weight / input bits (1-16, 1.58 = ternary weights, or
+  32 = not quantized); ``bits`` sets both.
 - ``float: true``: keep the layer in full precision (weight and input at 32 bits). This is
   also how a layer qexp cannot wrap (e.g. an nn.Conv1d) is allowed in a model.
 - ``quantizer``: options of the layer's quantizers, e.g. ``{per_channel: false}`` for both
@@ -42,6 +42,7 @@ from typing import Any
 
 from torch import nn
 
+from qexp.bitwidth import BITS_ALLOWED, as_bits, bits_label, valid_bits
 from qexp.errors import QexpError
 
 #: the config key the rules live under (for messages)
@@ -51,15 +52,6 @@ ROLES = ("weight", "activation")
 FLOAT_BITS = 32
 #: how many layer names an error message lists before shortening
 _MAX_NAMES = 12
-
-
-def valid_bits(value: Any) -> bool:
-    """True for a usable bit width: 1..16, or 32 (full precision)."""
-    return (
-        isinstance(value, int)
-        and not isinstance(value, bool)
-        and (1 <= value <= 16 or value == FLOAT_BITS)
-    )
 
 
 # -- rules -------------------------------------------------------------------------------------
@@ -73,8 +65,8 @@ class LayerRule:
 
     match: str
     index: int = 0
-    w_bits: int | None = None
-    a_bits: int | None = None
+    w_bits: float | None = None  # an int, or 1.58 (ternary)
+    a_bits: float | None = None
     keep_float: bool = False
     quantizer: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
 
@@ -111,10 +103,10 @@ def _fail(where: str, what: str) -> None:
     raise QexpError(f"{KEY}{where}: {what}")
 
 
-def _bits(where: str, key: str, value: Any) -> int:
+def _bits(where: str, key: str, value: Any) -> float:
     if not valid_bits(value):
-        _fail(where, f"{key}={value!r} is not allowed: use 1-16, or 32 for full precision")
-    return int(value)
+        _fail(where, f"{key}={value!r} is not allowed: use {BITS_ALLOWED}")
+    return as_bits(value)
 
 
 def _plain(value: Any) -> Any:
@@ -255,8 +247,8 @@ class PlanRow:
     name: str
     kind: str
     role: str
-    w_bits: int
-    a_bits: int
+    w_bits: float  # an int, or 1.58 (ternary)
+    a_bits: float
     params: int
     quantizer: dict[str, dict[str, Any]] = field(default_factory=dict, hash=False)
     rules: tuple[int, ...] = ()
@@ -357,7 +349,7 @@ def _base_row(
         w_bits = a_bits = int(edge_bits)
     else:
         role = "body"
-        w_bits, a_bits = int(body_bits.w_bits), int(body_bits.a_bits)
+        w_bits, a_bits = as_bits(body_bits.w_bits), as_bits(body_bits.a_bits)
     return PlanRow(name, kind_of(module), role, w_bits, a_bits, module.weight.numel())
 
 
@@ -478,8 +470,8 @@ def layer_quantizer_spec(node: Any, role: str, options: Mapping[str, Any] | None
 
 
 # -- the preflight table -----------------------------------------------------------------------
-def _bits_text(bits: int) -> str:
-    return "fp" if bits >= FLOAT_BITS else str(bits)
+def _bits_text(bits: float) -> str:
+    return bits_label(bits)
 
 
 def _options_text(row: PlanRow) -> str:

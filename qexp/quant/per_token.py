@@ -32,6 +32,7 @@ class PerTokenQuantizer(Quantizer):
     per_token = True
 
     def __init__(self, bits: int = 8, role: str = "activation") -> None:
+        self._check_ternary(bits, role)
         if bits < 2:
             raise ValueError(f"per-token absmax needs at least 2 bits, got bits={bits}")
         super().__init__(bits, role)

@@ -13,8 +13,8 @@ gets none and alpha gets ``L(u) = +-(n-1)/n``, the end level. alpha's gradient i
 uses +-1 beyond the range for ternary; qexp takes the exact derivative above.
 
 alpha starts at each row's max |w| (the first forward, after ``init_from``) and trains in the
-optimizer group "quantizer". qexp's bit widths are integers: ternary SEQ is ``bits=2`` with
-``ternary: true`` (3 levels pass the 2-bit level check).
+optimizer group "quantizer". Ternary SEQ is ``bits=1.58`` (ParetoQ's code spells it
+``w_bits=0``); the older spelling ``bits=2`` with ``ternary: true`` builds the same quantizer.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from qexp.bitwidth import is_ternary
 from qexp.quant.base import Grid, Quantizer, channel_view
 from qexp.quant.lsq import grad_scale
 
@@ -35,16 +36,16 @@ class SEQQuantizer(Quantizer):
     """Stretched elastic weight quantizer with a learned clip per output row.
 
     Args:
-        bits: storage bit width; ``2 ** bits`` levels, or 3 with ``ternary``.
+        bits: bit width; ``2 ** bits`` levels, or 3 at ``1.58`` (ternary).
         role: must be ``"weight"``.
-        ternary: three levels (needs ``bits=2``).
+        ternary: three levels at ``bits=2`` (the older spelling of ``bits=1.58``).
         per_row: one clip per output channel (dim 0), else one per tensor.
         grad_scale: scale alpha's gradient by ``1 / sqrt(N)``.
     """
 
     def __init__(
         self,
-        bits: int = 2,
+        bits: float = 2,
         role: str = "weight",
         ternary: bool = False,
         per_row: bool = True,
@@ -52,15 +53,18 @@ class SEQQuantizer(Quantizer):
     ) -> None:
         if role != "weight":
             raise ValueError("SEQ quantizes weights only; pick another activation quantizer")
-        if ternary and bits != 2:
-            raise ValueError(f"ternary SEQ stores 3 levels in 2 bits: use bits=2, got {bits}")
+        if ternary and not (bits == 2 or is_ternary(bits)):
+            raise ValueError(f"ternary SEQ has 3 levels: use w_bits=1.58, got {bits}")
         super().__init__(bits, role)
-        self.ternary = bool(ternary)
+        self.ternary = self.ternary or bool(ternary)
         self.num_levels = 3 if self.ternary else 2 ** int(bits)
         self.per_row = bool(per_row)
         self.use_grad_scale = bool(grad_scale)
         self.alpha = nn.Parameter(torch.ones(()))
         self._register_calibration("initialized")
+
+    def accepts_ternary(self, role: str) -> bool:
+        return True
 
     def bind_weight(self, weight: Tensor) -> None:
         """Size alpha for ``weight`` (one per output row): called when the layer is wrapped,

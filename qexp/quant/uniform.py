@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.base import Grid, Quantizer, channel_view
+from qexp.bitwidth import is_ternary
+from qexp.quant.base import Grid, Quantizer, channel_view, ternary_refusal
 
 #: clipping ratios (of max |x|) tried by the MSE search: geometric, denser at small ratios
 #: because low bit widths want aggressive clipping.
@@ -114,7 +115,8 @@ class UniformQuantizer(Quantizer):
             signed only if the first batch seen has negative values).
         per_channel: one range per output channel (dim 0); weights only.
         scale_method: ``"max_abs"`` or ``"mse"`` (MSE-optimal clipping, searched over ratios).
-        signed_grid: ``"midrise"`` (2**bits levels, no zero) or ``"narrow"`` (zero included).
+        signed_grid: ``"midrise"`` (2**bits levels, no zero) or ``"narrow"`` (zero included;
+            at ``bits=1.58`` the ternary grid ``{-s, 0, s}``, 2**2 - 1 levels).
         momentum: EMA momentum of the activation range.
         calib_samples: at most this many activation values feed the MSE search per batch.
         search_every: weights with ``scale_method="mse"``: during training the search runs
@@ -137,6 +139,16 @@ class UniformQuantizer(Quantizer):
         calib_samples: int = 4096,
         search_every: int = 50,
     ) -> None:
+        if is_ternary(bits) and not (
+            role == "weight" and signed is not False and signed_grid == "narrow"
+        ):
+            raise ValueError(
+                "w_bits=1.58 (ternary) on the uniform quantizer needs its narrow grid "
+                "{-s, 0, s}: add quantizer.weight.signed_grid=narrow (or use quantizer=ternary "
+                "or quantizer=seq)"
+                if role == "weight"
+                else ternary_refusal(type(self).__name__, role)
+            )
         super().__init__(bits, role)
         #: (parameter key, range) of the last weight range computed outside training forwards
         self._range_cache: tuple[tuple, Tensor] | None = None
@@ -165,6 +177,10 @@ class UniformQuantizer(Quantizer):
             self._register_calibration("calibrated")
             self._register_sign(signed)
             self.tracks_during_training = True
+
+    def accepts_ternary(self, role: str) -> bool:
+        # the narrow signed weight grid at 2 bits is {-s, 0, s}; __init__ checks the options
+        return role == "weight"
 
     # -- range estimation -------------------------------------------------------------------
     def _rows(self, x: Tensor) -> Tensor:

@@ -28,10 +28,11 @@ QuantizerFactory = Callable[..., Quantizer | None]
 
 @dataclass
 class LayerBits:
-    """Bit widths of one layer's weight and input activation (32 = full precision)."""
+    """Bit widths of one layer's weight and input activation (32 = full precision; 1.58 =
+    ternary, qexp.bitwidth)."""
 
-    w_bits: int
-    a_bits: int
+    w_bits: float
+    a_bits: float
 
 
 def _swap(parent: nn.Module, name: str, new: nn.Module) -> None:

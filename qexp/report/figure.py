@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from qexp.bitwidth import as_bits
 from qexp.report.axes import TEST_ACC, Axis, Metric
 from qexp.report.lines import Points, panels, pareto_front, plot_series, reference
 from qexp.report.runs import Group
@@ -31,8 +32,9 @@ def _mark_pareto(ax: Any, lines: dict[str, Points], metric: Metric) -> None:
 
 
 def _scale(ax: Any, axis: Axis, xs: list[float]) -> None:
-    """The axis' scale, and integer ticks at the points when it asks for them."""
-    ticks = sorted({int(v) for v in xs}) if axis.integer_ticks else []
+    """The axis' scale, and integer ticks at the points when it asks for them (and at 1.58,
+    the ternary width, where a point sits there)."""
+    ticks = sorted({as_bits(v) for v in xs}) if axis.integer_ticks else []
     if axis.integer_ticks and not ticks:
         return  # no point to place ticks at: matplotlib's linear default
     if axis.log_base is not None:

@@ -12,6 +12,8 @@ from qexp.report.runs import Group, Skipped, skipped_reasons
 STD_NOTE = "std = sample standard deviation over seeds (ddof=1); 0 for a single run"
 #: columns shown with one decimal (the metric's columns use the metric's digits)
 _ONE_DECIMAL = ("weight_kb", "train_time_s")
+#: columns shown as written: bit widths (1.58, the ternary width, not 1.5800)
+_AS_WRITTEN = ("w_bits", "a_bits")
 
 
 def _fmt(value: Any, digits: int = 4) -> str:
@@ -64,7 +66,10 @@ def _display(
     out = []
     for row in rows:
         out.append(
-            [_fmt(v, digits.get(h, metric.digits)) for h, v in zip(header, row, strict=True)]
+            [
+                str(v) if h in _AS_WRITTEN else _fmt(v, digits.get(h, metric.digits))
+                for h, v in zip(header, row, strict=True)
+            ]
         )
     return shown, out
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from qexp.bitwidth import as_bits, bits_label
 from qexp.errors import QexpError
 from qexp.report.axes import TEST_ACC, Axis, Metric
 from qexp.report.lines import line_groups, panels, reference, series
@@ -88,13 +89,13 @@ def pivot_markdown(groups: list[Group], metric: Metric = TEST_ACC) -> str:
     d = metric.digits
     for panel, named in series(groups).items():
         members = members_of[panel]
-        bits = sorted({int(g.w_bits) for g in members if not g.full_precision}) or [32]
+        bits = sorted({as_bits(g.w_bits) for g in members if not g.full_precision}) or [32]
         out += [f"**{panel[0]} / {panel[1]}**: {metric.label}, mean ± sample std over seeds "
                 "(runs)", ""]  # fmt: skip
-        out.append("| | " + " | ".join(f"w{b}" for b in bits) + " |")
+        out.append("| | " + " | ".join(f"w{bits_label(b)}" for b in bits) + " |")
         out.append("|---|" + "---:|" * len(bits))
         for name, gs in named.items():
-            cells = {int(g.w_bits): g for g in gs if not g.full_precision}
+            cells = {as_bits(g.w_bits): g for g in gs if not g.full_precision}
             if not cells:
                 continue
             row = [f"{c.mean:.{d}f} ± {c.std:.{d}f} ({c.n})" if (c := cells.get(b)) else "-"

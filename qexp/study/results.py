@@ -163,7 +163,7 @@ class CellRow:
 
     setting: str
     title: str
-    bits: int
+    bits: float  # an int, or 1.58 (ternary)
     method: str
     status: str  # completed / failed / no runs
     error: str | None = None

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from qexp.bitwidth import BITS_ALLOWED, as_bits, valid_bits
 from qexp.errors import QexpError
 
 #: top-level keys of a study spec
@@ -29,13 +30,20 @@ TUNING_KEYS = {
 }
 
 
+def _setting_bits(value: Any, where: str) -> float:
+    """A setting's ``bits``: a width of qexp's vocabulary (ints stay ints, 1.58 is ternary)."""
+    if not valid_bits(value):
+        raise QexpError(f"study spec: {where}.bits={value!r} is not allowed: use {BITS_ALLOWED}")
+    return as_bits(value)
+
+
 @dataclass(frozen=True)
 class Setting:
     """One column of the comparison: a bit width and the quantizer form it is run in."""
 
     key: str  # short id used in dirs and tables, e.g. "w1a1"
     title: str  # e.g. "W1/A1 (BinaryNet form)"
-    bits: int
+    bits: float  # an int, or 1.58 (ternary; qexp.bitwidth)
     baseline: str  # the method every other one is compared with here
     overrides: tuple[str, ...] = ()  # every run of the setting (tuning and final)
     budget: float | None = None  # training length label (epochs), for tables and figures
@@ -209,7 +217,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
             Setting(
                 key=str(_need(node, "key", where)),
                 title=str(node.get("title") or node["key"]),
-                bits=int(_need(node, "bits", where)),
+                bits=_setting_bits(_need(node, "bits", where), where),
                 baseline=str(_need(node, "baseline", where)),
                 overrides=_strs(node.get("overrides"), f"{where}.overrides"),
                 budget=None if node.get("budget") is None else float(node["budget"]),

@@ -1,7 +1,8 @@
 """Data-parallel training over several processes (torchrun, or Slurm tasks via submitit).
 
 Every rank runs the same trainer on the same global batches: each takes its slice
-``batch[rank::world]``, gradients are averaged over the ranks after the backward pass (one
+``batch[rank::world]`` of the samples (and of their targets: a text batch has ``block_size``
+targets per window), gradients are averaged over the ranks after the backward pass (one
 all-reduce per dtype), so every rank applies the same update, and training metrics and
 evaluation counts are summed over the ranks. Rank 0 alone writes logs, TensorBoard events,
 checkpoints and ``metrics.json``.
@@ -92,22 +93,43 @@ def shutdown() -> None:
 
 
 def shard(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor, int]:
-    """This rank's slice ``[rank::world]`` of a global training batch, and how many samples
-    it counts towards the metrics. A batch smaller than the world (a last, partial one) is
-    trained whole on every rank, so no rank gets an empty batch; rank 0 alone counts it."""
+    """This rank's slice ``[rank::world]`` of a global training batch's samples, and how many
+    targets it counts towards the metrics. A batch with fewer samples than ranks (a last,
+    partial one) is trained whole on every rank, so no rank gets an empty batch; rank 0 alone
+    counts it. Targets are sliced with their samples (:func:`slice_samples`)."""
     if info.world <= 1:
         return x, y, y.numel()
-    if y.numel() < info.world:
+    if x.shape[0] < info.world:
         return x, y, y.numel() if info.is_main else 0
-    ys = y[info.rank :: info.world]
-    return x[info.rank :: info.world], ys, ys.numel()
+    xs, ys = slice_samples(x, y, info)
+    return xs, ys, ys.numel()
 
 
 def eval_shard(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor]:
     """This rank's slice of an evaluation batch (may be empty)."""
     if info.world <= 1:
         return x, y
-    return x[info.rank :: info.world], y[info.rank :: info.world]
+    return slice_samples(x, y, info)
+
+
+def slice_samples(x: Tensor, y: Tensor, info: DistInfo) -> tuple[Tensor, Tensor]:
+    """Samples ``rank, rank + world, ...`` of ``x`` and the targets of exactly those samples.
+
+    ``y`` holds one target per sample (classification) or the same number per sample
+    flattened sample-major (text: ``(B * block_size,)`` next characters of ``(B, block_size)``
+    windows), so it is cut into per-sample rows before slicing: slicing the flat targets with
+    the samples' stride would hand a rank other windows' characters.
+    """
+    samples = x.shape[0]
+    if samples == 0:
+        return x, y
+    if y.shape[0] % samples:
+        raise ValueError(
+            f"a batch of {samples} samples has {y.shape[0]} targets: expected a multiple"
+        )
+    per_sample = y.reshape(samples, y.shape[0] // samples, *y.shape[1:])
+    mine = per_sample[info.rank :: info.world]
+    return x[info.rank :: info.world], mine.reshape(-1, *y.shape[1:])
 
 
 def average_gradients(model: nn.Module, info: DistInfo) -> None:

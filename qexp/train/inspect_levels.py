@@ -7,6 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from qexp.bitwidth import FLOAT_BITS, TERNARY_BITS
+from qexp.quant.base import Quantizer
 from qexp.quant.layers import QuantLayer, quant_layers
 
 
@@ -28,7 +30,8 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
 
     Each entry: name, kind, role, w_bits, a_bits, params, levels {weight: max distinct values
     per output channel, activation: distinct values of the quantized input, per token for
-    per-token quantizers}, kb (weight memory at w_bits) and ok (levels within 2**bits).
+    per-token quantizers}, kb (weight memory at the stored bits: a ternary weight, w_bits 1.58,
+    counts 2 bits) and ok (levels within the grid's: 3 for ternary, else 2**bits).
     """
     seen: dict[str, int] = {}
     hooks = []
@@ -62,16 +65,29 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
                 "name": name,
                 "kind": type(layer).__name__,
                 "role": layer.layer_role,
-                "w_bits": layer.w_bits,
-                "a_bits": layer.a_bits,
+                "w_bits": _nominal_bits(layer.w_quant),
+                "a_bits": _nominal_bits(layer.a_quant),
                 "params": n,
-                "kb": n * layer.w_bits / 8 / 1024,
+                "kb": n * layer.w_bits / 8 / 1024,  # storage bits: 2 for ternary
                 "levels": {"weight": w_lv, "activation": a_lv},
-                "ok": (layer.w_bits >= 32 or w_lv <= 2**layer.w_bits)
-                and (layer.a_bits >= 32 or a_lv <= 2**layer.a_bits),
+                "ok": _within(layer.w_quant, w_lv) and _within(layer.a_quant, a_lv),
             }
         )
     return table
+
+
+def _nominal_bits(q: Quantizer | None) -> float:
+    """A side's bits as the run names them: 1.58 for a ternary quantizer (stored in 2), 32
+    for none."""
+    if q is None:
+        return FLOAT_BITS
+    return TERNARY_BITS if q.ternary else q.bits
+
+
+def _within(q: Quantizer | None, levels: int) -> bool:
+    """Whether ``levels`` distinct values fit the quantizer's grid (3 for ternary, else
+    2**bits; anything for a side left in float)."""
+    return q is None or q.bits >= FLOAT_BITS or levels <= q.max_levels
 
 
 def weight_kb(table: list[dict[str, Any]]) -> float:

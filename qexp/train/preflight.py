@@ -14,6 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
+from qexp.bitwidth import as_bits
 from qexp.config.launcher import check_launcher
 from qexp.config.validate import validate_config
 from qexp.errors import QexpError
@@ -209,7 +210,7 @@ def dry_build(cfg: DictConfig) -> None:
     body = quantizer_factory(cfg.quantizer, "quantizer")
     edge = quantizer_factory(cfg.layers.edge_quantizer, "layers.edge_quantizer")
     for role, bits in (("weight", cfg.w_bits), ("activation", cfg.a_bits)):
-        body(role, int(bits))
+        body(role, as_bits(bits))
         for edge_bits in (cfg.layers.first_bits, cfg.layers.last_bits):
             if edge_bits is not None:
                 edge(role, int(edge_bits))
@@ -219,7 +220,8 @@ def dry_build(cfg: DictConfig) -> None:
             instantiate(node, f"schedule.{key}")
     from qexp.estimators.compat import check_pairing
 
-    check_pairing(estimator, body("weight", int(cfg.w_bits)), body("activation", int(cfg.a_bits)))
+    weight = body("weight", as_bits(cfg.w_bits))
+    check_pairing(estimator, weight, body("activation", as_bits(cfg.a_bits)))
     check_budget_reachable(cfg)
 
 

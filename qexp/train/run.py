@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from qexp.bitwidth import as_bits
 from qexp.config.schema import register_schemas
 from qexp.config.validate import validate_config
 from qexp.data.base import DataInfo, DataModule
@@ -81,8 +82,8 @@ def run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         "quantizer": _name(plain["quantizer"]),
         "model": _name(plain["model"]),
         "dataset": _name(plain["dataset"]),
-        "w_bits": int(plain["w_bits"]),
-        "a_bits": int(plain["a_bits"]),
+        "w_bits": as_bits(plain["w_bits"]),
+        "a_bits": as_bits(plain["a_bits"]),
         "seed": int(plain["seed"]),
         "epochs": int(trainer.epochs),
         "lr": float(trainer.lr),
@@ -97,8 +98,8 @@ def run_spec(cfg: DictConfig | dict[str, Any]) -> RunSpec:
         fingerprint=config_fingerprint(plain),
         identity=identity,
         seed=int(plain["seed"]),
-        w_bits=int(plain["w_bits"]),
-        a_bits=int(plain["a_bits"]),
+        w_bits=as_bits(plain["w_bits"]),
+        a_bits=as_bits(plain["a_bits"]),
         model=plain["model"],
         dataset=plain["dataset"],
         quantizer=plain["quantizer"],
@@ -266,7 +267,7 @@ def build_run(
     precision = PrecisionMonitor(model.net, budget, data.info.example_input(device))
     run = RunInfo(run_dir, spec.seed, spec.fingerprint, dict(spec.identity), spec.config)
     log.info(
-        "run %s: %s/%s on %s, w%d a%d (first layer %s bits, last %s), %s, %d steps",
+        "run %s: %s/%s on %s, w%s a%s (first layer %s bits, last %s), %s, %d steps",
         run_dir, spec.identity["estimator"], spec.identity["quantizer"],
         spec.identity["dataset"], spec.w_bits, spec.a_bits, spec.layers.first_bits,
         spec.layers.last_bits, device, total_steps,

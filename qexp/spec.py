@@ -107,6 +107,8 @@ class LayersSpec:
     last_bits: Optional[int]
     edge_quantizer: dict
     overrides: tuple = ()
+    matmul_bits: Optional[int] = None  # activation-activation products (None: float)
+    embed_bits: Optional[int] = None  # embedding tables (None: float)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,10 @@ class LayersConfig:
         default_factory=lambda: {"_target_": "qexp.quant.uniform.UniformQuantizer"}
     )
     overrides: Any = field(default_factory=list)  # per-layer rules (qexp/quant/overrides.py)
+    # Transformers. null keeps them float, the papers' form (BitNet b1.58 and ParetoQ quantize
+    # the Linear layers only); an int quantizes them, qexp's own option:
+    matmul_bits: Optional[int] = None  # both inputs of q k^T and softmax v, per-token absmax
+    embed_bits: Optional[int] = None  # nn.Embedding tables, one absmax scale per row (edge)
 
 
 @dataclass

@@ -29,7 +29,7 @@ from qexp.errors import QexpError
 from qexp.export.pack import pack_codes
 from qexp.quant.base import Grid, Quantizer
 from qexp.quant.binary import BinaryQuantizer
-from qexp.quant.layers import QConv2d, QuantLayer, quant_mode
+from qexp.quant.layers import QConv2d, QMatMul, QuantLayer, quant_mode
 
 Node = dict[str, Any]
 
@@ -324,6 +324,27 @@ def fold_batchnorm(builder: GraphBuilder) -> tuple[list[str], list[str], dict[st
     return folded, kept, renamed
 
 
+#: module types of transformer graphs that the integer export format has no op for yet
+_UNSUPPORTED = {nn.LayerNorm: "LayerNorm", nn.Embedding: "embeddings", nn.GELU: "GELU",
+                QMatMul: "activation-activation products", nn.MultiheadAttention: "attention"}
+
+
+def refuse_unsupported(net: nn.Module) -> None:
+    """One line naming what the export format cannot express (transformer layers), before any
+    work; a MatMul module (attention) counts too."""
+    found = sorted({label for m in net.modules() for t, label in _UNSUPPORTED.items()
+                    if isinstance(m, t)}  # fmt: skip
+                   | ({"activation-activation products"}
+                      if any(getattr(m, "quantizable_product", False) for m in net.modules())
+                      else set()))  # fmt: skip
+    if found:
+        raise QexpError(
+            f"export: this network has {', '.join(found)}, which qexp's integer export does not "
+            "cover yet (it handles CNN graphs: Conv2d/Linear, BatchNorm, ReLU-family, pooling); "
+            "its trained weights are in the run's checkpoints/"
+        )
+
+
 def build_graph(
     net: nn.Module, batch: Tensor, fold_bn: bool = True
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
@@ -333,6 +354,7 @@ def build_graph(
     quantizer itself. Raises QexpError for layers or operations the format cannot express.
     """
     net.eval()
+    refuse_unsupported(net)
     inputs = layer_inputs(net, batch)
     try:
         graph = _Tracer().trace(net)

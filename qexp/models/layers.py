@@ -74,8 +74,11 @@ def check_positive(name: str, value: int) -> int:
 
 class MatMul(nn.Module):
     """``a @ b`` as a module: attention's activation-activation products (``q k^T`` and
-    ``attention @ v``) go through it, so a later change can hook or quantize both inputs
-    (today it computes the float product)."""
+    ``attention @ v``) go through it, so the wrapper can quantize both inputs
+    (``layers.matmul_bits`` swaps it for qexp.quant.layers.QMatMul)."""
+
+    #: qexp's wrapper quantizes both inputs of this product when ``layers.matmul_bits`` is set
+    quantizable_product = True
 
     def forward(self, a: Tensor, b: Tensor) -> Tensor:
         return torch.matmul(a, b)

@@ -23,13 +23,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qexp.quant.layers import QConv2d, QuantLayer, quant_layers, quant_mode
+from qexp.quant.layers import QConv2d, QEmbedding, QuantLayer, quant_layers, quant_mode
 
 
 def layer_macs(layer: QuantLayer, out: Tensor) -> int:
     """Multiply-accumulates of ``layer`` per sample, given its output ``out`` (batch first)."""
     per_sample = out[0].numel() if out.dim() > 1 else out.numel()
     w = layer.weight
+    if isinstance(layer, QEmbedding):
+        return 0  # a table lookup
     if isinstance(layer, QConv2d):
         return per_sample * (w.shape[1] * w[0, 0].numel())  # (C_in / groups) * kh * kw
     return per_sample * w.shape[1]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -168,6 +169,72 @@ class QLinear(QuantLayer, nn.Linear):
         return F.linear(self.quant_input(x), self.quant_weight(), self.bias)
 
 
+class QEmbedding(QuantLayer, nn.Embedding):
+    """nn.Embedding with a quantized table (an edge layer: its own bits, plain STE).
+
+    Its input is token ids, so it has no input quantizer; it computes no multiply-accumulates
+    (a lookup), and its table counts in the weight size at its bits.
+    """
+
+    @staticmethod
+    def _float_hparams(layer: nn.Module) -> dict:
+        return {
+            "num_embeddings": layer.num_embeddings,
+            "embedding_dim": layer.embedding_dim,
+            "padding_idx": layer.padding_idx,
+            "max_norm": layer.max_norm,
+            "norm_type": layer.norm_type,
+            "scale_grad_by_freq": layer.scale_grad_by_freq,
+            "sparse": layer.sparse,
+        }
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.embedding(x, self.quant_weight(), self.padding_idx, self.max_norm,
+                           self.norm_type, self.scale_grad_by_freq, self.sparse)  # fmt: skip
+
+
+class QMatMul(nn.Module):
+    """``a @ b`` of two activations (attention's ``q k^T`` and ``softmax @ v``), both inputs
+    quantized with per-token absmax grids (one scale per row of ``a``, per column of ``b``):
+    straight-through in training, the hard grid in evaluation and in the "hard",
+    "latent" and "soft" modes (there is no weight to keep latent), float in "off".
+
+    The operand quantizers are not trained by the run's estimator: the estimators under study
+    act on weights and layer inputs, and the products follow them on a fixed grid (as the edge
+    layers do).
+    """
+
+    def __init__(self, a_quant: Quantizer, b_quant: Quantizer) -> None:
+        super().__init__()
+        self.a_quant = a_quant
+        self.b_quant = b_quant
+        self.mode = "auto"
+
+    @property
+    def a_bits(self) -> int:
+        return self.a_quant.bits
+
+    def quant_operand(self, q: Quantizer, x: Tensor) -> Tensor:
+        """One operand as this forward computes with it."""
+        if self.mode == "off":
+            return x
+        if self.training and self.mode in ("auto", "soft"):
+            return q(x)  # straight-through
+        return q.hard(x)
+
+    def forward(self, a: Tensor, b: Tensor) -> Tensor:
+        # a per-token quantizer scales along the last dim: each row of ``a`` and each column
+        # of ``b`` (b is quantized transposed), so every scale is constant along the reduced
+        # dim and the product is an integer matmul times an outer product of scales
+        bq = self.quant_operand(self.b_quant, b.transpose(-2, -1)).transpose(-2, -1)
+        return torch.matmul(self.quant_operand(self.a_quant, a), bq)
+
+
+def quant_matmuls(model: nn.Module) -> list[tuple[str, QMatMul]]:
+    """All quantized activation-activation products of ``model``, in registration order."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QMatMul)]
+
+
 def quant_layers(model: nn.Module) -> list[tuple[str, QuantLayer]]:
     """All quantized layers of ``model`` with their names, in registration order."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLayer)]
@@ -186,7 +253,7 @@ def quant_mode(model: nn.Module, mode: str):
     """Temporarily set every quantized layer of ``model`` to ``mode`` (see MODES)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    layers = [m for _, m in quant_layers(model)]
+    layers = [m for _, m in (*quant_layers(model), *quant_matmuls(model))]
     saved = [m.mode for m in layers]
     for m in layers:
         m.mode = mode

@@ -16,8 +16,9 @@ from typing import Any
 from torch import nn
 
 from qexp.quant.base import Quantizer
-from qexp.quant.layers import QConv2d, QLinear, QuantLayer
+from qexp.quant.layers import QConv2d, QEmbedding, QLinear, QMatMul, QuantLayer
 from qexp.quant.overrides import LayerPlan, PlanRow, resolve_plan
+from qexp.quant.per_token import PerTokenQuantizer
 from qexp.quant.refs import keep_reference
 
 #: Builds a quantizer for (role, bits); returns None for 32 bits (full precision). Called as
@@ -116,6 +117,41 @@ def quantize_model(
     if plan is None:
         plan = resolve_plan(net, [], body_bits, first_bits, last_bits)
     return apply_plan(net, plan, body, edge)
+
+
+def _swap_named(net: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    _swap(net.get_submodule(parent_name) if parent_name else net, attr, new)
+
+
+def quantize_embeddings(net: nn.Module, bits: int | None) -> list[str]:
+    """Give every nn.Embedding of ``net`` a table quantized at ``bits`` (None: keep float).
+
+    The table gets one symmetric absmax scale per row (per token vector: rows are looked up
+    one by one, so a row's scale is all a lookup needs); an edge layer ("embed" role) trained
+    straight-through. Returns the swapped names.
+    """
+    if bits is None:
+        return []
+    names = [n for n, m in net.named_modules() if type(m) is nn.Embedding]
+    for name in names:
+        new = QEmbedding.from_float(net.get_submodule(name),
+                                    PerTokenQuantizer(bits, "weight"), None, "embed")
+        _swap_named(net, name, new)
+    return names
+
+
+def quantize_matmuls(net: nn.Module, bits: int | None) -> list[str]:
+    """Quantize both inputs of every activation-activation product of ``net`` (modules that
+    declare ``quantizable_product``, e.g. qexp.models.layers.MatMul) at ``bits`` with the
+    per-token absmax grid (None: keep them float)."""
+    if bits is None:
+        return []
+    names = [n for n, m in net.named_modules() if getattr(m, "quantizable_product", False)]
+    for name in names:
+        new = QMatMul(PerTokenQuantizer(bits, "activation"), PerTokenQuantizer(bits, "activation"))
+        _swap_named(net, name, new)
+    return names
 
 
 def attach_estimator(net: nn.Module, estimator: nn.Module) -> None:

@@ -9,7 +9,7 @@ from torch import Tensor
 
 from qexp.bitwidth import FLOAT_BITS, TERNARY_BITS
 from qexp.quant.base import Quantizer
-from qexp.quant.layers import QuantLayer, quant_layers
+from qexp.quant.layers import QMatMul, QuantLayer, quant_layers, quant_matmuls
 
 
 def distinct_per_row(t: Tensor) -> Tensor:
@@ -47,6 +47,16 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
                 seen[name] = int(torch.unique(xq.detach().float()).numel())
 
         hooks.append(layer.register_forward_pre_hook(record))
+    for name, product in quant_matmuls(model):
+
+        def record_product(mod: QMatMul, args: tuple, name: str = name) -> None:
+            a, b = args  # per-token grids: distinct values per row of a, per column of b
+            rows_a = mod.a_quant.hard(a).detach().float().reshape(-1, a.shape[-1])
+            rows_b = mod.b_quant.hard(b.transpose(-2, -1)).detach().float()
+            seen[name] = int(max(distinct_per_row(rows_a).max(),
+                                 distinct_per_row(rows_b.reshape(-1, b.shape[-2])).max()))
+
+        hooks.append(product.register_forward_pre_hook(record_product))
     was_training = model.training
     model.eval()
     try:
@@ -73,6 +83,12 @@ def layer_table(model: torch.nn.Module, batch: Tensor) -> list[dict[str, Any]]:
                 "ok": _within(layer.w_quant, w_lv) and _within(layer.a_quant, a_lv),
             }
         )
+    for name, product in quant_matmuls(model):  # no weight: the inputs' levels only
+        a_lv = seen.get(name, 0)
+        table.append({"name": name, "kind": "QMatMul", "role": "product", "w_bits": FLOAT_BITS,
+                      "a_bits": product.a_bits, "params": 0, "kb": 0.0,
+                      "levels": {"weight": 0, "activation": a_lv},
+                      "ok": _within(product.a_quant, a_lv)})  # fmt: skip
     return table
 
 

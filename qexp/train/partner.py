@@ -99,7 +99,7 @@ def partner_config(config: Mapping[str, Any]) -> dict[str, Any]:
     kept = [{"match": r["match"], "float": True} for r in plain["layers"].get("overrides") or []
             if r.get("float")]  # fmt: skip
     plain["layers"] = {**plain["layers"], "first_bits": None, "last_bits": None,
-                       "overrides": kept}  # fmt: skip
+                       "overrides": kept, "matmul_bits": None, "embed_bits": None}  # fmt: skip
     epochs = (plain.get("partner") or {}).get("epochs")
     if epochs is not None:
         plain["trainer"]["epochs"] = int(epochs)

@@ -32,7 +32,7 @@ from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
 from qexp.quant.budget import budget_from_spec
 from qexp.quant.overrides import LayerPlan, resolve_plan
-from qexp.quant.wrap import LayerBits, quantize_model
+from qexp.quant.wrap import LayerBits, quantize_embeddings, quantize_matmuls, quantize_model
 from qexp.record import config_fingerprint
 from qexp.spec import BudgetSpec, LayersSpec, PartnerSpec, RunSpec, TrainerSettings
 from qexp.train import distributed
@@ -179,6 +179,8 @@ def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
         last_bits=spec.layers.last_bits,
         plan=layer_plan(spec, net),
     )
+    quantize_embeddings(net, spec.layers.embed_bits)
+    quantize_matmuls(net, spec.layers.matmul_bits)
     return net
 
 

@@ -124,3 +124,19 @@ def test_char_gpt_trains_with_quantized_products_and_embeddings(tmp_path: Path) 
     proc = run_qexp("export", str(tmp_path / "run"), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "does not cover yet" in proc.stderr + proc.stdout
+
+
+def test_export_refuses_run_time_per_token_scales_in_one_line() -> None:
+    from qexp.export.graph import build_graph
+    from qexp.quant.wrap import LayerBits, quantize_model
+
+    torch.manual_seed(4)
+    net = SmallCNN(num_classes=10, in_channels=1, image_size=28)
+
+    def per_token(role: str, bits: int, options=None):
+        return PerTokenQuantizer(bits, role)
+
+    quantize_model(net, per_token, per_token, LayerBits(4, 4), 8, 8)
+    with pytest.raises(QexpError, match="per token at run time") as err:
+        build_graph(net, torch.randn(2, 1, 28, 28))
+    assert "\n" not in str(err.value)

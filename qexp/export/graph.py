@@ -153,6 +153,12 @@ class GraphBuilder:
                 desc: dict[str, Any] = {"kind": "sign", "scale": float(aq.act_scale)}
             else:
                 grid = _grid(name, aq, x)
+                if torch.as_tensor(grid.step).numel() != 1:
+                    raise QexpError(
+                        f"export: layer {name} scales its input per token at run time "
+                        f"({type(aq).__name__}); the export format holds one static scale per "
+                        "layer input: train with a per-tensor activation quantizer to export"
+                    )
                 offset, n = float(grid.offset), int(grid.num_levels)
                 desc = {"kind": "grid", "scale": float(grid.step), "levels": n}
                 if aq.rounds_then_clamps:

@@ -31,7 +31,8 @@ def main() -> None:
     parser.add_argument("--digits", type=int, default=3)
     args = parser.parse_args()
     spec = json.loads((args.study_dir / "study.json").read_text())
-    settings = [s["key"] for s in spec["settings"]]
+    by_bits = sorted(spec["settings"], key=lambda s: float(s["bits"]))  # columns by width
+    settings = [s["key"] for s in by_bits]
     methods = list(spec["methods"])
     cells: dict[tuple[str, str], list[float]] = {}
     for path in sorted((args.study_dir / "final").glob("*/*/seed*/metrics.json")):
@@ -42,7 +43,7 @@ def main() -> None:
     refs = []  # the evaluation seeds' references, from the run cache (references.json)
     stored = json.loads((args.study_dir / "references.json").read_text())
     for seed in spec["seeds"]:
-        row = stored.get(f"{settings[0]}/{seed}")
+        row = stored.get(f"{spec['settings'][0]['key']}/{seed}")
         path = Path(row["run_dir"].replace("$QEXP_CACHE", str(cache_root()))) if row else None
         if path is not None and (path / "metrics.json").exists():
             record = json.loads((path / "metrics.json").read_text())

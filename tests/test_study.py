@@ -176,6 +176,11 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert (comparison["method"], comparison["baseline"]) == ("ste", "clipped_ste")
     report = (study_dir / "report.md").read_text()
     assert "failed: " in report and "a made-up claim" in report
+    # how long it took, on what: the killed call (stopped) and this one (finished)
+    assert [p["finished"] for p in results["pieces"]] == [False, True]
+    assert results["pieces"][1]["execution"]["workers"] == 1
+    assert results["tuning_runs"] == 4  # 2 methods x 2 trials that ran (lsq's failed)
+    assert "## How long it took, and on what" in report and "| all |" in report
     for name in ("cells.csv", "runs.csv", "accuracy_vs_bits.png"):
         assert (study_dir / name).stat().st_size > 0
     assert any((study_dir / "tensorboard" / "ste").iterdir())

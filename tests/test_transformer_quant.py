@@ -97,6 +97,30 @@ def test_char_gpt_levels_of_products_and_embeddings() -> None:
     assert all(r["ok"] and 2 < r["levels"]["activation"] <= 7 for r in products)
 
 
+def test_cost_counts_products_and_not_embedding_inputs() -> None:
+    from qexp.quant.cost import cost_report
+
+    torch.manual_seed(4)
+    dim, heads, seq = 16, 2, 12
+    net = CharGPT(num_classes=20, in_channels=1, image_size=seq, dim=dim, depth=2, heads=heads)
+    quantize_embeddings(net, 4)
+    quantize_matmuls(net, 3)
+    rows = {r["name"]: r for r in cost_report(net, torch.randint(0, 20, (2, seq)))["layers"]}
+    assert rows["tok_embed"]["macs"] == 0 and rows["tok_embed"]["act_bytes"] == 0
+    assert rows["tok_embed"]["weight_bytes"] == math.ceil(20 * dim * 4 / 8)
+    products = [r for name, r in rows.items() if isinstance(net.get_submodule(name), QMatMul)]
+    assert len(products) == 4
+    head_dim = dim // heads
+    for r in products:  # q k^T and softmax v: heads x seq x seq x head_dim each, per sample
+        assert r["macs"] == heads * seq * seq * head_dim
+        assert r["bops"] == r["macs"] * 3 * 3 and r["weight_bytes"] == 0
+    # operands per sample: q and k (2 x heads x seq x head_dim), or softmax and v
+    sizes = sorted({r["act_bytes"] for r in products})
+    qk = math.ceil(2 * heads * seq * head_dim * 3 / 8)
+    sv = math.ceil((heads * seq * seq + heads * seq * head_dim) * 3 / 8)
+    assert sizes == sorted({qk, sv})
+
+
 def test_export_refuses_transformer_graphs_in_one_line() -> None:
     net = CharGPT(num_classes=20, in_channels=1, image_size=12, dim=16, depth=1, heads=2)
     with pytest.raises(QexpError) as err:

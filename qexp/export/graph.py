@@ -335,14 +335,17 @@ _UNSUPPORTED = {nn.LayerNorm: "LayerNorm", nn.Embedding: "embeddings", nn.GELU: 
                 QMatMul: "activation-activation products", nn.MultiheadAttention: "attention"}
 
 
+def _unsupported_label(module: nn.Module) -> str | None:
+    """What the export format cannot express in ``module``, or None."""
+    if getattr(module, "quantizable_product", False):  # attention's float MatMul
+        return "activation-activation products"
+    return next((label for t, label in _UNSUPPORTED.items() if isinstance(module, t)), None)
+
+
 def refuse_unsupported(net: nn.Module) -> None:
     """One line naming what the export format cannot express (transformer layers), before any
-    work; a MatMul module (attention) counts too."""
-    found = sorted({label for m in net.modules() for t, label in _UNSUPPORTED.items()
-                    if isinstance(m, t)}  # fmt: skip
-                   | ({"activation-activation products"}
-                      if any(getattr(m, "quantizable_product", False) for m in net.modules())
-                      else set()))  # fmt: skip
+    work."""
+    found = sorted({label for m in net.modules() if (label := _unsupported_label(m))})
     if found:
         raise QexpError(
             f"export: this network has {', '.join(found)}, which qexp's integer export does not "

@@ -32,6 +32,7 @@ from qexp.errors import QexpError
 from qexp.record import read_json, read_record, write_json
 from qexp.spec import RunSpec
 from qexp.study import report as study_report
+from qexp.study.ledger import PieceLog, read_pieces, run_train_seconds
 from qexp.study.results import from_summary
 from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
@@ -88,6 +89,16 @@ class Execution:
     parallel: int | None = None
     shard: tuple[int, int] | None = None
     slurm: dict[str, Any] = field(default_factory=dict)
+
+    def words(self) -> dict[str, Any]:
+        """What the study's piece record keeps of this execution."""
+        gpus = visible_gpus()
+        return {
+            "workers": self.workers or (2 * gpus if gpus else default_workers(self.threads)),
+            "threads": self.threads,
+            "launcher": self.launcher,
+            "shard": "/".join(map(str, self.shard)) if self.shard else None,
+        }
 
     def pool(self, study_dir: Path):
         """The workers of this execution."""
@@ -392,7 +403,9 @@ class Study:
         cells = self.my_cells()
         pool = self.execution.pool(self.dir)
         try:
-            with hydra_configs(self.config_dirs):
+            with PieceLog(self.dir, self.execution.words()) as piece, hydra_configs(
+                self.config_dirs
+            ):
                 ref_configs = self.reference_configs(cells)
                 tuners = self.tuners(cells, ref_configs)
                 finals = self.final_specs(cells, tuners, ref_configs)
@@ -413,7 +426,11 @@ class Study:
             )
             return None
         tuned = {(s.key, m.name): tuned[(self.tuned_from(s).key, m.name)] for s, m in cells}
-        results = portable_paths(summarize(self.spec, refs, tuned, rows), self.dir)
+        summary = summarize(self.spec, refs, tuned, rows)
+        tuning_runs, tuning_s = run_train_seconds(self.dir / "tuning")
+        summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs,
+                       tuning_train_s=round(tuning_s, 1))  # fmt: skip
+        results = portable_paths(summary, self.dir)
         paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from qexp.record import atomic_write, write_json
+from qexp.study.ledger import machine_words
 from qexp.study.results import (
     CLAIM_CONSISTENT,
     CLAIM_NOT_OBSERVED,
@@ -187,6 +188,7 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
     lines += _results_section(spec, results)
     lines += _aa_section(spec, results)
     lines += _claims_section(spec, results)
+    lines += _compute_section(results)
     lines += [
         "",
         "## Reading the verdicts",
@@ -325,6 +327,55 @@ def _aa_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"| {where} | {r.method} | {seeds} | {r.n} | "
             f"{_interval(r.diff, r.low, r.high, True)} | {_pct(r.sd)} | {_p(r.p)} |"
         )
+    return lines
+
+
+def _hours(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
+def _compute_section(results: StudyResults) -> list[str]:
+    """How long the study took and on what: its pieces (calls of `qexp study`) and the
+    training time summed over its runs, per stage."""
+    lines = ["", "## How long it took, and on what", ""]
+    if results.pieces:
+        lines += [
+            "Each call of `qexp study` is a piece; its wall time runs from its start to its "
+            "last heartbeat (a piece stopped from outside ends within a minute of it).",
+            "",
+            "| piece | started (UTC) | wall | machine | workers x threads | shard | ended |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for i, p in enumerate(results.pieces, 1):
+            ex = p.execution
+            ended = "finished" if p.finished else "stopped"
+            if p.note:
+                ended += f" ({p.note})"
+            lines.append(
+                f"| {i} | {p.started[:16].replace('T', ' ')} | {_hours(p.wall_s)} | "
+                f"{machine_words(p.machine)} | {ex.get('workers')} x {ex.get('threads')} | "
+                f"{ex.get('shard') or '-'} | {ended} |"
+            )
+        total = sum(p.wall_s or 0.0 for p in results.pieces)
+        lines += ["", f"Wall time over all pieces: **{_hours(total)}**.", ""]
+    refs = [r.train_time_s for r in results.references if r.train_time_s is not None]
+    finals = [r.train_time_s for r in results.runs if r.train_time_s is not None]
+    stages = [
+        ("full-precision references", len(refs), sum(refs)),
+        ("tuning trials (one run per tuning seed)", results.tuning_runs,
+         results.tuning_train_s or 0.0),
+        ("final runs", len(finals), sum(finals)),
+    ]  # fmt: skip
+    lines += [
+        "Training time summed over runs (each run's own training clock, at its threads; "
+        "evaluation, start-up and waiting excluded):",
+        "",
+        "| stage | runs | training time |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {name} | {n} | {_hours(sec)} |" for name, n, sec in stages]
+    all_s = sum(sec for _, _, sec in stages)
+    lines.append(f"| all | {sum(n for _, n, _ in stages)} | {_hours(all_s)} |")
     return lines
 
 

@@ -320,6 +320,26 @@ class AARow:
 
 
 @dataclass(frozen=True)
+class PieceRow:
+    """One call of ``qexp study`` (a piece of the study): when, how long, on what."""
+
+    started: str
+    wall_s: float | None = None
+    finished: bool = False
+    machine: dict[str, Any] = field(default_factory=dict)
+    execution: dict[str, Any] = field(default_factory=dict)
+    #: how the record was made when not by the call itself (e.g. reconstructed afterwards)
+    note: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return _row_json(self, omit_none=("note",))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PieceRow:
+        return _row_from(cls, data)
+
+
+@dataclass(frozen=True)
 class StudyResults:
     """Everything a study measured: results.json, typed."""
 
@@ -335,6 +355,10 @@ class StudyResults:
     aa_seeds: tuple[int, ...] = ()
     claim_tests: tuple[ClaimTestRow, ...] = ()
     aa: tuple[AARow, ...] = ()
+    #: the calls that ran the study (qexp.study.ledger) and the tuning runs' training time
+    pieces: tuple[PieceRow, ...] = ()
+    tuning_runs: int = 0
+    tuning_train_s: float | None = None
 
     def comparison(
         self, setting: str, method: str, budget: float | None = None,
@@ -375,6 +399,7 @@ class StudyResults:
             aa_seeds=tuple(int(s) for s in data.get("aa_seeds") or ()),
             claim_tests=tuple(ClaimTestRow.from_json(c) for c in data.get("claim_tests") or []),
             aa=tuple(AARow.from_json(r) for r in data.get("aa") or []),
+            pieces=tuple(PieceRow.from_json(r) for r in data.get("pieces") or []),
         )
 
 

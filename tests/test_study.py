@@ -230,3 +230,17 @@ def test_plateau_gain_and_its_spec():
 
 def load_spec_dict(**changes):
     return parse_spec(spec_dict(**changes))
+
+
+def test_study_dir_takes_new_notes_claims_and_controls_but_not_new_runs(tmp_path):
+    """Keys that shape only the report may change after the runs; the rest binds the dir."""
+    first = Study(parse_spec(spec_dict()), tmp_path / "study")
+    first.dir.mkdir()
+    first.check_dir()
+    reworded = spec_dict(notes=["a note"], controls=[{"method": "ste", "against": "lsq"}],
+                         alpha=0.01)  # fmt: skip
+    Study(parse_spec(reworded), first.dir).check_dir()
+    stored = json.loads((first.dir / "study.json").read_text())
+    assert stored["notes"] == ["a note"] and stored["alpha"] == 0.01
+    with pytest.raises(QexpError, match="another spec"):
+        Study(parse_spec(spec_dict(seeds=[0, 1, 2])), first.dir).check_dir()

@@ -239,3 +239,111 @@ def test_old_results_json_regenerates_the_report():
     assert "| budget |" not in text  # an old study: no budget or optimizer columns
     assert "A/A" in text and "Not measured" in text
     assert "not observed under w1a1" in text and "not reproduced" not in text
+
+
+def test_controls_join_the_exploratory_family():
+    """A control (``other`` against ``claimed``): paired by seed, Holm over the baseline
+    comparisons and the controls together, against scipy."""
+    spec = parse_spec({**SPEC, "controls": [{"method": "other", "against": "claimed",
+                                             "text": "same quantizer, no partner"}]})
+    plain = _results()
+    results = analyze(spec, plain)
+    controls = {c.setting: c for c in results.controls}
+    assert set(controls) == {"w1a1", "w2a2"} and len(results.comparisons) == 6
+    diffs = np.array(GAINS["other"]) - np.array(GAINS["claimed"])
+    row = controls["w1a1"]
+    assert (row.method, row.baseline, row.kind, row.n) == ("other", "claimed", "control", 4)
+    assert row.diff == pytest.approx(diffs.mean())
+    other = [b + g for b, g in zip(BASE, GAINS["other"], strict=True)]
+    claimed = [b + g for b, g in zip(BASE, GAINS["claimed"], strict=True)]
+    assert row.p == pytest.approx(stats.ttest_rel(other, claimed).pvalue)
+    family = [c.p for c in results.comparisons]
+    assert [c.p_holm for c in results.comparisons] == pytest.approx(holm(family))
+    # the baseline comparison of a cell is still the one the tables read
+    assert results.comparison("w1a1", "other").baseline == "base"
+    text = report.markdown(spec, results)
+    assert "## Controls" in text and "same quantizer, no partner" in text
+    assert "| w1a1 | other | claimed | 4 |" in text
+    again = StudyResults.from_json(json.loads(json.dumps(results.to_json())))
+    assert again.controls == results.controls
+
+
+def test_a_control_must_name_two_methods_of_the_spec():
+    from qexp.errors import QexpError
+
+    with pytest.raises(QexpError, match="control"):
+        parse_spec({**SPEC, "controls": [{"method": "other", "against": "nope"}]})
+    with pytest.raises(QexpError, match="control"):
+        parse_spec({**SPEC, "controls": [{"method": "other"}]})
+
+
+def test_a_claim_without_budget_finds_its_settings_one_condition():
+    """A non-numeric claim on a setting run at one budget and optimizer sits beside that
+    condition's comparison (the claim names the setting only)."""
+    spec = parse_spec({**SPEC, "claims": [{"method": "other", "setting": "w2a2",
+                                           "text": "state of the art"}]})
+    from dataclasses import replace
+
+    from qexp.study.results import ClaimRow
+
+    plain = _results(budgets=(3.0,), optimizers=("adam",))
+    claim = ClaimRow(method="other", setting="w2a2", text="state of the art")
+    results = analyze(spec, replace(plain, claims=(claim,)))
+    assert results.comparison("w2a2", "other").budget == 3.0
+    text = report.markdown(spec, results)
+    row = next(line for line in text.splitlines() if "state of the art" in line)
+    assert "not numeric" in row and "| better |" in row
+
+
+def test_bits_figure_budget_is_the_one_most_settings_ran():
+    from qexp.study.results import CellRow
+
+    def cell(setting: str, budget: float) -> CellRow:
+        return CellRow.from_json({"setting": setting, "title": setting, "bits": 1,
+                                  "method": "m", "status": "completed", "n": 2, "mean": 0.5,
+                                  "budget": budget})  # fmt: skip
+
+    # W1/A1 over 1, 3 and 9 epochs, a scratch arm at 9, W2 and W4 at 3: all widths at 3
+    cells = [cell("w1a1", b) for b in (1, 3, 9)] + [cell("scratch", 9), cell("w2a2", 3),
+                                                    cell("w4a4", 3)]  # fmt: skip
+    results = StudyResults(name="s", seeds=(0, 1), alpha=0.05, cells=tuple(cells))
+    assert report.bits_budget(results) == 3
+    tie = StudyResults(name="s", seeds=(0, 1), alpha=0.05,
+                       cells=(cell("a", 2), cell("a", 8)))  # fmt: skip
+    assert report.bits_budget(tie) == 8
+    assert report.bits_budget(StudyResults(name="s", seeds=(0, 1), alpha=0.05)) is None
+
+
+def test_cells_with_borrowed_knobs_name_their_source_and_are_drawn_once(tmp_path: Path):
+    spec = parse_spec({
+        "name": "t", "seeds": [0, 1], "tuning": {"trials": 1},
+        "settings": [
+            {"key": "e2", "group": "w1", "bits": 1, "baseline": "base", "budget": 2},
+            {"key": "e1", "group": "w1", "bits": 1, "baseline": "base", "budget": 1,
+             "knobs_from": "e2"}],
+        "methods": {"base": {}},
+    })  # fmt: skip
+    trials = [{"number": 0, "state": "complete", "val_acc": 0.5,
+               "params": {"trainer.lr": 0.01}}]  # fmt: skip
+    cells = [{"setting": "w1", "title": "W1", "bits": 1, "method": "base", "status": "completed",
+              "n": 2, "mean": 0.5, "budget": b, "knobs_from": src, "trials": trials}
+             for b, src in ((2, None), (1, "e2"))]  # fmt: skip
+    results = StudyResults.from_json({"name": "t", "seeds": [0, 1], "alpha": 0.05,
+                                      "cells": cells})  # fmt: skip
+    text = report.markdown(spec, results)
+    assert "| w1, budget 1 | base |" in text and "those of w1, budget 2 |" in text
+    drawn: list[str] = []
+    import matplotlib.axes
+
+    real = matplotlib.axes.Axes.set_title
+
+    def spy(self, title, *args, **kwargs):
+        drawn.append(title)
+        return real(self, title, *args, **kwargs)
+
+    matplotlib.axes.Axes.set_title = spy
+    try:
+        report.lr_figure(spec, results, tmp_path / "lr.png")
+    finally:
+        matplotlib.axes.Axes.set_title = real
+    assert drawn == ["w1, budget 2"]  # one panel: the tuned condition only

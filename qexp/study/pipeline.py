@@ -36,7 +36,7 @@ from qexp.study.ledger import PieceLog, read_pieces, run_train_seconds
 from qexp.study.results import from_summary
 from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
-from qexp.study.spec import Method, Setting, StudySpec
+from qexp.study.spec import REPORT_ONLY_KEYS, Method, Setting, StudySpec
 from qexp.study.stats import mean_interval
 from qexp.study.tune import CellTuner, TuneResult
 from qexp.study.workers import (
@@ -196,12 +196,16 @@ class Study:
     def check_dir(self) -> None:
         """Bind the dir to this spec: a rerun with another spec would mix two studies."""
         path = self.dir / SPEC_FILE
-        old = read_json(path)
-        if old is not None and old != json.loads(json.dumps(self.spec.raw)):
+        old, new = read_json(path), json.loads(json.dumps(self.spec.raw))
+
+        def runs_part(raw: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in raw.items() if k not in REPORT_ONLY_KEYS}
+
+        if old is not None and runs_part(old) != runs_part(new):
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
-        if old is None:
+        if old != new:  # new, or only its notes, claims, controls or alpha changed
             write_json(self.spec.raw, path)
 
     def reference_configs(self, cells: list[tuple[Setting, Method]]) -> dict:

@@ -168,14 +168,23 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
         "- **Paired design.** For a seed, every method starts from the same reference weights, "
         "sees the same batch order (the data order is a function of the run seed) and the same "
         "validation split (`dataset.split_seed` is fixed).",
-        f"- **Tuning.** {t.trials} Optuna trials per method and setting (TPE, seed "
-        f"{t.sampler_seed}; median pruning after {t.prune_startup_trials} trials and "
-        f"{t.prune_warmup_epochs} epoch(s)), on seed {t.seed} with "
-        f"`{' '.join(t.overrides) or '(no extra overrides)'}`, maximizing best validation "
-        "accuracy. The test split is sealed in tuning runs: reading it is an error. Failed and "
-        "pruned trials count against the budget.",
+        f"- **Tuning.** {t.trials} Optuna trials per method and tuned setting (TPE, sampler "
+        f"seed {t.sampler_seed}, "
+        + (f"{t.startup_trials} random start trials" if t.startup_trials is not None
+           else "Optuna's 10 random start trials")
+        + f"; median pruning after {t.prune_startup_trials} finished trials and "
+        f"{t.prune_warmup_epochs} epoch(s)"
+        + (", never before the method trains its deployed form" if t.prune_before_deployed
+           else "")
+        + f"), each trial on seed(s) {', '.join(map(str, t.all_seeds))}"
+        + (" (its objective their mean best validation accuracy)" if len(t.all_seeds) > 1
+           else " (its objective the best validation accuracy)")
+        + f", with `{' '.join(t.overrides) or '(no extra overrides)'}` and each setting's own "
+        "tuning overrides. The test split is sealed in tuning runs: reading it is an error. "
+        "Failed and pruned trials count against the budget.",
         f"- **Final runs.** Each method's best knobs per setting, seeds {list(spec.seeds)}, with "
-        f"`{' '.join(spec.final) or '(no extra overrides)'}`.",
+        f"`{' '.join(spec.final) or '(no extra overrides)'}` and each setting's own final "
+        "overrides (its training budget, optimizer).",
         "- **Cost.** Training wall time (mean over seeds) and whole-network forward and "
         "backward passes per step, as each estimator declares them (`passes_per_step`).",
         "",
@@ -186,6 +195,7 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
     lines += _references_section(spec, results)
     lines += _tuning_section(spec, results)
     lines += _results_section(spec, results)
+    lines += _controls_section(spec, results)
     lines += _aa_section(spec, results)
     lines += _claims_section(spec, results)
     lines += _compute_section(results)
@@ -234,8 +244,12 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     only_common = []
+    keys = {s.key: s for s in spec.settings}
     for c in results.cells:
         counts = "/".join(str(k) for k in c.trial_counts)
+        source = keys.get(c.knobs_from or "")
+        if source is not None:  # the trials are those of the setting it takes its knobs from
+            counts = f"those of {condition_words(source.row, source.budget, source.optimizer)}"
         space = "; ".join(f"`{k}` {v}" for k, v in c.space.items())
         if c.space and set(c.space) <= common:
             space += " (common knobs only)"
@@ -296,6 +310,32 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "its accuracy at the baseline's time when the training budgets bracket it, else the "
         "time ratio.",
     ]
+    return lines
+
+
+def _controls_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    """The spec's planned controls: a method against another than its baseline."""
+    if not spec.controls:
+        return []
+    lines = ["", "## Controls", ""]
+    lines += [f"- **{c.method} against {c.against}.** {c.text}" for c in spec.controls]
+    lines += [
+        "",
+        "Paired by seed like the baseline comparisons and Holm-corrected in the same "
+        "exploratory family.",
+        "",
+        "| condition | method | against | n | difference [95% CI] | d_z | MDE (80%) | p "
+        "| p (Holm) | verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in results.controls:
+        lines.append(
+            f"| {condition_words(c.setting, c.budget, c.optimizer)} | {c.method} | "
+            f"{c.baseline} | {c.n} | {_diff_text(c)} | {_num(c.d_z)} | {_pct(c.mde)} | "
+            f"{_p(c.p)} | {_p(c.p_holm)} | {c.verdict} |"
+        )
+    if not results.controls:
+        lines.append("| (no condition ran both methods on two or more seeds) |||||||||")
     return lines
 
 
@@ -493,13 +533,14 @@ def reference_forms(results: StudyResults) -> list[tuple[str, list[str], list[fl
     return out
 
 
-def _draw_references(ax: Any, results: StudyResults, span: dict[str, tuple[float, float]] | None
-                     ) -> None:  # fmt: skip
+def _draw_references(ax: Any, results: StudyResults, span: dict[str, tuple[float, float]] | None,
+                     only: set[str] | None = None) -> None:  # fmt: skip
     """One dashed line per network form; over its settings' x range when ``span`` maps
-    settings to (low, high) x, across the panel otherwise."""
+    settings to (low, high) x, across the panel otherwise; with ``only``, just the forms of
+    those settings."""
     styles = ["--", "-.", ":"]
     for i, (label, settings, accs) in enumerate(reference_forms(results)):
-        if not accs:
+        if not accs or (only is not None and not set(settings) & only):
             continue
         y = 100 * sum(accs) / len(accs)
         style = dict(ls=styles[i % len(styles)], color=str(0.2 + 0.2 * (i % 3)), label=label)
@@ -513,14 +554,14 @@ def _draw_references(ax: Any, results: StudyResults, span: dict[str, tuple[float
 
 def figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     """Mean test accuracy against bit width with 95% interval bars, one line per method (per
-    method and optimizer when the study varies optimizers; at the largest budget when it
+    method and optimizer when the study varies optimizers; at :func:`bits_budget` when it
     varies budgets); the full-precision references as one line per network form."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    top_budget = max(results.budgets) if results.budgets else None
+    top_budget = bits_budget(results)
     optimizers = results.optimizers or [None]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lines = [(m.name, o) for o in optimizers for m in spec.methods]
@@ -537,12 +578,28 @@ def figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     bits = {s.row: (s.bits / 1.25, s.bits * 1.25) for s in spec.settings}
     _draw_references(ax, results, bits)
     ax.set_xscale("log", base=2)
+    widths = sorted({s.bits for s in spec.settings})
+    ax.set_xticks(widths, [f"{b:g}" for b in widths])
+    ax.minorticks_off()
     budget = f", budget {top_budget:g}" if top_budget is not None else ""
     ax.set_xlabel(f"bits (W/A); 1 bit in BinaryNet form{budget}")
     ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
     ax.set_title(spec.name)
     ax.legend(fontsize=8)
     _save(fig, path)
+
+
+def bits_budget(results: StudyResults) -> float | None:
+    """The budget of the accuracy-against-bits figure: the one most settings ran (the
+    largest of those on a tie), so that every bit width is drawn at the same budget; None
+    when the study does not vary budgets."""
+    rows: dict[float, set[str]] = {}
+    for c in results.cells:
+        if c.budget is not None:
+            rows.setdefault(c.budget, set()).add(c.setting)
+    if not rows:
+        return None
+    return max(rows, key=lambda b: (len(rows[b]), b))
 
 
 def _errorbar(ax: Any, xs: list[float], cells: list[CellRow], label: str) -> None:
@@ -565,8 +622,9 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
-    """Mean test accuracy against training budget, one line per method and setting, one
-    panel per optimizer; the full-precision references as one line per network form."""
+    """Mean test accuracy against training budget (log axis), one line per method and
+    setting, one panel per optimizer, for the settings run at two or more budgets; the
+    full-precision references of their network forms as one line each."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -575,7 +633,13 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     optimizers = results.optimizers or [None]
     fig, axes = plt.subplots(1, len(optimizers), figsize=(6.4 * len(optimizers), 4.2),
                              squeeze=False, sharey=True)  # fmt: skip
-    rows = list(dict.fromkeys(s.row for s in spec.settings))
+    budgets_of: dict[str, set[float]] = {}
+    for c in results.cells:
+        if c.budget is not None:
+            budgets_of.setdefault(c.setting, set()).add(c.budget)
+    rows = [r for r in dict.fromkeys(s.row for s in spec.settings)
+            if len(budgets_of.get(r, ())) > 1]  # fmt: skip
+    ticks = sorted(set().union(*(budgets_of[r] for r in rows))) if rows else []
     for ax, optimizer in zip(axes[0], optimizers, strict=True):
         for row in rows:
             for method in spec.methods:
@@ -588,8 +652,12 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
                 if cells:
                     label = method.name if len(rows) == 1 else f"{method.name}, {row}"
                     _errorbar(ax, [c.budget for c in cells], cells, label)
-        _draw_references(ax, results, None)
-        ax.set_xlabel("training budget")
+        _draw_references(ax, results, None, only=set(rows))
+        if ticks and min(ticks) > 0:
+            ax.set_xscale("log")
+            ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+            ax.minorticks_off()
+        ax.set_xlabel("training budget (log scale)")
         ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
         ax.set_title(f"{spec.name}: {optimizer or 'one optimizer'}", fontsize=10)
         ax.legend(fontsize=7)
@@ -605,7 +673,9 @@ def lr_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tuned = [c for c in results.cells if any("trainer.lr" in t.params for t in c.trials)]
+    # a cell with knobs from another setting repeats that setting's trials: drawn once
+    tuned = [c for c in results.cells if c.knobs_from is None
+             and any("trainer.lr" in t.params for t in c.trials)]  # fmt: skip
     conditions = list(dict.fromkeys(c.condition for c in tuned))
     cols = min(3, len(conditions))
     rows = -(-len(conditions) // cols)

@@ -183,6 +183,8 @@ class CellRow:
     optimizer: str | None = None
     #: the run seeds of its tuning trials (empty in old files: the spec's tuning.seed)
     tuning_seeds: tuple[int, ...] = ()
+    #: the setting whose tuned knobs (and trials) this cell uses (None: tuned itself)
+    knobs_from: str | None = None
 
     @property
     def condition(self) -> Condition:
@@ -207,7 +209,8 @@ class CellRow:
 
 @dataclass(frozen=True)
 class ComparisonRow:
-    """A method minus its setting's baseline, paired by seed, with its test."""
+    """A method minus its setting's baseline (or, for a control, minus the method the spec's
+    ``controls`` name in ``baseline``), paired by seed, with its test."""
 
     setting: str
     method: str
@@ -227,6 +230,7 @@ class ComparisonRow:
     #: 80% power: noncentral t (mde), and its normal approximation (mde_normal)
     mde: float | None = None
     mde_normal: float | None = None
+    kind: str = "baseline"  # "baseline" | "control" (a planned comparison of the spec)
 
     @property
     def condition(self) -> Condition:
@@ -364,11 +368,19 @@ class StudyResults:
         self, setting: str, method: str, budget: float | None = None,
         optimizer: str | None = None,
     ) -> ComparisonRow | None:
-        """The comparison of a cell with its baseline, if one was made."""
-        key = (setting, budget, optimizer)
-        return next(
-            (c for c in self.comparisons if c.condition == key and c.method == method), None
-        )  # fmt: skip
+        """The comparison of a cell with its baseline, if one was made. Without a budget and
+        optimizer, a setting run under one condition only finds that one."""
+        rows = [c for c in self.comparisons
+                if c.kind == "baseline" and (c.setting, c.method) == (setting, method)]  # fmt: skip
+        exact = next((c for c in rows if (c.budget, c.optimizer) == (budget, optimizer)), None)
+        if exact is None and budget is None and optimizer is None and len(rows) == 1:
+            return rows[0]
+        return exact
+
+    @property
+    def controls(self) -> list[ComparisonRow]:
+        """The planned control comparisons (spec ``controls``)."""
+        return [c for c in self.comparisons if c.kind == "control"]
 
     @property
     def budgets(self) -> list[float]:
@@ -446,15 +458,20 @@ def analyze(spec: StudySpec, results: StudyResults, power: float = 0.8) -> Study
     alpha = results.alpha
     cells = _accuracies(results, set(results.seeds))
     conditions = sorted({c for c, _ in cells}, key=lambda c: (str(c[0]), str(c[1]), str(c[2])))
-    paired = stats.compare_all(cells, {c: baselines.get(c[0], "") for c in conditions}, alpha)
+    # one exploratory family: every method against its baseline, and the spec's controls
+    pairs = [(cond, method, baselines.get(cond[0], "")) for cond, method in cells
+             if method != baselines.get(cond[0])]  # fmt: skip
+    pairs += [(cond, c.method, c.against) for c in spec.controls for cond in conditions]
+    paired = stats.compare_pairs(cells, pairs, alpha)
     comparisons = []
-    for (cond, method), pr in paired.items():
+    for (cond, method, against), pr in paired.items():
         sd, n = pr.sd, pr.diff.n
+        kind = "baseline" if against == baselines.get(cond[0]) else "control"
         comparisons.append(ComparisonRow(
-            cond[0], method, baselines[cond[0]], n, pr.diff.mean, pr.diff.low, pr.diff.high,
+            cond[0], method, against, n, pr.diff.mean, pr.diff.low, pr.diff.high,
             pr.p, pr.p_holm, pr.verdict, cond[1], cond[2], sd,
             pr.diff.mean / sd if sd > 0 else math.nan,
-            stats.mde_paired(sd, n, alpha, power), stats.mde_normal(sd, n, alpha, power),
+            stats.mde_paired(sd, n, alpha, power), stats.mde_normal(sd, n, alpha, power), kind,
         ))  # fmt: skip
     # confirmatory: every numeric claim at every condition of its setting it names
     members = [

@@ -16,8 +16,12 @@ from qexp.errors import QexpError
 #: top-level keys of a study spec
 SPEC_KEYS = {
     "name", "base", "reference", "seeds", "tuning", "final", "settings", "methods", "claims",
-    "alpha", "notes", "plateau", "aa_seeds", "aa_reference",
+    "alpha", "notes", "plateau", "aa_seeds", "aa_reference", "controls",
 }
+#: top-level keys that shape only the analysis and the report, never a run: a study dir
+#: accepts a spec that differs from its study.json in these alone (a note reworded, a claim
+#: or a control added after the runs)
+REPORT_ONLY_KEYS = ("notes", "claims", "controls", "alpha")
 #: keys of one setting
 SETTING_KEYS = {
     "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
@@ -93,6 +97,17 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Control:
+    """A planned comparison of ``method`` with ``against`` besides the baseline one (e.g.
+    block replacement against its own quantizer with plain STE), in every condition that
+    runs both; part of the exploratory family."""
+
+    method: str
+    against: str
+    text: str = ""
+
+
+@dataclass(frozen=True)
 class Tuning:
     """The per-method tuning budget (equal for every method)."""
 
@@ -147,6 +162,7 @@ class StudySpec:
     #: float start its partner run has: the noise floor of a paired comparison) | "own" (its
     #: own reference, the noise of two independent runs)
     aa_reference: str = "paired"
+    controls: tuple[Control, ...] = ()
 
     def reference_seed(self, seed: int) -> int:
         """The seed of the reference run ``seed`` starts from (itself, or for a paired A/A
@@ -289,9 +305,19 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         raw=plain,
         aa_seeds=tuple(int(s) for s in plain.get("aa_seeds") or ()),
         aa_reference=str(plain.get("aa_reference", "paired")),
+        controls=tuple(_control(c) for c in plain.get("controls") or []),
     )
     _check(spec)
     return spec
+
+
+def _control(node: Any) -> Control:
+    if not isinstance(node, dict) or set(node) - {"method", "against", "text"} or not (
+        node.get("method") and node.get("against")
+    ):
+        raise QexpError(f"study spec: a control is {{method: M, against: N, text: ...}}, not "
+                        f"{node!r}")  # fmt: skip
+    return Control(str(node["method"]), str(node["against"]), str(node.get("text", "")))
 
 
 def _plateau(node: dict[str, Any]) -> Plateau:
@@ -345,6 +371,10 @@ def _check(spec: StudySpec) -> None:
         raise QexpError("study spec: aa_seeds must be disjoint from seeds and tuning seeds")
     if spec.aa_reference not in ("paired", "own"):
         raise QexpError("study spec: aa_reference: use paired | own")
+    for c in spec.controls:
+        if c.method not in names or c.against not in names or c.method == c.against:
+            raise QexpError(f"study spec: control {c.method} against {c.against}: name two "
+                            "different methods of the spec")  # fmt: skip
     for m in spec.methods:
         for k in m.at:
             if k not in keys:

@@ -102,14 +102,28 @@ def compare_all(
     name, or a (setting, budget, optimizer) condition) that ``baselines`` maps to its baseline;
     cells with fewer than two shared seeds are left out.
     """
-    raw: dict[tuple[Any, str], Paired] = {}
-    for (setting, method), accs in cells.items():
-        base = cells.get((setting, baselines.get(setting, "")))
-        if method == baselines.get(setting) or base is None:
+    pairs = [(setting, method, baselines.get(setting, "")) for setting, method in cells
+             if method != baselines.get(setting)]  # fmt: skip
+    return {(s, m): p for (s, m, _), p in compare_pairs(cells, pairs, alpha, level).items()}
+
+
+def compare_pairs(
+    cells: dict[tuple[Any, str], dict[int, float]],
+    pairs: Sequence[tuple[Any, str, str]],
+    alpha: float = 0.05,
+    level: float = 0.95,
+) -> dict[tuple[Any, str, str], Paired]:
+    """Paired comparison of each (setting, method, against) in ``pairs``: ``method`` minus
+    ``against`` on the seeds both completed in that setting, Holm-corrected over all pairs
+    together; pairs with fewer than two shared seeds are left out."""
+    raw: dict[tuple[Any, str, str], Paired] = {}
+    for setting, method, against in pairs:
+        accs, base = cells.get((setting, method)), cells.get((setting, against))
+        if accs is None or base is None:
             continue
         seeds = sorted(set(accs) & set(base))
         if len(seeds) >= 2:
-            raw[(setting, method)] = paired_difference(
+            raw[(setting, method, against)] = paired_difference(
                 [accs[s] for s in seeds], [base[s] for s in seeds], level
             )
     keys = list(raw)

@@ -85,7 +85,8 @@ def test_paired_aa_seeds_start_from_their_partners_reference():
 def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("QEXP_CACHE", str(tmp_path / "cache"))
     spec_file = tmp_path / "protocol.json"
-    spec_file.write_text(json.dumps(protocol()))
+    check = {"methods": ["alpha_blend"], "lr_scales": [0.5, 1, 2]}
+    spec_file.write_text(json.dumps(protocol(carry_check=check)))
     # JSON is YAML: the spec file is read as a preset path
     assert study_main([str(spec_file), "--dir", str(tmp_path / "s"), "workers=1"]) == 0
     results = json.loads((tmp_path / "s" / "results.json").read_text())
@@ -119,5 +120,44 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
     assert "A/A" in report
     assert (tmp_path / "s" / "accuracy_vs_budget.png").stat().st_size > 0
     assert (tmp_path / "s" / "lr_sensitivity.png").stat().st_size > 0
+    # the carry check: alpha-blending's 5-epoch knobs at 2 epochs, LR x0.5 / x1 / x2, on
+    # the tuning seeds with the test sealed
+    tuned_lr = cells[("e5", "alpha_blend")]["best_params"]["trainer.lr"]
+    carry = results["carry"]
+    assert {(r["lr_scale"], r["seed"]) for r in carry} == {(x, s) for x in (0.5, 1, 2)
+                                                           for s in (7, 8)}  # fmt: skip
+    for r in carry:
+        record = json.loads((tmp_path / "s" / r["run_dir"] / "metrics.json").read_text())
+        assert record["config"]["trainer"]["lr"] == pytest.approx(tuned_lr * r["lr_scale"])
+        assert record["config"]["trainer"]["epochs"] == 2 and "test_acc" not in record
+        assert r["best_val_acc"] == record["best_val_acc"]
+    assert "## Do the tuned knobs carry to other budgets?" in report
+    assert "| w1a1, budget 2, adam | alpha_blend | w1a1, budget 5, adam |" in report
     budgets = {(c["budget"], c["method"]) for c in results["comparisons"]}
     assert budgets == {(5, "alpha_blend"), (2, "alpha_blend")}  # compared within a budget
+
+
+def test_carry_check_spec_and_table():
+    with pytest.raises(QexpError, match="include 1"):
+        parse_spec(protocol(carry_check={"methods": ["alpha_blend"], "lr_scales": [0.5, 2]}))
+    with pytest.raises(QexpError, match="not methods"):
+        parse_spec(protocol(carry_check={"methods": ["nope"]}))
+    spec = parse_spec(protocol(carry_check={"methods": ["alpha_blend"]}))
+    assert spec.carry_check.lr_scales == pytest.approx((1 / 3, 1, 3))
+
+    from qexp.study.report import carry_table
+    from qexp.study.results import StudyResults
+
+    def row(scale: float, seed: int, val: float) -> dict:
+        return {"setting": "w1a1", "method": "alpha_blend", "lr_scale": scale, "seed": seed,
+                "budget": 2, "optimizer": "adam", "tuned_at": "e5", "lr": 0.01 * scale,
+                "best_val_acc": val}  # fmt: skip
+
+    vals = {0.5: (0.80, 0.82), 1.0: (0.84, 0.83), 2.0: (0.86, 0.85)}
+    results = StudyResults.from_json({"name": "p", "seeds": [0, 1], "alpha": 0.05,
+                                      "carry": [row(x, s, v[i]) for x, v in vals.items()
+                                                for i, s in enumerate((7, 8))]})  # fmt: skip
+    (table,) = carry_table(results)
+    assert table["means"] == pytest.approx({0.5: 0.81, 1.0: 0.835, 2.0: 0.855})
+    assert table["best"] == 2.0 and table["gap"] == pytest.approx(0.02)
+    assert table["lr"] == pytest.approx(0.01) and table["seeds"] == 2

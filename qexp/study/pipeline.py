@@ -36,7 +36,7 @@ from qexp.study.ledger import PieceLog, read_pieces, run_train_seconds
 from qexp.study.results import from_summary
 from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
-from qexp.study.spec import REPORT_ONLY_KEYS, Method, Setting, StudySpec
+from qexp.study.spec import UNBOUND_KEYS, Method, Setting, StudySpec
 from qexp.study.stats import mean_interval
 from qexp.study.tune import CellTuner, TuneResult
 from qexp.study.workers import (
@@ -199,13 +199,13 @@ class Study:
         old, new = read_json(path), json.loads(json.dumps(self.spec.raw))
 
         def runs_part(raw: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in raw.items() if k not in REPORT_ONLY_KEYS}
+            return {k: v for k, v in raw.items() if k not in UNBOUND_KEYS}
 
         if old is not None and runs_part(old) != runs_part(new):
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
-        if old != new:  # new, or only its notes, claims, controls or alpha changed
+        if old != new:  # new, or only keys that change no run (qexp.study.spec.UNBOUND_KEYS)
             write_json(self.spec.raw, path)
 
     def reference_configs(self, cells: list[tuple[Setting, Method]]) -> dict:
@@ -301,6 +301,12 @@ class Study:
                 if source is setting:
                     seeds |= set(spec.tuning.all_seeds)
                 need |= {(setting.key, seed) for seed in seeds}
+        for setting, method in self.carry_cells(cells):
+            check = spec.carry_check
+            for seed in spec.tuning.all_seeds:
+                dirs = [self.carry_dir(setting.key, method.name, x, seed) for x in check.lr_scales]
+                if not all(_completed(d) for d in dirs):
+                    need.add((setting.key, seed))
         for (setting, method, seed), spec in finals.items():
             record = read_record(self.final_dir(setting, method, seed))
             if record is None or not record.completed or record.config_hash != spec.fingerprint:
@@ -371,6 +377,60 @@ class Study:
         )
         return out
 
+    def carry_cells(self, cells: list) -> list[tuple[Setting, Method]]:
+        """The cells of ``cells`` the spec's carry check covers (borrowed knobs)."""
+        check = self.spec.carry_check
+        if check is None:
+            return []
+        return [(s, m) for s, m in cells if s.knobs_from is not None and m.name in check.methods]
+
+    def carry_dir(self, setting: str, method: str, scale: float, seed: int) -> Path:
+        """The run dir of one carry-check run."""
+        return self.dir / "carry" / setting / method / f"lr_x{scale:.3g}" / f"seed{seed}"
+
+    def carry_check(self, pool: Any, cells: list, tuners: dict, ref_configs: dict) -> list:
+        """Stage 2, end: do the knobs tuned at one budget carry to the settings that borrow
+        them? Each covered cell's borrowed knobs, the LR times each of the check's scales,
+        trained at the borrowing setting's budget (its final overrides) on the tuning seeds,
+        test sealed. Returns one row per run."""
+        check = self.spec.carry_check
+        todo = self.carry_cells(cells)
+        if check is None or not todo:
+            return []
+        tasks, rows = [], []
+        for setting, method in todo:
+            knobs, tuner = tuners[(self.tuned_from(setting).key, method.name)]
+            if tuner.remaining():
+                continue
+            result = tuner.result()
+            lr = (result.best_params or {}).get("trainer.lr")
+            if result.failed or lr is None:
+                continue  # nothing borrowed, or the LR is not among the knobs
+            stage = (*self.spec.tuning.overrides, *setting.final)
+            for scale in check.lr_scales:
+                values = {**(result.best_params or {}), "trainer.lr": lr * scale}
+                for seed in self.spec.tuning.all_seeds:
+                    reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
+                    spec = self.run_config(setting, method, seed, stage,
+                                           knob_overrides(knobs, values), reference)
+                    run_dir = self.carry_dir(setting.key, method.name, scale, seed)
+                    key = f"carry/{setting.key}/{method.name}/x{scale:.3g}/seed{seed}"
+                    tasks.append(Task(key, spec.config, str(run_dir), seal_test=True))
+                    rows.append({"setting": setting.row, "setting_key": setting.key,
+                                 "budget": setting.budget, "optimizer": setting.optimizer,
+                                 "method": method.name, "tuned_at": self.tuned_from(setting).key,
+                                 "lr_scale": scale, "lr": lr * scale, "seed": seed,
+                                 "run_dir": str(run_dir)})  # fmt: skip
+        results = {r.key: r for r in pool.run_all(tasks)}
+        ran = sum(r.outcome not in (None, "skipped") for r in results.values())
+        for task, row in zip(tasks, rows, strict=True):
+            record = read_record(Path(row["run_dir"]))
+            row["best_val_acc"] = record.get("best_val_acc") if record is not None else None
+            row["error"] = results[task.key].error
+        progress(2, f"knob carry check: {len(rows)} runs at the borrowing budgets ({ran} run "
+                    "now, rest stored)")  # fmt: skip
+        return rows
+
     def _rounds_done(self) -> int:
         """Rounds of earlier calls (so round numbers keep counting up across calls)."""
         rounds = read_json(self.dir / "tuning" / ROUNDS_FILE) or {}
@@ -416,6 +476,7 @@ class Study:
                 need = self.needed_references(cells, tuners, finals)
                 refs = self.references(pool, ref_configs, need)
                 tuned = self.tuning(pool, tuners)
+                carry = self.carry_check(pool, cells, tuners, ref_configs)
                 finals = self.final_specs(cells, tuners, ref_configs)
                 rows = self.final(pool, finals, cells)
         finally:
@@ -432,7 +493,7 @@ class Study:
         tuned = {(s.key, m.name): tuned[(self.tuned_from(s).key, m.name)] for s, m in cells}
         summary = summarize(self.spec, refs, tuned, rows)
         tuning_runs, tuning_s = run_train_seconds(self.dir / "tuning")
-        summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs,
+        summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs, carry=carry,
                        tuning_train_s=round(tuning_s, 1))  # fmt: skip
         results = portable_paths(summary, self.dir)
         paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))

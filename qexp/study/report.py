@@ -194,6 +194,7 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
         lines += ["## Choices and reasons", ""] + [f"- {n}" for n in notes] + [""]
     lines += _references_section(spec, results)
     lines += _tuning_section(spec, results)
+    lines += _carry_section(spec, results)
     lines += _results_section(spec, results)
     lines += _controls_section(spec, results)
     lines += _aa_section(spec, results)
@@ -263,6 +264,62 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
         names = ", ".join(sorted(set(only_common)))
         lines += ["", f"{names}: tuned on the common knobs only (no search space of its "
                   "own), with the same trials as every other method."]  # fmt: skip
+    return lines
+
+
+def carry_table(results: StudyResults) -> list[dict[str, Any]]:
+    """The carry check per (condition, method): mean validation accuracy at each LR scale
+    (over the tuning seeds), the best scale, and the borrowed LR's gap to the best."""
+    groups: dict[tuple, dict[float, list[float]]] = {}
+    meta: dict[tuple, Any] = {}
+    for r in results.carry:
+        key = (*r.condition, r.method)
+        meta.setdefault(key, r)
+        if r.best_val_acc is not None:
+            groups.setdefault(key, {}).setdefault(r.lr_scale, []).append(r.best_val_acc)
+    out = []
+    for key, first in meta.items():
+        means = {x: sum(v) / len(v) for x, v in sorted(groups.get(key, {}).items())}
+        best = max(means, key=lambda x: means[x]) if means else None
+        one = next((x for x in means if math.isclose(x, 1.0)), None)
+        gap = means[best] - means[one] if best is not None and one is not None else None
+        lr = first.lr / first.lr_scale if first.lr is not None and first.lr_scale else None
+        out.append({"condition": key[:3], "method": key[3], "tuned_at": first.tuned_at,
+                    "lr": lr, "means": means, "best": best, "gap": gap,
+                    "seeds": max((len(v) for v in groups.get(key, {}).values()), default=0)})
+    return out
+
+
+def _carry_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    check = spec.carry_check
+    if check is None or not results.carry:
+        return []
+    scales = list(check.lr_scales)
+    heads = " | ".join(f"val at LR x{x:.3g}" for x in scales)
+    lines = [
+        "",
+        "## Do the tuned knobs carry to other budgets?",
+        "",
+        "Settings that borrow their knobs from another budget (`knobs_from`) were checked: "
+        "the borrowed knobs with the learning rate times each scale, trained at the borrowing "
+        "budget on the tuning seeds (validation accuracy, mean over seeds; test sealed). The "
+        "borrowed LR carries when no other scale beats it; a gap of a few tenths of a point "
+        "on two seeds is within seed noise (compare the A/A row).",
+        "",
+        f"| condition | method | knobs tuned at | borrowed LR | {heads} | best | gap of x1 |",
+        "|---|---|---|---|" + "---|" * len(scales) + "---|---|",
+    ]
+    keys = {s.key: s for s in spec.settings}
+    for row in carry_table(results):
+        src = keys.get(row["tuned_at"])
+        tuned = condition_words(src.row, src.budget, src.optimizer) if src else row["tuned_at"]
+        vals = " | ".join(_pct(row["means"].get(x)) for x in scales)
+        best = f"x{row['best']:.3g}" if row["best"] is not None else "–"
+        lr = f"{row['lr']:.3g}" if row["lr"] is not None else "–"
+        lines.append(
+            f"| {condition_words(*row['condition'])} | {row['method']} | {tuned} | {lr} | "
+            f"{vals} | {best} | {_pct(row['gap'])} |"
+        )
     return lines
 
 

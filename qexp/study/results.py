@@ -324,6 +324,36 @@ class AARow:
 
 
 @dataclass(frozen=True)
+class CarryRow:
+    """One run of the knob carry check: a method's borrowed knobs, its LR scaled, at the
+    borrowing setting's budget on one tuning seed (validation accuracy only)."""
+
+    setting: str
+    method: str
+    lr_scale: float
+    seed: int
+    setting_key: str = ""
+    budget: float | None = None
+    optimizer: str | None = None
+    tuned_at: str = ""  # the key of the setting whose tuning found the knobs
+    lr: float | None = None
+    best_val_acc: float | None = None
+    run_dir: str | None = None
+    error: str | None = None
+
+    @property
+    def condition(self) -> Condition:
+        return (self.setting, self.budget, self.optimizer)
+
+    def to_json(self) -> dict[str, Any]:
+        return _row_json(self, omit_none=("error",))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CarryRow:
+        return _row_from(cls, data)
+
+
+@dataclass(frozen=True)
 class PieceRow:
     """One call of ``qexp study`` (a piece of the study): when, how long, on what."""
 
@@ -363,6 +393,7 @@ class StudyResults:
     pieces: tuple[PieceRow, ...] = ()
     tuning_runs: int = 0
     tuning_train_s: float | None = None
+    carry: tuple[CarryRow, ...] = ()
 
     def comparison(
         self, setting: str, method: str, budget: float | None = None,
@@ -412,6 +443,7 @@ class StudyResults:
             claim_tests=tuple(ClaimTestRow.from_json(c) for c in data.get("claim_tests") or []),
             aa=tuple(AARow.from_json(r) for r in data.get("aa") or []),
             pieces=tuple(PieceRow.from_json(r) for r in data.get("pieces") or []),
+            carry=tuple(CarryRow.from_json(r) for r in data.get("carry") or []),
         )
 
 

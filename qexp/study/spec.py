@@ -16,12 +16,15 @@ from qexp.errors import QexpError
 #: top-level keys of a study spec
 SPEC_KEYS = {
     "name", "base", "reference", "seeds", "tuning", "final", "settings", "methods", "claims",
-    "alpha", "notes", "plateau", "aa_seeds", "aa_reference", "controls",
+    "alpha", "notes", "plateau", "aa_seeds", "aa_reference", "controls", "carry_check",
 }
 #: top-level keys that shape only the analysis and the report, never a run: a study dir
 #: accepts a spec that differs from its study.json in these alone (a note reworded, a claim
 #: or a control added after the runs)
 REPORT_ONLY_KEYS = ("notes", "claims", "controls", "alpha")
+#: top-level keys free to change after the runs: the report-only ones, and checks that add
+#: runs of their own without changing any other run
+UNBOUND_KEYS = (*REPORT_ONLY_KEYS, "carry_check")
 #: keys of one setting
 SETTING_KEYS = {
     "key", "title", "bits", "baseline", "overrides", "budget", "optimizer", "final", "tuning",
@@ -108,6 +111,17 @@ class Control:
 
 
 @dataclass(frozen=True)
+class CarryCheck:
+    """The small check that knobs tuned at one budget carry to a setting that borrows them
+    (``knobs_from``): for each of ``methods``, the borrowed knobs with the learning rate
+    times each of ``lr_scales`` (1 among them), trained at the borrowing setting's budget on
+    the tuning seeds, validation only. The borrowed LR carries if no other scale beats it."""
+
+    methods: tuple[str, ...]
+    lr_scales: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+
+
+@dataclass(frozen=True)
 class Tuning:
     """The per-method tuning budget (equal for every method)."""
 
@@ -163,6 +177,7 @@ class StudySpec:
     #: own reference, the noise of two independent runs)
     aa_reference: str = "paired"
     controls: tuple[Control, ...] = ()
+    carry_check: CarryCheck | None = None
 
     def reference_seed(self, seed: int) -> int:
         """The seed of the reference run ``seed`` starts from (itself, or for a paired A/A
@@ -306,6 +321,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
         aa_seeds=tuple(int(s) for s in plain.get("aa_seeds") or ()),
         aa_reference=str(plain.get("aa_reference", "paired")),
         controls=tuple(_control(c) for c in plain.get("controls") or []),
+        carry_check=_carry_check(plain.get("carry_check")),
     )
     _check(spec)
     return spec
@@ -318,6 +334,20 @@ def _control(node: Any) -> Control:
         raise QexpError(f"study spec: a control is {{method: M, against: N, text: ...}}, not "
                         f"{node!r}")  # fmt: skip
     return Control(str(node["method"]), str(node["against"]), str(node.get("text", "")))
+
+
+def _carry_check(node: Any) -> CarryCheck | None:
+    if node is None:
+        return None
+    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales"} or not node.get(
+        "methods"
+    ):
+        raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3]}")
+    scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
+    if 1.0 not in scales or min(scales) <= 0:
+        raise QexpError("study spec: carry_check.lr_scales must be positive and include 1 "
+                        "(the borrowed LR itself)")  # fmt: skip
+    return CarryCheck(tuple(str(m) for m in node["methods"]), scales)
 
 
 def _plateau(node: dict[str, Any]) -> Plateau:
@@ -371,6 +401,12 @@ def _check(spec: StudySpec) -> None:
         raise QexpError("study spec: aa_seeds must be disjoint from seeds and tuning seeds")
     if spec.aa_reference not in ("paired", "own"):
         raise QexpError("study spec: aa_reference: use paired | own")
+    if spec.carry_check is not None:
+        unknown = [m for m in spec.carry_check.methods if m not in names]
+        if unknown:
+            raise QexpError(f"study spec: carry_check.methods {unknown} are not methods")
+        if not any(s.knobs_from for s in spec.settings):
+            raise QexpError("study spec: carry_check needs a setting with knobs_from")
     for c in spec.controls:
         if c.method not in names or c.against not in names or c.method == c.against:
             raise QexpError(f"study spec: control {c.method} against {c.against}: name two "

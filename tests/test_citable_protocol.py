@@ -161,3 +161,17 @@ def test_carry_check_spec_and_table():
     assert table["means"] == pytest.approx({0.5: 0.81, 1.0: 0.835, 2.0: 0.855})
     assert table["best"] == 2.0 and table["gap"] == pytest.approx(0.02)
     assert table["lr"] == pytest.approx(0.01) and table["seeds"] == 2
+
+
+def test_method_overrides_by_setting_key_or_row():
+    """``at`` keyed by a row reaches every setting of the row; a key of its own wins."""
+    methods = {"clipped_ste": {"overrides": ["estimator=clipped_ste"]},
+               "alpha_blend": {"overrides": ["estimator=alpha_blend"],
+                               "at": {"w1a1": ["quantizer=sign"], "e2": ["quantizer=binary"]}}}
+    spec = parse_spec(protocol(methods=methods))
+    blend = spec.method("alpha_blend")
+    assert blend.overrides_at(spec.setting("e5")) == ("quantizer=sign",)  # by its row
+    assert blend.overrides_at(spec.setting("e2")) == ("quantizer=binary",)  # by its key
+    assert spec.method("clipped_ste").overrides_at(spec.setting("e5")) == ()
+    with pytest.raises(QexpError, match="no such setting or row"):
+        parse_spec(protocol(methods={**methods, "clipped_ste": {"at": {"w9": ["x=1"]}}}))

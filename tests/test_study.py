@@ -244,3 +244,11 @@ def test_study_dir_takes_new_notes_claims_and_controls_but_not_new_runs(tmp_path
     assert stored["notes"] == ["a note"] and stored["alpha"] == 0.01
     with pytest.raises(QexpError, match="another spec"):
         Study(parse_spec(spec_dict(seeds=[0, 1, 2])), first.dir).check_dir()
+    # a setting appended (its runs are new ones) is taken; an earlier one changed is not
+    settings = spec_dict()["settings"]
+    extra = {"key": "w2a2", "bits": 2, "baseline": "ste", "methods": ["ste"]}
+    Study(parse_spec(spec_dict(settings=[*settings, extra])), first.dir).check_dir()
+    assert len(json.loads((first.dir / "study.json").read_text())["settings"]) == 2
+    changed = [{**settings[0], "overrides": ["quantizer=uniform"]}, extra]
+    with pytest.raises(QexpError, match="another spec"):
+        Study(parse_spec(spec_dict(settings=changed)), first.dir).check_dir()

@@ -217,6 +217,12 @@ def test_budgets_and_optimizers(tmp_path: Path):
                 == ("w1a1", "other", 1, "adam"))  # fmt: skip
     reading = report.equal_time_reading(results, cell, "base")
     assert reading == f"{100 * at_1.mean:.2f} (interpolated)"
+    # at budget 1 "other" (20 s) outlasts the baseline (10 s) and was run no shorter: the
+    # baseline's budget-2 run took exactly 20 s, so the baseline at this time is its mean
+    base_2 = next(c for c in results.cells if (c.setting, c.method, c.budget, c.optimizer)
+                  == ("w1a1", "base", 2, "adam"))  # fmt: skip
+    reading = report.equal_time_reading(results, at_1, "base")
+    assert reading == f"×2.0 time; baseline at this time {100 * base_2.mean:.2f} (interpolated)"
     paths = report.write_all(parse_spec(SPEC), tmp_path, results)
     assert paths["budget_figure"].read_bytes()[:4] == b"\x89PNG"
 

@@ -133,7 +133,7 @@ class Study:
             *setting.overrides,
             f"bits={setting.bits}",
             *method.overrides,
-            *method.at.get(setting.key, ()),
+            *method.overrides_at(setting),
         ]
 
     def reference_config(self, setting: Setting, seed: int) -> dict[str, Any]:
@@ -199,9 +199,16 @@ class Study:
         old, new = read_json(path), json.loads(json.dumps(self.spec.raw))
 
         def runs_part(raw: dict[str, Any]) -> dict[str, Any]:
-            return {k: v for k, v in raw.items() if k not in UNBOUND_KEYS}
+            return {k: v for k, v in raw.items() if k not in (*UNBOUND_KEYS, "settings")}
 
-        if old is not None and runs_part(old) != runs_part(new):
+        def keeps_settings(before: list, after: list) -> bool:
+            """Every earlier setting unchanged, in its place (new ones may follow)."""
+            return after[: len(before)] == before
+
+        if old is not None and (
+            runs_part(old) != runs_part(new)
+            or not keeps_settings(old.get("settings") or [], new.get("settings") or [])
+        ):
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )

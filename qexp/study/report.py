@@ -114,11 +114,26 @@ def common_knobs() -> set[str]:
     return {k.key for k in search_space("", "")}
 
 
+def table_order(spec: StudySpec, cells: tuple[CellRow, ...]) -> list[CellRow]:
+    """Cells grouped by row (in the spec's order), then optimizer and budget in the spec's
+    order of first appearance within the row; methods keep their order."""
+    rows = list(dict.fromkeys(s.row for s in spec.settings))
+    conditions = list(dict.fromkeys((s.row, s.optimizer, s.budget) for s in spec.settings))
+
+    def key(c: CellRow) -> tuple[int, int]:
+        cond = (c.setting, c.optimizer, c.budget)
+        where = conditions.index(cond) if cond in conditions else len(conditions)
+        row = rows.index(c.setting) if c.setting in rows else len(rows)
+        return row, where
+
+    return sorted(cells, key=key)
+
+
 def equal_time_reading(results: StudyResults, cell: CellRow, baseline: str) -> str:
     """The cell's accuracy at its baseline's training time, where their times differ by
     more than 10%: interpolated along the method's training budgets when the baseline's time
-    lies between two of them, otherwise the time ratio alone (the study did not run the
-    method that short or long)."""
+    lies between two of them; else the baseline's accuracy at the method's time, along the
+    baseline's budgets; else the time ratio alone (neither was run at the other's time)."""
     base = next((c for c in results.cells if c.condition == cell.condition
                  and c.method == baseline), None)  # fmt: skip
     if cell.method == baseline or base is None:
@@ -133,11 +148,27 @@ def equal_time_reading(results: StudyResults, cell: CellRow, baseline: str) -> s
         if (c.setting, c.optimizer, c.method) == (cell.setting, cell.optimizer, cell.method)
         and c.train_time_s is not None and c.mean is not None
     )  # fmt: skip
-    target = base.train_time_s
-    for (t0, a0), (t1, a1) in zip(points, points[1:], strict=False):
-        if t0 <= target <= t1 and t1 > t0:
-            return f"{_pct(a0 + (a1 - a0) * (target - t0) / (t1 - t0))} (interpolated)"
+    at_base_time = _interpolate(points, base.train_time_s)
+    if at_base_time is not None:
+        return f"{_pct(at_base_time)} (interpolated)"
+    # the other way round: the baseline given the method's time, along the baseline's budgets
+    base_points = sorted(
+        (c.train_time_s, c.mean) for c in results.cells
+        if (c.setting, c.optimizer, c.method) == (cell.setting, cell.optimizer, baseline)
+        and c.train_time_s is not None and c.mean is not None
+    )  # fmt: skip
+    base_at_time = _interpolate(base_points, cell.train_time_s)
+    if base_at_time is not None:
+        return f"×{ratio:.1f} time; baseline at this time {_pct(base_at_time)} (interpolated)"
     return f"×{ratio:.1f} time: not run at the baseline's"
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
+    """Linear interpolation of sorted (x, y) points at ``x``; None outside their range."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
+        if x0 <= x <= x1 and x1 > x0:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+    return None
 
 
 def markdown(spec: StudySpec, results: StudyResults) -> str:
@@ -336,7 +367,7 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "|---|" + "---|" * (12 + 2 * varied),
     ]
     baselines = {s.row: s.baseline for s in spec.settings}
-    for c in results.cells:
+    for c in table_order(spec, results.cells):
         comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
         if c.status == "failed":
             verdict = f"failed: {c.error}"
@@ -364,8 +395,9 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         f"({spec.alpha}, per test, before Holm) detects with 80% power, from the observed SD "
         "and n (noncentral t; cells.csv also holds its normal approximation). At baseline's "
         "time: where the method's training time differs from its baseline's by more than 10%, "
-        "its accuracy at the baseline's time when the training budgets bracket it, else the "
-        "time ratio.",
+        "its accuracy at the baseline's time when its training budgets bracket that time; "
+        "else the baseline's accuracy at the method's time when the baseline's budgets "
+        "bracket it; else the time ratio alone.",
     ]
     return lines
 
@@ -680,7 +712,7 @@ def _save(fig: Any, path: Path) -> None:
 
 def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
     """Mean test accuracy against training budget (log axis), one line per method and
-    setting, one panel per optimizer, for the settings run at two or more budgets; the
+    row run at two or more budgets, one panel per optimizer; the
     full-precision references of their network forms as one line each."""
     import matplotlib
 
@@ -706,7 +738,7 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
                      and c.budget is not None),
                     key=lambda c: c.budget,
                 )  # fmt: skip
-                if cells:
+                if len(cells) > 1:  # a method run at one budget only is in the tables
                     label = method.name if len(rows) == 1 else f"{method.name}, {row}"
                     _errorbar(ax, [c.budget for c in cells], cells, label)
         _draw_references(ax, results, None, only=set(rows))

@@ -80,8 +80,15 @@ class Method:
 
     name: str
     overrides: tuple[str, ...]
-    at: dict[str, tuple[str, ...]] = field(default_factory=dict)  # setting key -> overrides
+    #: setting key, or row (a setting's group), -> extra overrides there (the key wins)
+    at: dict[str, tuple[str, ...]] = field(default_factory=dict)
     space: dict[str, Any] = field(default_factory=dict)  # entries added to its search space
+
+    def overrides_at(self, setting: Setting) -> tuple[str, ...]:
+        """The method's extra overrides in ``setting`` (by its key, else by its row)."""
+        if setting.key in self.at:
+            return self.at[setting.key]
+        return self.at.get(setting.row, ())
 
 
 @dataclass(frozen=True)
@@ -412,9 +419,10 @@ def _check(spec: StudySpec) -> None:
             raise QexpError(f"study spec: control {c.method} against {c.against}: name two "
                             "different methods of the spec")  # fmt: skip
     for m in spec.methods:
+        rows = {s.row for s in spec.settings}
         for k in m.at:
-            if k not in keys:
-                raise QexpError(f"study spec: methods.{m.name}.at.{k}: no such setting")
+            if k not in keys and k not in rows:
+                raise QexpError(f"study spec: methods.{m.name}.at.{k}: no such setting or row")
     if len(spec.seeds) < 2 or len(set(spec.seeds)) != len(spec.seeds):
         raise QexpError("study spec: seeds must be at least two distinct seeds (paired statistics)")
     if spec.tuning.trials < 1:

@@ -232,3 +232,20 @@ def test_concatenated_split_repeats_the_old_exact_position_cut(corpus: Path) -> 
     }
     with pytest.raises(QexpError, match="dataset.split"):
         TextData(path=str(corpus), split="random")
+
+
+def test_char_gpt_fortunes_experiment_is_the_reference_recipe() -> None:
+    """+experiment=char_gpt_fortunes composes the transformer_bits study's float reference
+    (2 blocks, 20 epochs, LR 0.006); the command line still wins."""
+    from conftest import compose_config
+
+    from qexp.study.runs import load_spec
+
+    cfg = compose_config("+experiment=char_gpt_fortunes", "bits=32")
+    assert (cfg.model.name, cfg.dataset.name, cfg.model.depth) == ("char_gpt", "text", 2)
+    study = load_spec("transformer_bits")
+    assert "model.depth=2" in study.base
+    assert {f"trainer.epochs={cfg.trainer.epochs}", f"trainer.lr={cfg.trainer.lr}"} == set(
+        study.reference
+    )
+    assert compose_config("+experiment=char_gpt_fortunes", "trainer.epochs=3").trainer.epochs == 3

@@ -33,6 +33,7 @@ from qexp.record import read_json, read_record, write_json
 from qexp.spec import RunSpec
 from qexp.study import report as study_report
 from qexp.study.ledger import PieceLog, read_pieces, run_train_seconds
+from qexp.study.lock import hold_study
 from qexp.study.results import from_summary
 from qexp.study.runs import compose_run, hydra_configs, load_spec
 from qexp.study.space import Knob, knob_overrides, search_space
@@ -469,6 +470,10 @@ class Study:
         """All stages of this call's cells; the results written to results.json (None for a
         shard, whose runs the last unsharded call merges and reports)."""
         self.dir.mkdir(parents=True, exist_ok=True)
+        with hold_study(self.dir, self.execution.shard):
+            return self._run()
+
+    def _run(self) -> dict[str, Any] | None:
         self.check_dir()
         t0 = time.perf_counter()
         cells = self.my_cells()

@@ -189,10 +189,19 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert "clipped_ste" in capsys.readouterr().out
 
     finals = mtimes(study_dir / "final")
+    # a record whose reference reads otherwise now (as one retrained on another machine)
+    stored = json.loads((study_dir / "references.json").read_text())
+    key = sorted(stored)[0]
+    stored[key]["test_acc"] = 0.5
+    (study_dir / "references.json").write_text(json.dumps(stored))
     third = run_in_process(spec, study_dir, capsys)
     assert "(0 trained now" in third and "(0 run now" in third
     assert "4/4 final runs completed (0 run now" in third
+    assert "1 retrained to other numbers than recorded" in third
     assert mtimes(study_dir / "final") == finals
+    again = json.loads((study_dir / "results.json").read_text())["references"]
+    assert [r["recorded_test_acc"] for r in again if "recorded_test_acc" in r] == [0.5]
+    assert "Retrained on another machine" in (study_dir / "report.md").read_text()
 
     # a second study on the same references trains no full-precision network
     other = Study(load_spec(str(spec)), tmp_path / "other")

@@ -344,6 +344,12 @@ class Study:
             setting = next(s for s in self.spec.settings if s.key == setting_key)
             if record is not None and record.completed:
                 row = _reference_row(self.spec, setting, seed, run_dir, record, config)
+                old = stored.get(f"{setting_key}/{seed}") or {}
+                first = old.get("recorded_test_acc", old.get("test_acc"))
+                if first is not None and first != row["test_acc"]:
+                    # retrained (a fresh cache, another machine) to other numbers than those
+                    # the study's earlier runs started from: kept, and said in the report
+                    row["recorded_test_acc"] = first
                 stored[f"{setting_key}/{seed}"] = portable_paths(row, self.dir)
             elif f"{setting_key}/{seed}" in stored:
                 row = stored[f"{setting_key}/{seed}"]
@@ -352,8 +358,11 @@ class Study:
             out[(setting_key, seed)] = row
         write_json(stored, self.dir / REFERENCES_FILE)
         ready = len({str(cached_dir(c)) for c in ref_configs.values()})
+        moved = [k for k, r in out.items() if r.get("recorded_test_acc") is not None]
+        note = (f"; {len(moved)} retrained to other numbers than recorded (see the report)"
+                if moved else "")  # fmt: skip
         progress(1, f"{ready} full-precision networks ({len(tasks)} trained now, the rest "
-                    "cached or not needed)")  # fmt: skip
+                    f"cached or not needed){note}")  # fmt: skip
         return out
 
     def tuning(self, pool: Any, tuners: dict) -> dict:

@@ -262,6 +262,17 @@ def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"{r.best_epoch} | {_gain(r.plateau_gain)} | {'yes' if r.converged else 'no'} | "
             f"{_pct(r.best_val_acc)} | {_pct(r.test_acc)} |"
         )
+    moved = [r for r in results.references if r.recorded_test_acc is not None]
+    if moved:
+        lines += [
+            "",
+            "Retrained on another machine or into a fresh cache (checkpoints do not travel "
+            "with a study), these references differ from the copies the earlier runs started "
+            "from (test accuracy first recorded -> now): "
+            + "; ".join(f"{r.setting} seed {r.seed}: {_pct(r.recorded_test_acc)} -> "
+                        f"{_pct(r.test_acc)}" for r in moved)
+            + ". Runs started from either copy are mixed in this study.",
+        ]  # fmt: skip
     return lines
 
 

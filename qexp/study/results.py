@@ -95,9 +95,11 @@ class ReferenceRow:
     plateau_gain: float | None = None
     converged: bool = False
     train_time_s: float | None = None
+    #: the test accuracy first recorded, where a retrained copy (a fresh cache) differs
+    recorded_test_acc: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
+        return _row_json(self, omit_none=("recorded_test_acc",))
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ReferenceRow:

@@ -131,8 +131,10 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
         assert record["config"]["trainer"]["lr"] == pytest.approx(tuned_lr * r["lr_scale"])
         assert record["config"]["trainer"]["epochs"] == 2 and "test_acc" not in record
         assert r["best_val_acc"] == record["best_val_acc"]
+        assert r["train_time_s"] == record["train_time_s"]
     assert "## Do the tuned knobs carry to other budgets?" in report
     assert "| w1a1, budget 2, adam | alpha_blend | w1a1, budget 5, adam |" in report
+    assert "| knob carry check | 6 |" in report
     budgets = {(c["budget"], c["method"]) for c in results["comparisons"]}
     assert budgets == {(5, "alpha_blend"), (2, "alpha_blend")}  # compared within a budget
 

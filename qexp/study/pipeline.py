@@ -443,6 +443,7 @@ class Study:
         for task, row in zip(tasks, rows, strict=True):
             record = read_record(Path(row["run_dir"]))
             row["best_val_acc"] = record.get("best_val_acc") if record is not None else None
+            row["train_time_s"] = record.get("train_time_s") if record is not None else None
             row["error"] = results[task.key].error
         progress(2, f"knob carry check: {len(rows)} runs at the borrowing budgets ({ran} run "
                     "now, rest stored)")  # fmt: skip

@@ -500,10 +500,12 @@ def _compute_section(results: StudyResults) -> list[str]:
         lines += ["", f"Wall time over all pieces: **{_hours(total)}**.", ""]
     refs = [r.train_time_s for r in results.references if r.train_time_s is not None]
     finals = [r.train_time_s for r in results.runs if r.train_time_s is not None]
+    carry = [r.train_time_s for r in results.carry if r.train_time_s is not None]
     stages = [
         ("full-precision references", len(refs), sum(refs)),
         ("tuning trials (one run per tuning seed)", results.tuning_runs,
          results.tuning_train_s or 0.0),
+        *([("knob carry check", len(carry), sum(carry))] if carry else []),
         ("final runs", len(finals), sum(finals)),
     ]  # fmt: skip
     lines += [

@@ -342,6 +342,7 @@ class CarryRow:
     best_val_acc: float | None = None
     run_dir: str | None = None
     error: str | None = None
+    train_time_s: float | None = None
 
     @property
     def condition(self) -> Condition:

@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from qexp.study.report import reference_forms
+from qexp.study.figures import reference_forms
 from qexp.study.results import StudyResults
 
 

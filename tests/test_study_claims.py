@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from qexp.study import report
+from qexp.study import figures, report
 from qexp.study.results import (
     CLAIM_CONSISTENT,
     CLAIM_INCONCLUSIVE,
@@ -228,7 +228,7 @@ def test_budgets_and_optimizers(tmp_path: Path):
 
 
 def test_full_precision_references_per_network_form():
-    forms = report.reference_forms(_results())
+    forms = figures.reference_forms(_results())
     assert [(label, settings, accs) for label, settings, accs in forms] == [
         ("full precision, hardtanh (w1a1)", ["w1a1"], [0.9]),
         ("full precision, relu (w2a2)", ["w2a2"], [0.92]),
@@ -313,11 +313,11 @@ def test_bits_figure_budget_is_the_one_most_settings_ran():
     cells = [cell("w1a1", b) for b in (1, 3, 9)] + [cell("scratch", 9), cell("w2a2", 3),
                                                     cell("w4a4", 3)]  # fmt: skip
     results = StudyResults(name="s", seeds=(0, 1), alpha=0.05, cells=tuple(cells))
-    assert report.bits_budget(results) == 3
+    assert figures.bits_budget(results) == 3
     tie = StudyResults(name="s", seeds=(0, 1), alpha=0.05,
                        cells=(cell("a", 2), cell("a", 8)))  # fmt: skip
-    assert report.bits_budget(tie) == 8
-    assert report.bits_budget(StudyResults(name="s", seeds=(0, 1), alpha=0.05)) is None
+    assert figures.bits_budget(tie) == 8
+    assert figures.bits_budget(StudyResults(name="s", seeds=(0, 1), alpha=0.05)) is None
 
 
 def test_cells_with_borrowed_knobs_name_their_source_and_are_drawn_once(tmp_path: Path):
@@ -349,7 +349,7 @@ def test_cells_with_borrowed_knobs_name_their_source_and_are_drawn_once(tmp_path
 
     matplotlib.axes.Axes.set_title = spy
     try:
-        report.lr_figure(spec, results, tmp_path / "lr.png")
+        figures.lr_figure(spec, results, tmp_path / "lr.png")
     finally:
         matplotlib.axes.Axes.set_title = real
     assert drawn == ["w1, budget 2"]  # one panel: the tuned condition only

@@ -37,6 +37,16 @@ CLAIM_CONSISTENT = "consistent"
 CLAIM_INCONCLUSIVE = "inconclusive"
 
 
+def condition_words(setting: str, budget: float | None, optimizer: str | None) -> str:
+    """A cell's condition in words: "w1a1", "w1a1, budget 4, adam"."""
+    parts = [setting]
+    if budget is not None:
+        parts.append(f"budget {budget:g}")
+    if optimizer is not None:
+        parts.append(optimizer)
+    return ", ".join(parts)
+
+
 def finite(x: Any) -> Any:
     """NaN as None (results.json is strict JSON; the report reads None as "undefined")."""
     return None if isinstance(x, float) and math.isnan(x) else x

@@ -142,6 +142,9 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
 def test_carry_check_spec_and_table():
     with pytest.raises(QexpError, match="include 1"):
         parse_spec(protocol(carry_check={"methods": ["alpha_blend"], "lr_scales": [0.5, 2]}))
+    with pytest.raises(QexpError, match="first 3 digits"):
+        parse_spec(protocol(carry_check={"methods": ["alpha_blend"],
+                                         "lr_scales": [0.3333, 0.33333, 1]}))
     with pytest.raises(QexpError, match="not methods"):
         parse_spec(protocol(carry_check={"methods": ["nope"]}))
     spec = parse_spec(protocol(carry_check={"methods": ["alpha_blend"]}))

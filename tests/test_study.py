@@ -251,6 +251,9 @@ def test_study_dir_takes_new_notes_claims_and_controls_but_not_new_runs(tmp_path
     Study(parse_spec(reworded), first.dir).check_dir()
     stored = json.loads((first.dir / "study.json").read_text())
     assert stored["notes"] == ["a note"] and stored["alpha"] == 0.01
+    (change,) = json.loads((first.dir / "spec_changes.json").read_text())["changes"]
+    assert change["keys"] == ["alpha", "controls", "notes"]
+    assert change["final_runs_completed"] == 0 and change["tuning_runs_completed"] == 0
     with pytest.raises(QexpError, match="another spec"):
         Study(parse_spec(spec_dict(seeds=[0, 1, 2])), first.dir).check_dir()
     # a setting appended (its runs are new ones) is taken; an earlier one changed is not
@@ -258,6 +261,8 @@ def test_study_dir_takes_new_notes_claims_and_controls_but_not_new_runs(tmp_path
     extra = {"key": "w2a2", "bits": 2, "baseline": "ste", "methods": ["ste"]}
     Study(parse_spec(spec_dict(settings=[*settings, extra])), first.dir).check_dir()
     assert len(json.loads((first.dir / "study.json").read_text())["settings"]) == 2
+    changes = json.loads((first.dir / "spec_changes.json").read_text())["changes"]
+    assert changes[-1]["keys"][-1] == "settings (1 appended)"
     changed = [{**settings[0], "overrides": ["quantizer=uniform"]}, extra]
     with pytest.raises(QexpError, match="another spec"):
         Study(parse_spec(spec_dict(settings=changed)), first.dir).check_dir()

@@ -223,6 +223,12 @@ def test_budgets_and_optimizers(tmp_path: Path):
                   == ("w1a1", "base", 2, "adam"))  # fmt: skip
     reading = report.equal_time_reading(results, at_1, "base")
     assert reading == f"×2.0 time; baseline at this time {100 * base_2.mean:.2f} (interpolated)"
+    # cells.csv: each cell beside the comparison of its own budget and optimizer
+    rows = {(r["setting"], r["method"], r["budget"], r["optimizer"]): r
+            for r in report.cell_rows(results)}  # fmt: skip
+    for comp in results.comparisons:
+        row = rows[(comp.setting, comp.method, comp.budget, comp.optimizer)]
+        assert row["diff"] == pytest.approx(comp.diff) and row["p_holm"] == comp.p_holm
     paths = report.write_all(parse_spec(SPEC), tmp_path, results)
     assert paths["budget_figure"].read_bytes()[:4] == b"\x89PNG"
 
@@ -272,6 +278,10 @@ def test_controls_join_the_exploratory_family():
     assert "| w1a1 | other | claimed | 4 |" in text
     again = StudyResults.from_json(json.loads(json.dumps(results.to_json())))
     assert again.controls == results.controls
+    # a control that names the baseline is the baseline test already: not made twice
+    mirror = parse_spec({**SPEC, "controls": [{"method": "base", "against": "other"},
+                                              {"method": "other", "against": "base"}]})
+    assert analyze(mirror, plain).comparisons == plain.comparisons
 
 
 def test_a_control_must_name_two_methods_of_the_spec():

@@ -61,7 +61,9 @@ def test_report_sums_pieces_and_stage_times() -> None:
     machine = {"cpus": 2, "cpu": "Xeon", "gpus": []}
     results = StudyResults(
         name="s", seeds=(0,), alpha=0.05,
-        references=(ReferenceRow(setting="w1", seed=0, run_dir="r", train_time_s=3600.0),),
+        # two settings of one network form share the reference run: counted once
+        references=(ReferenceRow(setting="w1", seed=0, run_dir="r", train_time_s=3600.0),
+                    ReferenceRow(setting="w1b", seed=0, run_dir="r", train_time_s=3600.0)),
         runs=(RunRow.from_json({"setting": "w1", "method": "ste", "seed": 0,
                                 "status": "completed", "train_time_s": 1800.0}),),
         pieces=(PieceRow(started="2026-12-04T09:00:00+00:00", wall_s=7200.0, finished=False,
@@ -78,3 +80,8 @@ def test_report_sums_pieces_and_stage_times() -> None:
     assert "| all | 6 | 3.00 h |" in text  # 1 h + 1.5 h + 0.5 h over 1 + 4 + 1 runs
     round_trip = StudyResults.from_json(json.loads(json.dumps(results.to_json())))
     assert round_trip.pieces == results.pieces and round_trip.tuning_train_s == 5400.0
+
+
+def test_old_results_without_tuning_times_say_so() -> None:
+    text = "\n".join(_compute_section(StudyResults(name="s", seeds=(0,), alpha=0.05)))
+    assert "| tuning trials (one run per tuning seed) | 0 | not recorded |" in text

@@ -49,3 +49,10 @@ def test_a_dead_holders_lock_is_taken_over(tmp_path: Path) -> None:
     assert not os.path.exists(f"/proc/{dead['pid']}")
     with hold_study(tmp_path, None):
         pass
+
+
+def test_shards_of_another_k_overlap_and_are_refused(tmp_path: Path) -> None:
+    with hold_study(tmp_path, (1, 2)), pytest.raises(QexpError, match="shard 1-of-2"), (
+        hold_study(tmp_path, (1, 3))
+    ):
+        pass

@@ -9,6 +9,7 @@ shards run on several machines merge in git without conflicts. The report sums t
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import threading
@@ -19,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 from qexp.record import read_json, write_json
+
+log = logging.getLogger("qexp")
 
 PIECES_DIR = "pieces"
 #: seconds between two heartbeats of a running piece
@@ -86,7 +89,10 @@ class PieceLog:
     def _write(self) -> None:
         self.record["last_seen"] = _now()
         self.record["wall_s"] = round(time.monotonic() - self._t0, 1)
-        write_json(self.record, self.path)
+        try:
+            write_json(self.record, self.path)
+        except OSError as exc:  # a full disk must not stop the study (nor hide its error)
+            log.warning("study piece record %s not written: %s", self.path, exc)
 
     def as_finished(self) -> dict[str, Any]:
         """The record as it will read when this call ends well (for a report written at

@@ -3,11 +3,11 @@
 Two calls of `qexp study` on the same dir would both ask the same cells for tuning trials (a
 cell's journal would end with more trials than the spec's budget) and train the same final
 runs. So a call holds a lock in ``<study dir>/.locks/``: ``all`` for an unsharded call,
-``shard-i-of-k`` for a shard. Shards of one study may run side by side (their cells are
-disjoint); an unsharded call may not run beside any other call, nor a shard beside an
-unsharded call or the same shard. The locks are qexp's run-dir locks (qexp.rundir_lock): an
-exclusive file with a heartbeat, dependable on cluster file systems, taken over when their
-holder is dead.
+``shard-i-of-k`` for a shard. Shards of one study may run side by side when they split it the
+same way (the same k: their cells are disjoint); an unsharded call may not run beside any
+other call, nor a shard beside an unsharded call, the same shard or a shard of another k. The
+locks are qexp's run-dir locks (qexp.rundir_lock): an exclusive file with a heartbeat,
+dependable on cluster file systems, taken over when their holder is dead.
 """
 
 from __future__ import annotations
@@ -25,6 +25,11 @@ LOCKS_DIR = ".locks"
 def lock_name(shard: tuple[int, int] | None) -> str:
     """The lock of an unsharded call (``all``) or of shard i of k."""
     return "all" if shard is None else f"shard-{shard[0]}-of-{shard[1]}"
+
+
+def _k(name: str) -> str:
+    """The k of a shard lock's name (``shard-i-of-k``)."""
+    return name.rsplit("-of-", 1)[-1]
 
 
 def _live_holder(folder: Path) -> str | None:
@@ -59,7 +64,8 @@ def hold_study(study_dir: Path, shard: tuple[int, int] | None) -> Iterator[None]
     try:
         others = [p for p in locks.iterdir() if p.is_dir() and p.name != name]
         for other in others:
-            conflicts = name == "all" or other.name == "all"
+            # shards of one k split the cells; shards of another k overlap them
+            conflicts = name == "all" or other.name == "all" or _k(other.name) != _k(name)
             who = _live_holder(other) if conflicts else None
             if who is not None:
                 raise _refusal(study_dir, who, other.name)

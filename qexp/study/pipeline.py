@@ -23,6 +23,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,9 @@ ROUNDS_FILE = "rounds.json"
 #: the study's record of its references (their rows travel with the study dir; their
 #: checkpoints stay in the cache)
 REFERENCES_FILE = "references.json"
+#: the spec changes a study dir accepted after it began (qexp.study.spec.UNBOUND_KEYS,
+#: appended settings), each with the number of runs finished by then
+SPEC_CHANGES_FILE = "spec_changes.json"
 
 
 def progress(stage: int, text: str) -> None:
@@ -213,8 +217,29 @@ class Study:
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
+        if old is not None and old != new:
+            self.log_spec_change(old, new)
         if old != new:  # new, or only keys that change no run (qexp.study.spec.UNBOUND_KEYS)
             write_json(self.spec.raw, path)
+
+    def log_spec_change(self, old: dict[str, Any], new: dict[str, Any]) -> None:
+        """Append to spec_changes.json which keys changed and how many runs had finished:
+        claims, controls or alpha edited after results were seen are visible in the report."""
+        keys = sorted(k for k in {*old, *new} if k != "settings" and old.get(k) != new.get(k))
+        added = len(new.get("settings") or []) - len(old.get("settings") or [])
+        if added:
+            keys.append(f"settings ({added} appended)")
+
+        def completed(folder: str) -> int:
+            return sum(1 for p in (self.dir / folder).rglob("metrics.json")
+                       if (read_json(p) or {}).get("status") == "completed")  # fmt: skip
+
+        log_path = self.dir / SPEC_CHANGES_FILE
+        changes = (read_json(log_path) or {}).get("changes", [])
+        changes.append({"when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        "keys": keys, "tuning_runs_completed": completed("tuning"),
+                        "final_runs_completed": completed("final")})  # fmt: skip
+        write_json({"changes": changes}, log_path)
 
     def reference_configs(self, cells: list[tuple[Setting, Method]]) -> dict:
         """(setting key, seed) -> the reference run config, for the settings of ``cells``."""
@@ -515,8 +540,9 @@ class Study:
         tuned = {(s.key, m.name): tuned[(self.tuned_from(s).key, m.name)] for s, m in cells}
         summary = summarize(self.spec, refs, tuned, rows)
         tuning_runs, tuning_s = run_train_seconds(self.dir / "tuning")
+        changes = (read_json(self.dir / SPEC_CHANGES_FILE) or {}).get("changes", [])
         summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs, carry=carry,
-                       tuning_train_s=round(tuning_s, 1))  # fmt: skip
+                       tuning_train_s=round(tuning_s, 1), spec_changes=changes)  # fmt: skip
         results = portable_paths(summary, self.dir)
         paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")

@@ -212,6 +212,17 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
         "backward passes per step, as each estimator declares them (`passes_per_step`).",
         "",
     ]
+    if results.spec_changes:
+        lines += [
+            "- **Spec changes after the study began** (only keys that change no run, or "
+            "appended settings, are accepted): "
+            + "; ".join(f"{c.when[:16].replace('T', ' ')} UTC, {', '.join(c.keys)} "
+                        f"({c.tuning_runs_completed} tuning and {c.final_runs_completed} final "
+                        f"runs done by then{'; ' + c.note if c.note else ''})"
+                        for c in results.spec_changes)
+            + ".",
+            "",
+        ]  # fmt: skip
     notes = spec.raw.get("notes") or []
     if notes:
         lines += ["## Choices and reasons", ""] + [f"- {n}" for n in notes] + [""]
@@ -402,6 +413,12 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "else the baseline's accuracy at the method's time when the baseline's budgets "
         "bracket it; else the time ratio alone.",
     ]
+    machines = {machine_words(p.machine) for p in results.pieces if p.machine}
+    if len(machines) > 1:
+        lines.append(
+            f"The runs were timed on {len(machines)} kinds of machine (see how long it took): "
+            "the time columns and the equal-time readings mix their clocks."
+        )
     return lines
 
 
@@ -490,13 +507,15 @@ def _compute_section(results: StudyResults) -> list[str]:
             )
         total = sum(p.wall_s or 0.0 for p in results.pieces)
         lines += ["", f"Wall time over all pieces: **{_hours(total)}**.", ""]
-    refs = [r.train_time_s for r in results.references if r.train_time_s is not None]
+    # settings of one network form share their references: each trained network once
+    unique = {r.run_dir: r.train_time_s for r in results.references}
+    refs = [t for t in unique.values() if t is not None]
     finals = [r.train_time_s for r in results.runs if r.train_time_s is not None]
     carry = [r.train_time_s for r in results.carry if r.train_time_s is not None]
     stages = [
         ("full-precision references", len(refs), sum(refs)),
         ("tuning trials (one run per tuning seed)", results.tuning_runs,
-         results.tuning_train_s or 0.0),
+         results.tuning_train_s),
         *([("knob carry check", len(carry), sum(carry))] if carry else []),
         ("final runs", len(finals), sum(finals)),
     ]  # fmt: skip
@@ -507,8 +526,9 @@ def _compute_section(results: StudyResults) -> list[str]:
         "| stage | runs | training time |",
         "|---|---|---|",
     ]
-    lines += [f"| {name} | {n} | {_hours(sec)} |" for name, n, sec in stages]
-    all_s = sum(sec for _, _, sec in stages)
+    lines += [f"| {name} | {n} | {_hours(sec) if sec is not None else 'not recorded'} |"
+              for name, n, sec in stages]  # fmt: skip
+    all_s = sum(sec or 0.0 for _, _, sec in stages)
     lines.append(f"| all | {sum(n for _, n, _ in stages)} | {_hours(all_s)} |")
     return lines
 
@@ -583,7 +603,7 @@ def cell_rows(results: StudyResults) -> list[dict[str, Any]]:
     """One row per (setting, method): the cell's interval and its comparison."""
     rows = []
     for c in results.cells:
-        comp = results.comparison(c.setting, c.method)
+        comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
         row = {k: v for k, v in c.to_json().items() if k not in ("trials", "space")}
         row["best_params"] = _params(c.best_params)
         if comp is not None:

@@ -367,6 +367,25 @@ class CarryRow:
 
 
 @dataclass(frozen=True)
+class SpecChangeRow:
+    """A change of the spec a study dir accepted after it began (keys that change no run,
+    or appended settings), with how many runs had finished by then."""
+
+    when: str
+    keys: tuple[str, ...]
+    tuning_runs_completed: int = 0
+    final_runs_completed: int = 0
+    note: str | None = None  # how the entry was made when not by the call (reconstructed)
+
+    def to_json(self) -> dict[str, Any]:
+        return _row_json(self, omit_none=("note",))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SpecChangeRow:
+        return _row_from(cls, data, keys=tuple(data.get("keys") or ()))
+
+
+@dataclass(frozen=True)
 class PieceRow:
     """One call of ``qexp study`` (a piece of the study): when, how long, on what."""
 
@@ -407,6 +426,7 @@ class StudyResults:
     tuning_runs: int = 0
     tuning_train_s: float | None = None
     carry: tuple[CarryRow, ...] = ()
+    spec_changes: tuple[SpecChangeRow, ...] = ()
 
     def comparison(
         self, setting: str, method: str, budget: float | None = None,
@@ -457,6 +477,7 @@ class StudyResults:
             aa=tuple(AARow.from_json(r) for r in data.get("aa") or []),
             pieces=tuple(PieceRow.from_json(r) for r in data.get("pieces") or []),
             carry=tuple(CarryRow.from_json(r) for r in data.get("carry") or []),
+            spec_changes=tuple(SpecChangeRow.from_json(r) for r in data.get("spec_changes") or []),
         )
 
 
@@ -506,7 +527,9 @@ def analyze(spec: StudySpec, results: StudyResults, power: float = 0.8) -> Study
     # one exploratory family: every method against its baseline, and the spec's controls
     pairs = [(cond, method, baselines.get(cond[0], "")) for cond, method in cells
              if method != baselines.get(cond[0])]  # fmt: skip
-    pairs += [(cond, c.method, c.against) for c in spec.controls for cond in conditions]
+    # a control that names the condition's baseline repeats (or mirrors) a baseline test
+    pairs += [(cond, c.method, c.against) for c in spec.controls for cond in conditions
+              if baselines.get(cond[0]) not in (c.method, c.against)]  # fmt: skip
     paired = stats.compare_pairs(cells, pairs, alpha)
     comparisons = []
     for (cond, method, against), pr in paired.items():

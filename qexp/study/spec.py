@@ -110,7 +110,8 @@ class Claim:
 class Control:
     """A planned comparison of ``method`` with ``against`` besides the baseline one (e.g.
     block replacement against its own quantizer with plain STE), in every condition that
-    runs both; part of the exploratory family."""
+    runs both and where neither is the baseline (that test is made anyway); part of the
+    exploratory family."""
 
     method: str
     against: str
@@ -351,6 +352,9 @@ def _carry_check(node: Any) -> CarryCheck | None:
     ):
         raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3]}")
     scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
+    if len({f"{x:.3g}" for x in scales}) != len(scales):
+        raise QexpError("study spec: carry_check.lr_scales must differ in their first 3 digits "
+                        "(they name the runs' folders)")  # fmt: skip
     if 1.0 not in scales or min(scales) <= 0:
         raise QexpError("study spec: carry_check.lr_scales must be positive and include 1 "
                         "(the borrowed LR itself)")  # fmt: skip

@@ -11,7 +11,7 @@ import pytest
 from qexp.study.results import CellRow, ComparisonRow, RunRow, StudyResults, from_summary
 from qexp.study.spec import parse_spec
 
-DOCS = Path(__file__).resolve().parents[1] / "docs" / "study" / "results.json"
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "study_2epoch" / "results.json"
 
 
 def test_committed_results_json_loads_and_round_trips():

@@ -242,7 +242,7 @@ def test_full_precision_references_per_network_form():
 
 
 def test_old_results_json_regenerates_the_report():
-    docs = Path(__file__).resolve().parents[1] / "docs" / "study"
+    docs = Path(__file__).resolve().parents[1] / "docs" / "study_2epoch"
     from qexp.study.runs import load_spec
 
     spec = load_spec("fashion_reference")

@@ -58,6 +58,12 @@ def write_spec(path: Path, **changes) -> Path:
     return path
 
 
+def every_file(folder: Path, skip: str | None = None) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under ``folder`` (but those under its ``skip`` folder)."""
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))
+            if p.is_file() and (skip is None or skip not in p.relative_to(folder).parts[:1])}
+
+
 def mtimes(folder: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("metrics.json"))}
 
@@ -152,6 +158,15 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     assert "2 full-precision networks (2 trained now" in first.stdout
     references = mtimes(tmp_path / "cache")
     assert len(references) == 2
+
+    # a preview beside the (cut-off) study: trains nothing, writes nothing but its report,
+    # and leaves the cut-off trial for the next real call to close
+    before = every_file(study_dir), every_file(tmp_path / "cache")
+    assert study_main([str(spec), "--dir", str(study_dir), "--preview"]) == 0
+    assert (every_file(study_dir, skip="preview"), every_file(tmp_path / "cache")) == before
+    preview = (study_dir / "preview" / "report.md").read_text()
+    assert "Preview of an unfinished study" in preview and "0 of 6 tuning trials told" in preview
+    assert not (study_dir / "results.json").exists()
 
     second = run_in_process(spec, study_dir, capsys)
     assert "(0 trained now" in second

@@ -17,6 +17,7 @@ killed study continues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -44,6 +45,7 @@ from qexp.study.tune import CellTuner, TuneResult
 from qexp.study.workers import (
     InProcess,
     LocalPool,
+    NoTraining,
     SubmititPool,
     Task,
     default_workers,
@@ -66,6 +68,8 @@ REFERENCES_FILE = "references.json"
 #: the spec changes a study dir accepted after it began (qexp.study.spec.UNBOUND_KEYS,
 #: appended settings), each with the number of runs finished by then
 SPEC_CHANGES_FILE = "spec_changes.json"
+#: where ``qexp study --preview`` writes its report (outside the study's records)
+PREVIEW_DIR = "preview"
 
 
 def progress(stage: int, text: str) -> None:
@@ -129,6 +133,9 @@ class Study:
     execution: Execution = field(default_factory=Execution)
     #: the user's config dirs (``--config-dir``): their estimators, quantizers, models...
     config_dirs: tuple[Path, ...] = ()
+    #: train nothing and write nothing in the study's records: report what earlier (or
+    #: running) calls stored, into ``<dir>/preview/`` (``qexp study --preview``)
+    preview: bool = False
 
     # -- configs ------------------------------------------------------------------------------
     def cell_overrides(self, setting: Setting, method: Method) -> list[str]:
@@ -202,6 +209,8 @@ class Study:
         """Bind the dir to this spec: a rerun with another spec would mix two studies."""
         path = self.dir / SPEC_FILE
         old, new = read_json(path), json.loads(json.dumps(self.spec.raw))
+        if self.preview and old is None:
+            raise QexpError(f"{self.dir} holds no study yet: run it first, then preview it")
 
         def runs_part(raw: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in raw.items() if k not in (*UNBOUND_KEYS, "settings")}
@@ -217,6 +226,8 @@ class Study:
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
+        if self.preview:
+            return  # the next real call logs and binds any accepted change
         if old is not None and old != new:
             self.log_spec_change(old, new)
         if old != new:  # new, or only keys that change no run (qexp.study.spec.UNBOUND_KEYS)
@@ -280,6 +291,7 @@ class Study:
                 ),
                 spec.tuning.prune_startup_trials,
                 self.warmup_epochs(setting, method, stage),
+                read_only=self.preview,
             ))  # fmt: skip
         return tuners
 
@@ -381,7 +393,8 @@ class Study:
             else:
                 continue  # not trained, not needed: nothing to report of it
             out[(setting_key, seed)] = row
-        write_json(stored, self.dir / REFERENCES_FILE)
+        if not self.preview:
+            write_json(stored, self.dir / REFERENCES_FILE)
         ready = len({str(cached_dir(c)) for c in ref_configs.values()})
         moved = [k for k, r in out.items() if r.get("recorded_test_acc") is not None]
         note = (f"; {len(moved)} retrained to other numbers than recorded (see the report)"
@@ -395,7 +408,7 @@ class Study:
         told in rounds (qexp.study.tune), the trials of a round trained side by side."""
         per_cell = self.execution.parallel or max(1, -(-pool.workers // max(1, len(tuners))))
         round_ = self._rounds_done()
-        while True:
+        while not self.preview:
             batch = []
             for _, tuner in tuners.values():
                 for _ in range(min(per_cell, tuner.remaining())):
@@ -467,8 +480,9 @@ class Study:
         ran = sum(r.outcome not in (None, "skipped") for r in results.values())
         for task, row in zip(tasks, rows, strict=True):
             record = read_record(Path(row["run_dir"]))
-            row["best_val_acc"] = record.get("best_val_acc") if record is not None else None
-            row["train_time_s"] = record.get("train_time_s") if record is not None else None
+            done = record is not None and record.completed  # (a preview may see runs going on)
+            row["best_val_acc"] = record.get("best_val_acc") if done else None
+            row["train_time_s"] = record.get("train_time_s") if done else None
             row["error"] = results[task.key].error
         progress(2, f"knob carry check: {len(rows)} runs at the borrowing budgets ({ran} run "
                     "now, rest stored)")  # fmt: skip
@@ -503,7 +517,10 @@ class Study:
 
     def run(self) -> dict[str, Any] | None:
         """All stages of this call's cells; the results written to results.json (None for a
-        shard, whose runs the last unsharded call merges and reports)."""
+        shard, whose runs the last unsharded call merges and reports). A preview takes no
+        lock: it may read a study while another call runs it."""
+        if self.preview:
+            return self._run()
         self.dir.mkdir(parents=True, exist_ok=True)
         with hold_study(self.dir, self.execution.shard):
             return self._run()
@@ -512,11 +529,11 @@ class Study:
         self.check_dir()
         t0 = time.perf_counter()
         cells = self.my_cells()
-        pool = self.execution.pool(self.dir)
+        pool = NoTraining() if self.preview else self.execution.pool(self.dir)
+        ledger = (contextlib.nullcontext() if self.preview
+                  else PieceLog(self.dir, self.execution.words()))  # fmt: skip
         try:
-            with PieceLog(self.dir, self.execution.words()) as piece, hydra_configs(
-                self.config_dirs
-            ):
+            with ledger as piece, hydra_configs(self.config_dirs):
                 ref_configs = self.reference_configs(cells)
                 tuners = self.tuners(cells, ref_configs)
                 finals = self.final_specs(cells, tuners, ref_configs)
@@ -544,9 +561,30 @@ class Study:
         summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs, carry=carry,
                        tuning_train_s=round(tuning_s, 1), spec_changes=changes)  # fmt: skip
         results = portable_paths(summary, self.dir)
-        paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
+        folder, banner = self.dir, None
+        if self.preview:
+            folder, banner = self.dir / PREVIEW_DIR, preview_banner(tuners, carry, rows)
+            folder.mkdir(exist_ok=True)
+        paths = study_report.write_all(
+            self.spec, folder, from_summary(self.spec, results), banner=banner
+        )
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results
+
+
+def preview_banner(tuners: dict, carry: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
+    """The warning a preview report opens with: how much of the study its numbers rest on."""
+    told = sum(t.trials - t.remaining() for _, t in tuners.values())
+    asked = sum(t.trials for _, t in tuners.values())
+    carried = sum(r["best_val_acc"] is not None for r in carry)
+    finals = sum(r["status"] == "completed" for r in rows)
+    planned = "" if told == asked else " (cells still tuning plan theirs later)"
+    return (
+        "**Preview of an unfinished study: not its result.** Written by `qexp study --preview` "
+        f"from the runs stored so far: {told} of {asked} tuning trials told, {carried} of "
+        f"{len(carry)} carry-check runs and {finals} of {len(rows)} planned final runs "
+        f"done{planned}. Every number below can still change."
+    )
 
 
 def _completed(run_dir: Path) -> bool:
@@ -768,6 +806,12 @@ def main(argv: list[str]) -> int:
                         help="a config dir of your own (estimators, models...), as for `qexp "
                         "train --config-dir`; may be given more than once")  # fmt: skip
     parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="train nothing: write the report of the runs stored so far into DIR/preview/ "
+        "(safe beside a call that is running the study)",
+    )
+    parser.add_argument(
         "--shard",
         default=None,
         help="i/k: run the i-th of k fixed shares of the cells (then a last call without "
@@ -781,7 +825,9 @@ def main(argv: list[str]) -> int:
         study_dir = args.dir or Path("studies") / spec.name
         if study_dir.exists() and not study_dir.is_dir():
             raise QexpError(f"--dir {study_dir} is a file: give a folder (new or a study's)")
-        Study(spec, study_dir, execution, tuple(args.config_dir)).run()
+        if args.preview and execution.shard is not None:
+            raise QexpError("--preview reads the whole study: drop --shard")
+        Study(spec, study_dir, execution, tuple(args.config_dir), args.preview).run()
     except QexpError as exc:
         print(f"qexp: error: {exc}", file=sys.stderr)
         return 2

@@ -163,12 +163,14 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def markdown(spec: StudySpec, results: StudyResults) -> str:
-    """The report: protocol, choices and reasons, references, tuning, results, A/A, claims."""
+def markdown(spec: StudySpec, results: StudyResults, banner: str | None = None) -> str:
+    """The report: protocol, choices and reasons, references, tuning, results, A/A, claims;
+    ``banner``: a paragraph under the title (a preview's warning)."""
     t = spec.tuning
     lines = [
         f"# Study `{spec.name}`",
         "",
+        *([f"> {banner}", ""] if banner else []),
         "Accuracies are test accuracies of the hard-quantized networks, in percent; intervals "
         "are 95% Student-t intervals over seeds; differences are paired by seed against the "
         "setting's baseline. Two families of tests: the papers' numeric claims are "
@@ -659,10 +661,12 @@ def _gain(value: float | None) -> str:
 
 
 def write_all(
-    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any]
+    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any],
+    banner: str | None = None,
 ) -> dict[str, Path]:
     """Write every output of the study into ``folder``; returns their paths. ``results``:
-    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`)."""
+    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`);
+    ``banner``: a paragraph the report opens with (a preview's warning)."""
     # (re)computed here, so results.json always holds the statistics its report shows
     results = (
         from_summary(spec, results) if isinstance(results, dict) else analyze(spec, results)
@@ -675,7 +679,7 @@ def write_all(
         "figure": folder / "accuracy_vs_bits.png",
         "tensorboard": folder / "tensorboard",
     }
-    text = markdown(spec, results).encode()
+    text = markdown(spec, results, banner).encode()
     atomic_write(paths["report"], lambda f: f.write(text))
     cells = _csv(cell_rows(results), CELL_KEYS)
     atomic_write(paths["cells"], lambda f: f.write(cells))

@@ -90,12 +90,24 @@ class CellTuner:
         sampler: optuna.samplers.BaseSampler,
         prune_startup_trials: int,
         prune_warmup_epochs: int,
+        read_only: bool = False,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
         self.trials, self.knobs, self.make_specs = trials, knobs, make_specs
         self.journal = cell_dir / JOURNAL
         self.prune = (prune_startup_trials, prune_warmup_epochs)
+        self.read_only = read_only
+        if read_only:
+            # a preview beside a running study: read its journal, write nothing (its
+            # running trials are another process's, not cut off)
+            self.study = (
+                optuna.load_study(study_name=name, storage=storage_at(self.journal))
+                if self.journal.exists()
+                else optuna.create_study(study_name=name, direction="maximize")
+            )
+            self.in_flight = self.ran = 0
+            return
         self.study = optuna.create_study(
             study_name=name,
             storage=storage_at(self.journal),
@@ -118,6 +130,8 @@ class CellTuner:
 
     def ask(self, round_: int) -> tuple[optuna.Trial, list[Task]]:
         """A new trial and the tasks that train it (one per tuning seed)."""
+        if self.read_only:
+            raise RuntimeError(f"{self.name}: a read-only tuner asks no trials")
         trial = self.study.ask()
         values = suggest(trial, self.knobs)
         specs = self.make_specs(values)

@@ -207,6 +207,20 @@ class InProcess:
         """Nothing to release."""
 
 
+class NoTraining:
+    """Trains nothing: every task comes back "not run" (``qexp study --preview`` reads what
+    the study's calls stored, beside a call that may still be running)."""
+
+    workers = 1
+
+    def run_all(self, tasks: list[Task]) -> list[Result]:
+        """``tasks``' results, none of them run."""
+        return [Result(t.key, outcome="not run") for t in tasks]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
 class LocalPool:
     """Long-lived worker processes on this machine, fed one task at a time.
 

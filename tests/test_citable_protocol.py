@@ -5,6 +5,7 @@ deployed form."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from conftest import FAST
 from qexp.errors import QexpError
 from qexp.study.pipeline import Study
 from qexp.study.pipeline import main as study_main
-from qexp.study.runs import hydra_configs
+from qexp.study.runs import compose_run, hydra_configs
 from qexp.study.spec import parse_spec
 
 BASE = [*FAST, "model=mlp", "model.hidden=[32]", "trainer.log_every=1000", "quantizer=binary"]
@@ -52,15 +53,30 @@ def test_tuning_seeds_must_not_be_evaluation_seeds():
         parse_spec(protocol(aa_seeds=[1, 20]))
 
 
-def test_no_pruning_before_the_deployed_form():
-    study = Study(parse_spec(protocol()), Path("/nonexistent"))
+def test_no_pruning_before_the_deployed_form(tmp_path):
+    study = Study(parse_spec(protocol()), tmp_path / "s")
+    e5 = study.spec.setting("e5")
+
+    def warmup(method: str, *knobs: str) -> int:
+        overrides = study.cell_overrides(e5, study.spec.method(method))
+        return study.warmup_epochs(compose_run([*overrides, "trainer.epochs=5", *knobs]))
+
     with hydra_configs():
-        blend = study.warmup_epochs(study.spec.setting("e5"), study.spec.method("alpha_blend"),
-                                    ("trainer.epochs=5",))  # fmt: skip
-        clipped = study.warmup_epochs(study.spec.setting("e5"),
-                                      study.spec.method("clipped_ste"), ("trainer.epochs=5",))
-    assert blend == 4  # alpha reaches 1 at 80% of training: epoch 4 of 5
-    assert clipped == 0  # deployed from the start
+        # where alpha reaches 1 is the trial's own knob: end of epoch 4 of 5 at 80% (the
+        # default), epoch 5 at 95%, epoch 2 at 30%
+        assert warmup("alpha_blend") == 4
+        assert warmup("alpha_blend", "schedule.alpha.p1=0.95") == 5
+        assert warmup("alpha_blend", "schedule.alpha.p1=0.3") == 2
+        assert warmup("clipped_ste") == 0  # deployed from the start
+        # each trial the tuner asks carries the warm-up of its own knobs to its worker
+        tuners = study.tuners(study.cells(), study.reference_configs(study.cells()))
+        tuner = tuners[("e5", "alpha_blend")][1]
+        for _ in range(3):
+            trial, tasks = tuner.ask(0)
+            p1 = trial.params["schedule.alpha.p1"]
+            assert tasks[0].trial.warmup_epochs == math.ceil(p1 * 5 - 1e-9)
+            assert tasks[0].trial.last_epoch is None  # the spec lets it prune at the end
+            assert [t.trial for t in tasks[1:]] == [None]  # the second seed reports nothing
 
 
 def test_paired_aa_seeds_start_from_their_partners_reference():
@@ -105,7 +121,8 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
                      for p in (tmp_path / "s" / trial["run_dir"]).glob("seed*/metrics.json")}
             assert seeds == {7, 8}, trial  # fmt: skip
             if trial["state"] == "pruned" and method == "alpha_blend":
-                assert trial["epochs"] >= 4  # judged only once alpha = 1 (end of epoch 4 of 5)
+                # judged only once alpha = 1 (at the trial's own end of the ramp)
+                assert trial["epochs"] >= math.ceil(trial["params"]["schedule.alpha.p1"] * 5)
             if trial["state"] == "complete" and trial.get("per_seed"):
                 assert trial["val_acc"] == pytest.approx(sum(trial["per_seed"]) / 2)
     finals = {(key[r["budget"]], r["method"], r["seed"]) for r in results["runs"]}
@@ -180,3 +197,39 @@ def test_method_overrides_by_setting_key_or_row():
     assert spec.method("clipped_ste").overrides_at(spec.setting("e5")) == ()
     with pytest.raises(QexpError, match="no such setting or row"):
         parse_spec(protocol(methods={**methods, "clipped_ste": {"at": {"w9": ["x=1"]}}}))
+
+
+@pytest.mark.parametrize("prune_last_epoch", [True, False])
+def test_pruning_at_the_last_epoch_is_the_specs_choice(tmp_path, prune_last_epoch):
+    """Two finished trials at 0.9 make a trial at 0.1 prunable; at its last epoch (2 of 2)
+    the worker's hook prunes it only where ``tuning.prune_last_epoch`` allows."""
+    import optuna
+
+    from qexp.study.journal import make_pruner, storage_at
+    from qexp.study.workers import TrialRef, _pruning_hook
+
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="cell", storage=storage_at(journal),
+                                direction="maximize", pruner=make_pruner(0, 0))  # fmt: skip
+    for _ in range(2):
+        done = study.ask()
+        done.report(0.9, step=1)
+        done.report(0.9, step=2)
+        study.tell(done, 0.9)
+    last = None if prune_last_epoch else 2
+
+    def hook():
+        return _pruning_hook(TrialRef(str(journal), "cell", study.ask()._trial_id, 0, 0, last))
+
+    low = [{"val_acc": 0.1}, {"val_acc": 0.1}]
+    with pytest.raises(optuna.TrialPruned, match="epoch 1"):
+        hook()(low[:1])  # before the last epoch the median rule holds either way
+    if prune_last_epoch:
+        with pytest.raises(optuna.TrialPruned, match="epoch 2"):
+            hook()(low)
+    else:
+        assert hook()(low) is False
+    assert parse_spec(protocol()).tuning.prune_last_epoch is True  # Optuna's behaviour
+    off = protocol()
+    off["tuning"] = {**off["tuning"], "prune_last_epoch": False}
+    assert parse_spec(off).tuning.prune_last_epoch is False

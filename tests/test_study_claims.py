@@ -4,6 +4,7 @@ report's words for a rejected claim."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -19,6 +20,7 @@ from qexp.study.results import (
     CLAIM_NOT_OBSERVED,
     CLAIM_SMALLER,
     StudyResults,
+    TrialRow,
     analyze,
     claim_verdict,
 )
@@ -363,3 +365,20 @@ def test_cells_with_borrowed_knobs_name_their_source_and_are_drawn_once(tmp_path
     finally:
         matplotlib.axes.Axes.set_title = real
     assert drawn == ["w1, budget 2"]  # one panel: the tuned condition only
+
+
+def test_report_counts_trials_pruned_at_their_last_epoch():
+    results = _results()
+    trials = [{"number": 0, "state": "pruned", "epochs": 3, "planned_epochs": 3},
+              {"number": 1, "state": "pruned", "epochs": 1, "planned_epochs": 3},
+              {"number": 2, "state": "complete", "epochs": 3, "planned_epochs": 3},
+              {"number": 3, "state": "pruned", "epochs": 2}]  # an old record: length unknown
+    cells = list(results.cells)
+    cells[0] = dataclasses.replace(cells[0], trials=tuple(TrialRow.from_json(t) for t in trials))
+    results = dataclasses.replace(results, cells=tuple(cells))
+    assert [t.pruned_at_end for t in results.cells[0].trials] == [True, False, False, False]
+    text = report.markdown(parse_spec(SPEC), results)
+    assert "1 of the 3 pruned trials were pruned at their last epoch" in text
+    assert "never at a trial's last epoch" not in text
+    spec = parse_spec({**SPEC, "tuning": {"trials": 1, "prune_last_epoch": False}})
+    assert "never at a trial's last epoch" in report.markdown(spec, results)

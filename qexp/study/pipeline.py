@@ -270,6 +270,7 @@ class Study:
                 continue
             knobs = self.knobs(setting, method)
             stage = (*spec.tuning.overrides, *setting.tuning)
+            epochs = compose_run([*self.cell_overrides(setting, method), *stage]).trainer.epochs
 
             def make_specs(values, s=setting, m=method, k=knobs, stage=stage):
                 return [
@@ -290,19 +291,21 @@ class Study:
                     n_startup_trials=spec.tuning.startup_trials or 10,
                 ),
                 spec.tuning.prune_startup_trials,
-                self.warmup_epochs(setting, method, stage),
+                self.warmup_epochs,
                 read_only=self.preview,
+                prune_last_epoch=spec.tuning.prune_last_epoch,
+                epochs=epochs,
             ))  # fmt: skip
         return tuners
 
-    def warmup_epochs(self, setting: Setting, method: Method, stage: tuple[str, ...]) -> int:
-        """Epochs of a trial never pruned: the spec's warm-up, and with
-        ``prune_before_deployed`` at least every epoch before the method trains its deployed
-        form (its estimator's final_form_progress)."""
+    def warmup_epochs(self, spec: RunSpec) -> int:
+        """Epochs of a tuning trial (``spec``: its run, with its knobs) never pruned: the
+        study's warm-up, and with ``prune_before_deployed`` at least every epoch before the
+        method trains its deployed form (its estimator's final_form_progress at the trial's
+        own knobs, e.g. where its alpha ramp ends)."""
         warmup = self.spec.tuning.prune_warmup_epochs
         if not self.spec.tuning.prune_before_deployed:
             return warmup
-        spec = compose_run([*self.cell_overrides(setting, method), *stage])
         start = build_estimator(spec.estimator).final_form_progress()
         return max(warmup, math.ceil(start * spec.trainer.epochs - 1e-9))
 

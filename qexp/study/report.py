@@ -199,8 +199,9 @@ def markdown(spec: StudySpec, results: StudyResults, banner: str | None = None) 
            else "Optuna's 10 random start trials")
         + f"; median pruning after {t.prune_startup_trials} finished trials and "
         f"{t.prune_warmup_epochs} epoch(s)"
-        + (", never before the method trains its deployed form" if t.prune_before_deployed
-           else "")
+        + (", never before the method trains its deployed form (at the trial's own knobs)"
+           if t.prune_before_deployed else "")
+        + ("" if t.prune_last_epoch else ", never at a trial's last epoch")
         + f"), each trial on seed(s) {', '.join(map(str, t.all_seeds))}"
         + (" (its objective their mean best validation accuracy)" if len(t.all_seeds) > 1
            else " (its objective the best validation accuracy)")
@@ -307,6 +308,13 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"| {condition_words(c.setting, c.budget, c.optimizer)} | {c.method} | {space} | "
             f"{_params(c.best_params)} | {_pct(c.best_val)} | {counts} | {seeds} |"
         )
+    at_end = [t for c in results.cells if not c.knobs_from for t in c.trials if t.pruned_at_end]
+    if at_end:
+        pruned = sum(t.state == "pruned" for c in results.cells if not c.knobs_from
+                     for t in c.trials)  # fmt: skip
+        lines += ["", f"{len(at_end)} of the {pruned} pruned trials were pruned at their last "
+                  "epoch, where pruning saves no compute and turns a finished trial into a "
+                  "pruned one (`tuning.prune_last_epoch: false` stops that)."]  # fmt: skip
     if only_common:
         names = ", ".join(sorted(set(only_common)))
         lines += ["", f"{names}: tuned on the common knobs only (no search space of its "

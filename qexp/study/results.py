@@ -124,12 +124,22 @@ class TrialRow:
     state: str  # complete / pruned / fail
     val_acc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
+    epochs: int | None = None  # epochs it reported (where it stopped, if pruned)
     error: str | None = None
     run_dir: str | None = None
+    planned_epochs: int | None = None  # its training length
+
+    @property
+    def pruned_at_end(self) -> bool:
+        """Pruned at its last epoch (nothing saved: a finished trial turned into a pruned one)."""
+        return (self.state == "pruned" and self.planned_epochs is not None
+                and self.epochs is not None and self.epochs >= self.planned_epochs)  # fmt: skip
 
     def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
+        out = _row_json(self)
+        if out["planned_epochs"] is None:  # unknown (a file from before it was recorded)
+            del out["planned_epochs"]
+        return out
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrialRow:

@@ -33,7 +33,7 @@ SETTING_KEYS = {
 #: keys of the tuning node
 TUNING_KEYS = {
     "trials", "seed", "seeds", "overrides", "sampler_seed", "startup_trials",
-    "prune_startup_trials", "prune_warmup_epochs", "prune_before_deployed",
+    "prune_startup_trials", "prune_warmup_epochs", "prune_before_deployed", "prune_last_epoch",
 }
 
 
@@ -146,6 +146,9 @@ class Tuning:
     #: never prune a trial before its method trains its deployed form (the estimator's
     #: final_form_progress): a soft phase is not judged on the hard network
     prune_before_deployed: bool = False
+    #: let the pruner stop a trial at its last epoch (Optuna's pruners do; it saves no
+    #: compute and turns a finished trial into a pruned one): qexp's choice, False skips it
+    prune_last_epoch: bool = True
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -307,6 +310,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
             startup_trials=None if tuning.get("startup_trials") is None
             else int(tuning["startup_trials"]),
             prune_before_deployed=bool(tuning.get("prune_before_deployed", False)),
+            prune_last_epoch=bool(tuning.get("prune_last_epoch", True)),
         ),
         final=_strs(plain.get("final"), "final"),
         settings=tuple(settings),

@@ -76,7 +76,10 @@ class CellTuner:
     the trial's objective is their mean best validation accuracy. Trial ``n`` trains in
     ``cell_dir/trial<n>`` (``trial<n>/seed<s>`` with several seeds). ``study_dir``: trial run
     dirs are stored relative to it. Only the first seed's run reports its validation curve
-    for pruning (a pruned trial is pruned whatever its other seeds do).
+    for pruning (a pruned trial is pruned whatever its other seeds do). ``warmup(spec)``: the
+    epochs of a trial never pruned, from the trial's own run spec (its knobs decide when its
+    method reaches its deployed form); ``prune_last_epoch``: whether the pruner may stop a
+    trial at its last epoch; ``epochs``: a trial's length, for trials that did not record it.
     """
 
     def __init__(
@@ -89,15 +92,19 @@ class CellTuner:
         make_specs: Callable[[dict[str, Any]], list[tuple[int, RunSpec]]],
         sampler: optuna.samplers.BaseSampler,
         prune_startup_trials: int,
-        prune_warmup_epochs: int,
+        warmup: Callable[[RunSpec], int],
         read_only: bool = False,
+        prune_last_epoch: bool = True,
+        epochs: int | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
         self.trials, self.knobs, self.make_specs = trials, knobs, make_specs
         self.journal = cell_dir / JOURNAL
-        self.prune = (prune_startup_trials, prune_warmup_epochs)
+        self.prune_startup_trials, self.warmup = prune_startup_trials, warmup
         self.read_only = read_only
+        self.prune_last_epoch = prune_last_epoch
+        self.epochs = epochs  # a trial's training length (for trials that did not record it)
         if read_only:
             # a preview beside a running study: read its journal, write nothing (its
             # running trials are another process's, not cut off)
@@ -114,7 +121,8 @@ class CellTuner:
             direction="maximize",
             load_if_exists=True,
             sampler=sampler,
-            pruner=make_pruner(*self.prune),
+            # the main process never prunes (the workers do, each trial with its own warm-up)
+            pruner=make_pruner(prune_startup_trials, 0),
         )
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # a trial of a killed study: close it and let a fresh one take its place
@@ -138,7 +146,12 @@ class CellTuner:
         run_dir = self.cell_dir / f"trial{trial.number:03d}"
         trial.set_user_attr("run_dir", _relative(run_dir, self.study_dir))
         trial.set_user_attr("round", round_)
-        ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune)
+        epochs, warmup = specs[0][1].trainer.epochs, self.warmup(specs[0][1])
+        trial.set_user_attr("planned_epochs", epochs)
+        trial.set_user_attr("warmup_epochs", warmup)
+        last = None if self.prune_last_epoch else epochs
+        ref = TrialRef(str(self.journal), self.name, trial._trial_id, self.prune_startup_trials,
+                       warmup, last)  # fmt: skip
         tasks = [
             Task(
                 key=f"{self.name}/trial{trial.number}/seed{seed}",
@@ -188,6 +201,7 @@ class CellTuner:
                     "run_dir": t.user_attrs.get("run_dir"),
                     "round": t.user_attrs.get("round"),
                     "per_seed": t.user_attrs.get("per_seed"),
+                    "planned_epochs": t.user_attrs.get("planned_epochs", self.epochs),
                 }
             )
         done = [t for t in self.study.get_trials(deepcopy=False) if t.state is TrialState.COMPLETE]

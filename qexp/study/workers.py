@@ -43,6 +43,8 @@ class TrialRef:
     trial_id: int
     startup_trials: int
     warmup_epochs: int
+    #: the trial's last epoch when the pruner may not stop it there (None: it may)
+    last_epoch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +142,8 @@ def _pruning_hook(ref: TrialRef):
     def on_epoch(history: list[dict[str, float]]) -> bool:
         epoch = len(history)
         trial.report(float(history[-1]["val_acc"]), step=epoch)
+        if ref.last_epoch is not None and epoch >= ref.last_epoch:
+            return False  # pruning the last epoch would save nothing
         if trial.should_prune():
             raise optuna.TrialPruned(
                 f"pruned by the tuner at epoch {epoch} (validation curve below the median of "

@@ -5,7 +5,6 @@ deployed form."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pytest
@@ -54,29 +53,59 @@ def test_tuning_seeds_must_not_be_evaluation_seeds():
 
 
 def test_no_pruning_before_the_deployed_form(tmp_path):
+    """Where a trial's method trains its deployed form comes from the trial's own knobs; the
+    worker's hook never prunes an epoch whose last step came before it, however low its
+    validation accuracy."""
+    import optuna
+
+    from qexp.study.journal import make_pruner, storage_at
+    from qexp.study.workers import TrialRef, _pruning_hook
+
     study = Study(parse_spec(protocol()), tmp_path / "s")
     e5 = study.spec.setting("e5")
 
-    def warmup(method: str, *knobs: str) -> int:
+    def deployed_from(method: str, *knobs: str) -> float:
         overrides = study.cell_overrides(e5, study.spec.method(method))
-        return study.warmup_epochs(compose_run([*overrides, "trainer.epochs=5", *knobs]))
+        return study.deployed_from(compose_run([*overrides, "trainer.epochs=5", *knobs]))
 
     with hydra_configs():
-        # where alpha reaches 1 is the trial's own knob: end of epoch 4 of 5 at 80% (the
-        # default), epoch 5 at 95%, epoch 2 at 30%
-        assert warmup("alpha_blend") == 4
-        assert warmup("alpha_blend", "schedule.alpha.p1=0.95") == 5
-        assert warmup("alpha_blend", "schedule.alpha.p1=0.3") == 2
-        assert warmup("clipped_ste") == 0  # deployed from the start
-        # each trial the tuner asks carries the warm-up of its own knobs to its worker
+        # alpha = 1 from p1 on (the cubic ramp is flat there: its float32 alpha is exactly 1
+        # a few thousandths of progress before p1, and so the deployed form begins there)
+        assert 0.79 < deployed_from("alpha_blend") <= 0.8
+        assert 0.29 < deployed_from("alpha_blend", "schedule.alpha.p1=0.3") <= 0.3
+        assert deployed_from("clipped_ste") == 0.0  # deployed from the start
+        # each trial the tuner asks carries its own point to its worker
         tuners = study.tuners(study.cells(), study.reference_configs(study.cells()))
         tuner = tuners[("e5", "alpha_blend")][1]
         for _ in range(3):
             trial, tasks = tuner.ask(0)
             p1 = trial.params["schedule.alpha.p1"]
-            assert tasks[0].trial.warmup_epochs == math.ceil(p1 * 5 - 1e-9)
-            assert tasks[0].trial.last_epoch is None  # the spec lets it prune at the end
+            assert p1 - 0.01 < tasks[0].trial.deployed_from <= p1 + 1e-3  # (a 1/1000 grid)
             assert [t.trial for t in tasks[1:]] == [None]  # the second seed reports nothing
+
+    # the hook: two finished trials at 0.9 make a trial at 0.1 prunable from epoch 1 on,
+    # except where its epoch's last step (progress (e*S - 1) / (E*S)) is before 0.8
+    journal = tmp_path / "optuna.journal"
+    cell = optuna.create_study(study_name="cell", storage=storage_at(journal),
+                               direction="maximize", pruner=make_pruner(0, 0))  # fmt: skip
+    for _ in range(2):
+        done = cell.ask()
+        for epoch in range(1, 6):
+            done.report(0.9, step=epoch)
+        cell.tell(done, 0.9)
+
+    def judged(epoch: int, deployed: float | None) -> bool:
+        ref = TrialRef(str(journal), "cell", cell.ask()._trial_id, 0, 0, None, deployed)
+        history = [{"val_acc": 0.1, "progress": (e * 10 - 1) / 50} for e in range(1, epoch + 1)]
+        try:
+            _pruning_hook(ref)(history)
+        except optuna.TrialPruned:
+            return True
+        return False
+
+    assert [judged(e, 0.8) for e in range(1, 6)] == [False, False, False, False, True]
+    assert [judged(e, 0.3) for e in (1, 2)] == [False, True]  # 0.18 < 0.3 <= 0.38
+    assert judged(1, None) and judged(1, 0.0)
 
 
 def test_paired_aa_seeds_start_from_their_partners_reference():
@@ -122,7 +151,9 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
             assert seeds == {7, 8}, trial  # fmt: skip
             if trial["state"] == "pruned" and method == "alpha_blend":
                 # judged only once alpha = 1 (at the trial's own end of the ramp)
-                assert trial["epochs"] >= math.ceil(trial["params"]["schedule.alpha.p1"] * 5)
+                run = tmp_path / "s" / trial["run_dir"] / "seed7" / "metrics.json"
+                last = json.loads(run.read_text())["history"][-1]
+                assert last["progress"] >= trial["params"]["schedule.alpha.p1"] - 0.01
             if trial["state"] == "complete" and trial.get("per_seed"):
                 assert trial["val_acc"] == pytest.approx(sum(trial["per_seed"]) / 2)
     finals = {(key[r["budget"]], r["method"], r["seed"]) for r in results["runs"]}

@@ -162,7 +162,9 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     # a preview beside the (cut-off) study: trains nothing, writes nothing but its report,
     # and leaves the cut-off trial for the next real call to close
     before = every_file(study_dir), every_file(tmp_path / "cache")
+    capsys.readouterr()
     assert study_main([str(spec), "--dir", str(study_dir), "--preview"]) == 0
+    assert "none trained: a preview" in capsys.readouterr().out
     assert (every_file(study_dir, skip="preview"), every_file(tmp_path / "cache")) == before
     preview = (study_dir / "preview" / "report.md").read_text()
     assert "Preview of an unfinished study" in preview and "0 of 6 tuning trials told" in preview
@@ -217,6 +219,16 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     again = json.loads((study_dir / "results.json").read_text())["references"]
     assert [r["recorded_test_acc"] for r in again if "recorded_test_acc" in r] == [0.5]
     assert "Retrained on another machine" in (study_dir / "report.md").read_text()
+
+    # a preview reads a final run recorded under another config as stale, not as done
+    record_path = sorted((study_dir / "final").rglob("metrics.json"))[0]
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "config_hash": "another"}))
+    assert study_main([str(spec), "--dir", str(study_dir), "--preview"]) == 0
+    preview = json.loads((study_dir / "preview" / "results.json").read_text())
+    assert sorted(r["status"] for r in preview["runs"]) == ["completed"] * 3 + ["stale"]
+    assert "3 of 4 planned final runs done" in (study_dir / "preview" / "report.md").read_text()
+    record_path.write_text(json.dumps(record))
 
     # a second study on the same references trains no full-precision network
     other = Study(load_spec(str(spec)), tmp_path / "other")

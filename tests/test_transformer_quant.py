@@ -116,6 +116,11 @@ def test_plan_rows_of_embeddings_and_products_and_rules_on_tables() -> None:
     assert [r.name for r in plan.embeddings] == ["tok_embed", "pos_embed"]
     assert len(plan.products) == 4 and {(r.kind, r.a_bits) for r in plan.products} == {
         ("MatMul", 5)}
+    # a rule that also selects conv/linear layers leaves the tables alone (as before they
+    # were rows): `*` sets every Linear to 3 bits, the tables keep embed_bits
+    broad = resolve_plan(_gpt(), [{"match": "*", "bits": 3}], bits, 8, 8, embed_bits=5)
+    assert {r.w_bits for r in broad.embeddings} == {5}
+    assert {r.w_bits for r in broad.wrapped} == {3}
     # the conv/linear rows are those of a plan without embeddings and products
     plain = resolve_plan(_gpt(), [], bits, 8, 8)
     assert [r.name for r in plan.wrapped] == [r.name for r in plain.wrapped]
@@ -129,6 +134,10 @@ def test_plan_rows_of_embeddings_and_products_and_rules_on_tables() -> None:
     plan = resolve_plan(net, rules, bits, 8, 8, embed_bits=3, matmul_bits=5)
     quantize_model(net, factory, factory, bits, 8, 8, plan=plan)
     assert isinstance(net.tok_embed, QEmbedding) and net.tok_embed.w_bits == 6
+    # the plan read back off the quantized net (what the run's reports use) is the same
+    again = resolve_plan(net, rules, bits, 8, 8, embed_bits=3, matmul_bits=5)
+    assert [(r.name, r.role, r.w_bits, r.a_bits) for r in again] == [
+        (r.name, r.role, r.w_bits, r.a_bits) for r in plan]  # fmt: skip
     assert type(net.pos_embed) is nn.Embedding
     assert sum(isinstance(m, QMatMul) and m.a_bits == 5 for m in net.modules()) == 4
 
@@ -154,6 +163,7 @@ def test_embed_bits_through_the_plan_builds_what_the_helpers_build() -> None:
         ([{"match": "tok_embed", "quantizer": {"per_channel": False}}], 8, None,
          "takes no quantizer options"),
         ([{"match": "tok_embed", "w_bits": 1.58}], 8, None, "2-16, or 32"),
+        ([{"match": "type:Embedding", "a_bits": 4}], 8, None, "its input is token ids"),
         ([{"match": "type:MatMul", "bits": 4}], 8, 8, "selects no layer"),
         ([{"match": "tok_embed", "bits": 4}], None, None, "selects no layer"),
         ([], 1, None, "layers.embed_bits=1 is not allowed"),

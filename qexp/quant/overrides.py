@@ -24,9 +24,11 @@ or in a YAML file (``layers: {overrides: [...]}``). Keys of one rule:
   replaces that role's quantizer instead of changing its options.
 
 Embeddings and products (transformers): with ``layers.embed_bits`` set every nn.Embedding is a
-row (role ``embed``, its table at those bits, its token-id input never quantized), and rules
-reach it like any layer (``{match: pos_embed, float: true}``, ``{match: type:Embedding,
-w_bits: 4}``; bits only, 2-16 or 32: the table's per-row absmax grid has no options). With
+row (role ``embed``, its table at those bits, its token-id input never quantized), and a rule
+that selects embeddings alone reaches them (``{match: pos_embed, float: true}``, ``{match:
+type:Embedding, w_bits: 4}``; table bits or float only, 2-16 or 32: the per-row absmax grid
+has no options); a rule that also selects conv/linear layers (``*``, a block above an
+embedding) leaves the embeddings alone. With
 ``layers.matmul_bits`` set every activation-activation product (qexp.models.layers.MatMul) is
 a row (role ``product``) shown in the table; its bits are ``layers.matmul_bits`` alone, and no
 rule selects it.
@@ -219,9 +221,12 @@ _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
 
 
 def is_wrappable(module: nn.Module) -> bool:
-    """Whether qexp can quantize ``module`` (an nn.Conv2d or nn.Linear, or already wrapped)."""
-    from qexp.quant.layers import QuantLayer
+    """Whether qexp can quantize ``module`` (an nn.Conv2d or nn.Linear, or already wrapped;
+    a quantized embedding is a table, not one of these)."""
+    from qexp.quant.layers import QEmbedding, QuantLayer
 
+    if isinstance(module, QEmbedding):
+        return False
     return type(module) in WRAPPABLE or isinstance(module, QuantLayer)
 
 
@@ -417,11 +422,15 @@ def _apply(row: PlanRow, rule: LayerRule) -> PlanRow:
     return replace(row, **changes)
 
 
+def _side_bits_ok(value: Any) -> bool:
+    """Whether an absmax grid (embedding table, product input) can take ``value`` bits."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and (2 <= value <= 16 or value == FLOAT_BITS)
+
+
 def _side_bits(key: str, value: Any) -> int:
-    """``layers.embed_bits`` / ``layers.matmul_bits`` (or a rule's bits on an embedding): an
-    int the absmax grid can take."""
-    ok = isinstance(value, int) and not isinstance(value, bool)
-    if not ok or not (2 <= value <= 16 or value == FLOAT_BITS):
+    """``layers.embed_bits`` / ``layers.matmul_bits``: an int the absmax grid can take."""
+    if not _side_bits_ok(value):
         raise QexpError(f"{key}={value!r} is not allowed: use {SIDE_BITS}")
     return int(value)
 
@@ -449,8 +458,13 @@ def _apply_to_embedding(row: PlanRow, rule: LayerRule) -> PlanRow:
             f"match {rule.match!r} selects the embedding {row.name}, whose per-row absmax "
             "grid takes no quantizer options: give it bits or float only",
         )
-    if rule.w_bits is not None:
-        _side_bits(f"{KEY}[{rule.index}].w_bits (embedding {row.name})", rule.w_bits)
+    if rule.w_bits is None and not rule.keep_float:
+        _fail(f"[{rule.index}]", f"match {rule.match!r} selects the embedding {row.name} and "
+              "sets only input bits, but its input is token ids: give its table bits (w_bits "
+              "or bits) or float: true")  # fmt: skip
+    if rule.w_bits is not None and not _side_bits_ok(rule.w_bits):
+        _fail(f"[{rule.index}]", f"the embedding {row.name} cannot take {rule.w_bits} bits: "
+              f"an embedding table (per-row absmax) takes {SIDE_BITS}")  # fmt: skip
     changed = _apply(row, replace(rule, a_bits=None))
     return replace(changed, a_bits=FLOAT_BITS, a_fixed=False)
 
@@ -515,6 +529,11 @@ def resolve_plan(
         hit = [n for n, m in selectable if rule.matches(n, m)]
         if not hit:
             raise _unmatched(rule, selectable)
+        if not all(rows[n].role == "embed" for n in hit):
+            # a rule that also selects conv/linear layers (``*``, a scope above an embedding)
+            # leaves embeddings alone, as before they were rows: a table changes only by a
+            # rule that selects embeddings alone (``type:Embedding``, their names)
+            hit = [n for n in hit if rows[n].role != "embed"]
         for n in hit:
             row = rows[n]
             rows[n] = _apply_to_embedding(row, rule) if row.role == "embed" else _apply(row, rule)

@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -136,6 +135,8 @@ class Study:
     #: train nothing and write nothing in the study's records: report what earlier (or
     #: running) calls stored, into ``<dir>/preview/`` (``qexp study --preview``)
     preview: bool = False
+    #: a preview's spec changes against study.json, not logged yet (the next call logs them)
+    pending_changes: list[str] = field(default_factory=list)
 
     # -- configs ------------------------------------------------------------------------------
     def cell_overrides(self, setting: Setting, method: Method) -> list[str]:
@@ -226,8 +227,9 @@ class Study:
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
-        if self.preview:
-            return  # the next real call logs and binds any accepted change
+        if self.preview:  # the next real call logs and binds any accepted change
+            self.pending_changes = changed_keys(old, new) if old != new else []
+            return
         if old is not None and old != new:
             self.log_spec_change(old, new)
         if old != new:  # new, or only keys that change no run (qexp.study.spec.UNBOUND_KEYS)
@@ -236,10 +238,7 @@ class Study:
     def log_spec_change(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         """Append to spec_changes.json which keys changed and how many runs had finished:
         claims, controls or alpha edited after results were seen are visible in the report."""
-        keys = sorted(k for k in {*old, *new} if k != "settings" and old.get(k) != new.get(k))
-        added = len(new.get("settings") or []) - len(old.get("settings") or [])
-        if added:
-            keys.append(f"settings ({added} appended)")
+        keys = changed_keys(old, new)
 
         def completed(folder: str) -> int:
             return sum(1 for p in (self.dir / folder).rglob("metrics.json")
@@ -291,23 +290,21 @@ class Study:
                     n_startup_trials=spec.tuning.startup_trials or 10,
                 ),
                 spec.tuning.prune_startup_trials,
-                self.warmup_epochs,
+                spec.tuning.prune_warmup_epochs,
                 read_only=self.preview,
                 prune_last_epoch=spec.tuning.prune_last_epoch,
                 epochs=epochs,
+                deployed_from=self.deployed_from if spec.tuning.prune_before_deployed else None,
             ))  # fmt: skip
         return tuners
 
-    def warmup_epochs(self, spec: RunSpec) -> int:
-        """Epochs of a tuning trial (``spec``: its run, with its knobs) never pruned: the
-        study's warm-up, and with ``prune_before_deployed`` at least every epoch before the
-        method trains its deployed form (its estimator's final_form_progress at the trial's
-        own knobs, e.g. where its alpha ramp ends)."""
-        warmup = self.spec.tuning.prune_warmup_epochs
-        if not self.spec.tuning.prune_before_deployed:
-            return warmup
-        start = build_estimator(spec.estimator).final_form_progress()
-        return max(warmup, math.ceil(start * spec.trainer.epochs - 1e-9))
+    @staticmethod
+    def deployed_from(spec: RunSpec) -> float:
+        """The training progress from which a tuning trial (``spec``: its run, with its knobs)
+        trains its method's deployed form: its estimator's final_form_progress (e.g. where
+        its alpha ramp ends). With ``prune_before_deployed`` no epoch whose last step came
+        before it is pruned (the worker's pruning hook reads each epoch's progress)."""
+        return build_estimator(spec.estimator).final_form_progress()
 
     def final_specs(self, cells: list, tuners: dict, ref_configs: dict) -> dict:
         """(setting, method, seed) -> the final run's spec, for cells whose tuning is done
@@ -402,8 +399,9 @@ class Study:
         moved = [k for k, r in out.items() if r.get("recorded_test_acc") is not None]
         note = (f"; {len(moved)} retrained to other numbers than recorded (see the report)"
                 if moved else "")  # fmt: skip
-        progress(1, f"{ready} full-precision networks ({len(tasks)} trained now, the rest "
-                    f"cached or not needed){note}")  # fmt: skip
+        trained = "none trained: a preview" if self.preview else f"{len(tasks)} trained now"
+        progress(1, f"{ready} full-precision networks ({trained}, the rest cached or not "
+                    f"needed){note}")  # fmt: skip
         return out
 
     def tuning(self, pool: Any, tuners: dict) -> dict:
@@ -455,7 +453,7 @@ class Study:
         todo = self.carry_cells(cells)
         if check is None or not todo:
             return []
-        tasks, rows = [], []
+        tasks, rows, configs = [], [], {}
         for setting, method in todo:
             knobs, tuner = tuners[(self.tuned_from(setting).key, method.name)]
             if tuner.remaining():
@@ -474,6 +472,7 @@ class Study:
                     run_dir = self.carry_dir(setting.key, method.name, scale, seed)
                     key = f"carry/{setting.key}/{method.name}/x{scale:.3g}/seed{seed}"
                     tasks.append(Task(key, spec.config, str(run_dir), seal_test=True))
+                    configs[key] = spec.fingerprint
                     rows.append({"setting": setting.row, "setting_key": setting.key,
                                  "budget": setting.budget, "optimizer": setting.optimizer,
                                  "method": method.name, "tuned_at": self.tuned_from(setting).key,
@@ -483,7 +482,9 @@ class Study:
         ran = sum(r.outcome not in (None, "skipped") for r in results.values())
         for task, row in zip(tasks, rows, strict=True):
             record = read_record(Path(row["run_dir"]))
-            done = record is not None and record.completed  # (a preview may see runs going on)
+            # a preview may see runs going on, or records of another config
+            done = (record is not None and record.completed
+                    and record.config_hash == configs[task.key])  # fmt: skip
             row["best_val_acc"] = record.get("best_val_acc") if done else None
             row["train_time_s"] = record.get("train_time_s") if done else None
             row["error"] = results[task.key].error
@@ -512,8 +513,10 @@ class Study:
             if results[key].error:
                 row["error"] = results[key].error
             setting = self.spec.setting(row["setting"])
+            found = _run_row(Path(row["run_dir"]), finals[(row["setting"], row["method"],
+                                                           row["seed"])].fingerprint)
             out.append({**row, "budget": setting.budget, "optimizer": setting.optimizer,
-                        **_run_row(Path(row["run_dir"]))})  # fmt: skip
+                        **found})  # fmt: skip
         done = sum(r["status"] == "completed" for r in out)
         progress(3, f"{done}/{len(out)} final runs completed ({ran} run now, rest stored)")
         return out
@@ -566,7 +569,8 @@ class Study:
         results = portable_paths(summary, self.dir)
         folder, banner = self.dir, None
         if self.preview:
-            folder, banner = self.dir / PREVIEW_DIR, preview_banner(tuners, carry, rows)
+            folder = self.dir / PREVIEW_DIR
+            banner = preview_banner(tuners, carry, rows, self.pending_changes)
             folder.mkdir(exist_ok=True)
         paths = study_report.write_all(
             self.spec, folder, from_summary(self.spec, results), banner=banner
@@ -575,8 +579,21 @@ class Study:
         return results
 
 
-def preview_banner(tuners: dict, carry: list[dict[str, Any]], rows: list[dict[str, Any]]) -> str:
-    """The warning a preview report opens with: how much of the study its numbers rest on."""
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The top-level spec keys that differ between two study.json objects (appended settings
+    as one entry)."""
+    keys = sorted(k for k in {*old, *new} if k != "settings" and old.get(k) != new.get(k))
+    added = len(new.get("settings") or []) - len(old.get("settings") or [])
+    if added:
+        keys.append(f"settings ({added} appended)")
+    return keys
+
+
+def preview_banner(
+    tuners: dict, carry: list[dict[str, Any]], rows: list[dict[str, Any]], pending: list[str]
+) -> str:
+    """The warning a preview report opens with: how much of the study its numbers rest on,
+    and the spec changes the next real call will log (``pending``)."""
     told = sum(t.trials - t.remaining() for _, t in tuners.values())
     asked = sum(t.trials for _, t in tuners.values())
     carried = sum(r["best_val_acc"] is not None for r in carry)
@@ -587,6 +604,8 @@ def preview_banner(tuners: dict, carry: list[dict[str, Any]], rows: list[dict[st
         f"from the runs stored so far: {told} of {asked} tuning trials told, {carried} of "
         f"{len(carry)} carry-check runs and {finals} of {len(rows)} planned final runs "
         f"done{planned}. Every number below can still change."
+        + (f" The spec differs from the study's study.json in {', '.join(pending)}: the next "
+           "`qexp study` call logs that change." if pending else "")
     )
 
 
@@ -655,10 +674,14 @@ def _reference_row(
     }
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
+def _run_row(run_dir: Path, fingerprint: str | None = None) -> dict[str, Any]:
+    """A final run's row from its record; ``stale`` where the record is of another config
+    than ``fingerprint`` (a preview's view of a run the next real call retrains)."""
     record = read_record(run_dir)
     if record is None:
         return {"status": "missing"}
+    if fingerprint is not None and record.config_hash != fingerprint:
+        return {"status": "stale"}
     return {
         "status": record.status.value,
         "reason": record.reason,

@@ -138,13 +138,14 @@ class Tuning:
     overrides: tuple[str, ...]
     sampler_seed: int = 0
     prune_startup_trials: int = 2  # trials finished before pruning starts
-    prune_warmup_epochs: int = 1  # epochs of a trial never pruned
+    prune_warmup_epochs: int = 1  # the first epoch a trial may be pruned at (n_warmup_steps)
     #: every seed a trial trains on (its objective is their mean validation accuracy)
     seeds: tuple[int, ...] = ()
     #: TPE's random start (trials drawn at random before it models); None: Optuna's default 10
     startup_trials: int | None = None
-    #: never prune a trial before its method trains its deployed form (the estimator's
-    #: final_form_progress): a soft phase is not judged on the hard network
+    #: never prune a trial at an epoch whose last step came before its method trains its
+    #: deployed form (the estimator's final_form_progress at the trial's knobs): a soft phase
+    #: is not judged on the hard network
     prune_before_deployed: bool = False
     #: let the pruner stop a trial at its last epoch (Optuna's pruners do; it saves no
     #: compute and turns a finished trial into a pruned one): qexp's choice, False skips it

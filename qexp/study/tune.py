@@ -76,10 +76,13 @@ class CellTuner:
     the trial's objective is their mean best validation accuracy. Trial ``n`` trains in
     ``cell_dir/trial<n>`` (``trial<n>/seed<s>`` with several seeds). ``study_dir``: trial run
     dirs are stored relative to it. Only the first seed's run reports its validation curve
-    for pruning (a pruned trial is pruned whatever its other seeds do). ``warmup(spec)``: the
-    epochs of a trial never pruned, from the trial's own run spec (its knobs decide when its
-    method reaches its deployed form); ``prune_last_epoch``: whether the pruner may stop a
-    trial at its last epoch; ``epochs``: a trial's length, for trials that did not record it.
+    for pruning (a pruned trial is pruned whatever its other seeds do).
+    ``prune_warmup_epochs``: the first epoch a trial may be pruned at (Optuna's
+    ``n_warmup_steps``); ``deployed_from(spec)``: where the trial's method trains its deployed
+    form, from the trial's own run spec (its knobs decide it; None: prune from the warm-up
+    on), no epoch whose last step came before it being pruned; ``prune_last_epoch``: whether
+    the pruner may stop a trial at its last epoch; ``epochs``: a trial's length, for trials
+    that did not record it.
     """
 
     def __init__(
@@ -92,27 +95,30 @@ class CellTuner:
         make_specs: Callable[[dict[str, Any]], list[tuple[int, RunSpec]]],
         sampler: optuna.samplers.BaseSampler,
         prune_startup_trials: int,
-        warmup: Callable[[RunSpec], int],
+        prune_warmup_epochs: int,
         read_only: bool = False,
         prune_last_epoch: bool = True,
         epochs: int | None = None,
+        deployed_from: Callable[[RunSpec], float] | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
         self.trials, self.knobs, self.make_specs = trials, knobs, make_specs
         self.journal = cell_dir / JOURNAL
-        self.prune_startup_trials, self.warmup = prune_startup_trials, warmup
+        self.prune = (prune_startup_trials, prune_warmup_epochs)
+        self.deployed_from = deployed_from
         self.read_only = read_only
         self.prune_last_epoch = prune_last_epoch
         self.epochs = epochs  # a trial's training length (for trials that did not record it)
         if read_only:
             # a preview beside a running study: read its journal, write nothing (its
             # running trials are another process's, not cut off)
-            self.study = (
-                optuna.load_study(study_name=name, storage=storage_at(self.journal))
-                if self.journal.exists()
-                else optuna.create_study(study_name=name, direction="maximize")
-            )
+            try:
+                if not self.journal.exists():  # (opening a journal would create the file)
+                    raise KeyError(name)
+                self.study = optuna.load_study(study_name=name, storage=storage_at(self.journal))
+            except KeyError:  # no journal yet, or one whose study is being created right now
+                self.study = optuna.create_study(study_name=name, direction="maximize")
             self.in_flight = self.ran = 0
             return
         self.study = optuna.create_study(
@@ -121,8 +127,7 @@ class CellTuner:
             direction="maximize",
             load_if_exists=True,
             sampler=sampler,
-            # the main process never prunes (the workers do, each trial with its own warm-up)
-            pruner=make_pruner(prune_startup_trials, 0),
+            pruner=make_pruner(*self.prune),
         )
         for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # a trial of a killed study: close it and let a fresh one take its place
@@ -146,12 +151,14 @@ class CellTuner:
         run_dir = self.cell_dir / f"trial{trial.number:03d}"
         trial.set_user_attr("run_dir", _relative(run_dir, self.study_dir))
         trial.set_user_attr("round", round_)
-        epochs, warmup = specs[0][1].trainer.epochs, self.warmup(specs[0][1])
+        epochs = specs[0][1].trainer.epochs
         trial.set_user_attr("planned_epochs", epochs)
-        trial.set_user_attr("warmup_epochs", warmup)
+        deployed = None if self.deployed_from is None else self.deployed_from(specs[0][1])
+        if deployed is not None:
+            trial.set_user_attr("deployed_from", deployed)
         last = None if self.prune_last_epoch else epochs
-        ref = TrialRef(str(self.journal), self.name, trial._trial_id, self.prune_startup_trials,
-                       warmup, last)  # fmt: skip
+        ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune, last,
+                       deployed)  # fmt: skip
         tasks = [
             Task(
                 key=f"{self.name}/trial{trial.number}/seed{seed}",

@@ -45,6 +45,9 @@ class TrialRef:
     warmup_epochs: int
     #: the trial's last epoch when the pruner may not stop it there (None: it may)
     last_epoch: int | None = None
+    #: the progress from which the trial's method trains its deployed form (its estimator's
+    #: final_form_progress at the trial's knobs): no epoch before it is pruned (None: any)
+    deployed_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -144,6 +147,10 @@ def _pruning_hook(ref: TrialRef):
         trial.report(float(history[-1]["val_acc"]), step=epoch)
         if ref.last_epoch is not None and epoch >= ref.last_epoch:
             return False  # pruning the last epoch would save nothing
+        if ref.deployed_from is not None:
+            progress = history[-1].get("progress")  # (unknown: as good as not yet there)
+            if progress is None or progress < ref.deployed_from - 1e-12:
+                return False  # the epoch's last step still trained a soft stand-in
         if trial.should_prune():
             raise optuna.TrialPruned(
                 f"pruned by the tuner at epoch {epoch} (validation curve below the median of "
@@ -218,8 +225,8 @@ class NoTraining:
     workers = 1
 
     def run_all(self, tasks: list[Task]) -> list[Result]:
-        """``tasks``' results, none of them run."""
-        return [Result(t.key, outcome="not run") for t in tasks]
+        """``tasks``' results, none of them run (no outcome: nothing was done)."""
+        return [Result(t.key) for t in tasks]
 
     def close(self) -> None:
         """Nothing to release."""

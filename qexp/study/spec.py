@@ -127,6 +127,10 @@ class CarryCheck:
 
     methods: tuple[str, ...]
     lr_scales: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    #: a gap (validation accuracy, a fraction) of the borrowed LR behind the best scale above
+    #: which the report marks the cell's final runs as run on knobs that did not carry
+    #: (qexp's choice: 1 point, about twice the A/A spread of two seeds' mean)
+    tolerance: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -352,10 +356,11 @@ def _control(node: Any) -> Control:
 def _carry_check(node: Any) -> CarryCheck | None:
     if node is None:
         return None
-    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales"} or not node.get(
-        "methods"
+    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales", "tolerance"} or (
+        not node.get("methods")
     ):
-        raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3]}")
+        raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3], "
+                        "tolerance: 0.01}")  # fmt: skip
     scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
     if len({f"{x:.3g}" for x in scales}) != len(scales):
         raise QexpError("study spec: carry_check.lr_scales must differ in their first 3 digits "
@@ -363,7 +368,11 @@ def _carry_check(node: Any) -> CarryCheck | None:
     if 1.0 not in scales or min(scales) <= 0:
         raise QexpError("study spec: carry_check.lr_scales must be positive and include 1 "
                         "(the borrowed LR itself)")  # fmt: skip
-    return CarryCheck(tuple(str(m) for m in node["methods"]), scales)
+    tolerance = float(node.get("tolerance", 0.01))
+    if not 0 <= tolerance < 1:
+        raise QexpError(f"study spec: carry_check.tolerance={tolerance} is a fraction of "
+                        "accuracy in [0, 1) (0.01: one point)")  # fmt: skip
+    return CarryCheck(tuple(str(m) for m in node["methods"]), scales, tolerance)
 
 
 def _plateau(node: dict[str, Any]) -> Plateau:

@@ -18,6 +18,16 @@ class Curve:
         raise NotImplementedError
 
 
+def reaches(curve: Curve, end: float, resolution: int = 1000) -> float:
+    """The first progress k / ``resolution`` at which a growing ``curve`` is at ``end`` (to a
+    relative 1e-9); 1.0 if it never is. Where an estimator's sharpness schedule ends, its
+    soft stand-in is as close to the deployed network as training takes it."""
+    for k in range(resolution + 1):
+        if curve(k / resolution) >= end * (1 - 1e-9):
+            return k / resolution
+    return 1.0
+
+
 def _window(p: float, p0: float, p1: float) -> float:
     """Position of p inside [p0, p1], clamped to [0, 1]."""
     if p1 <= p0:

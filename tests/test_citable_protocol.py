@@ -13,7 +13,7 @@ from conftest import FAST
 from qexp.errors import QexpError
 from qexp.study.pipeline import Study
 from qexp.study.pipeline import main as study_main
-from qexp.study.runs import hydra_configs
+from qexp.study.runs import compose_run, hydra_configs
 from qexp.study.spec import parse_spec
 
 BASE = [*FAST, "model=mlp", "model.hidden=[32]", "trainer.log_every=1000", "quantizer=binary"]
@@ -52,15 +52,60 @@ def test_tuning_seeds_must_not_be_evaluation_seeds():
         parse_spec(protocol(aa_seeds=[1, 20]))
 
 
-def test_no_pruning_before_the_deployed_form():
-    study = Study(parse_spec(protocol()), Path("/nonexistent"))
+def test_no_pruning_before_the_deployed_form(tmp_path):
+    """Where a trial's method trains its deployed form comes from the trial's own knobs; the
+    worker's hook never prunes an epoch whose last step came before it, however low its
+    validation accuracy."""
+    import optuna
+
+    from qexp.study.journal import make_pruner, storage_at
+    from qexp.study.workers import TrialRef, _pruning_hook
+
+    study = Study(parse_spec(protocol()), tmp_path / "s")
+    e5 = study.spec.setting("e5")
+
+    def deployed_from(method: str, *knobs: str) -> float:
+        overrides = study.cell_overrides(e5, study.spec.method(method))
+        return study.deployed_from(compose_run([*overrides, "trainer.epochs=5", *knobs]))
+
     with hydra_configs():
-        blend = study.warmup_epochs(study.spec.setting("e5"), study.spec.method("alpha_blend"),
-                                    ("trainer.epochs=5",))  # fmt: skip
-        clipped = study.warmup_epochs(study.spec.setting("e5"),
-                                      study.spec.method("clipped_ste"), ("trainer.epochs=5",))
-    assert blend == 4  # alpha reaches 1 at 80% of training: epoch 4 of 5
-    assert clipped == 0  # deployed from the start
+        # alpha = 1 from p1 on (the cubic ramp is flat there: its float32 alpha is exactly 1
+        # a few thousandths of progress before p1, and so the deployed form begins there)
+        assert 0.79 < deployed_from("alpha_blend") <= 0.8
+        assert 0.29 < deployed_from("alpha_blend", "schedule.alpha.p1=0.3") <= 0.3
+        assert deployed_from("clipped_ste") == 0.0  # deployed from the start
+        # each trial the tuner asks carries its own point to its worker
+        tuners = study.tuners(study.cells(), study.reference_configs(study.cells()))
+        tuner = tuners[("e5", "alpha_blend")][1]
+        for _ in range(3):
+            trial, tasks = tuner.ask(0)
+            p1 = trial.params["schedule.alpha.p1"]
+            assert p1 - 0.01 < tasks[0].trial.deployed_from <= p1 + 1e-3  # (a 1/1000 grid)
+            assert [t.trial for t in tasks[1:]] == [None]  # the second seed reports nothing
+
+    # the hook: two finished trials at 0.9 make a trial at 0.1 prunable from epoch 1 on,
+    # except where its epoch's last step (progress (e*S - 1) / (E*S)) is before 0.8
+    journal = tmp_path / "optuna.journal"
+    cell = optuna.create_study(study_name="cell", storage=storage_at(journal),
+                               direction="maximize", pruner=make_pruner(0, 0))  # fmt: skip
+    for _ in range(2):
+        done = cell.ask()
+        for epoch in range(1, 6):
+            done.report(0.9, step=epoch)
+        cell.tell(done, 0.9)
+
+    def judged(epoch: int, deployed: float | None) -> bool:
+        ref = TrialRef(str(journal), "cell", cell.ask()._trial_id, 0, 0, None, deployed)
+        history = [{"val_acc": 0.1, "progress": (e * 10 - 1) / 50} for e in range(1, epoch + 1)]
+        try:
+            _pruning_hook(ref)(history)
+        except optuna.TrialPruned:
+            return True
+        return False
+
+    assert [judged(e, 0.8) for e in range(1, 6)] == [False, False, False, False, True]
+    assert [judged(e, 0.3) for e in (1, 2)] == [False, True]  # 0.18 < 0.3 <= 0.38
+    assert judged(1, None) and judged(1, 0.0)
 
 
 def test_paired_aa_seeds_start_from_their_partners_reference():
@@ -105,7 +150,10 @@ def test_protocol_end_to_end(tmp_path, monkeypatch, capsys):
                      for p in (tmp_path / "s" / trial["run_dir"]).glob("seed*/metrics.json")}
             assert seeds == {7, 8}, trial  # fmt: skip
             if trial["state"] == "pruned" and method == "alpha_blend":
-                assert trial["epochs"] >= 4  # judged only once alpha = 1 (end of epoch 4 of 5)
+                # judged only once alpha = 1 (at the trial's own end of the ramp)
+                run = tmp_path / "s" / trial["run_dir"] / "seed7" / "metrics.json"
+                last = json.loads(run.read_text())["history"][-1]
+                assert last["progress"] >= trial["params"]["schedule.alpha.p1"] - 0.01
             if trial["state"] == "complete" and trial.get("per_seed"):
                 assert trial["val_acc"] == pytest.approx(sum(trial["per_seed"]) / 2)
     finals = {(key[r["budget"]], r["method"], r["seed"]) for r in results["runs"]}
@@ -180,3 +228,39 @@ def test_method_overrides_by_setting_key_or_row():
     assert spec.method("clipped_ste").overrides_at(spec.setting("e5")) == ()
     with pytest.raises(QexpError, match="no such setting or row"):
         parse_spec(protocol(methods={**methods, "clipped_ste": {"at": {"w9": ["x=1"]}}}))
+
+
+@pytest.mark.parametrize("prune_last_epoch", [True, False])
+def test_pruning_at_the_last_epoch_is_the_specs_choice(tmp_path, prune_last_epoch):
+    """Two finished trials at 0.9 make a trial at 0.1 prunable; at its last epoch (2 of 2)
+    the worker's hook prunes it only where ``tuning.prune_last_epoch`` allows."""
+    import optuna
+
+    from qexp.study.journal import make_pruner, storage_at
+    from qexp.study.workers import TrialRef, _pruning_hook
+
+    journal = tmp_path / "optuna.journal"
+    study = optuna.create_study(study_name="cell", storage=storage_at(journal),
+                                direction="maximize", pruner=make_pruner(0, 0))  # fmt: skip
+    for _ in range(2):
+        done = study.ask()
+        done.report(0.9, step=1)
+        done.report(0.9, step=2)
+        study.tell(done, 0.9)
+    last = None if prune_last_epoch else 2
+
+    def hook():
+        return _pruning_hook(TrialRef(str(journal), "cell", study.ask()._trial_id, 0, 0, last))
+
+    low = [{"val_acc": 0.1}, {"val_acc": 0.1}]
+    with pytest.raises(optuna.TrialPruned, match="epoch 1"):
+        hook()(low[:1])  # before the last epoch the median rule holds either way
+    if prune_last_epoch:
+        with pytest.raises(optuna.TrialPruned, match="epoch 2"):
+            hook()(low)
+    else:
+        assert hook()(low) is False
+    assert parse_spec(protocol()).tuning.prune_last_epoch is True  # Optuna's behaviour
+    off = protocol()
+    off["tuning"] = {**off["tuning"], "prune_last_epoch": False}
+    assert parse_spec(off).tuning.prune_last_epoch is False

@@ -40,3 +40,18 @@ def test_aqe_is_deployed_where_its_sharpness_ends():
     end = est.beta_curve(1.0) if est.beta_max is None else min(est.beta_curve(1.0), est.beta_max)
     assert est.beta_curve(start) >= end * (1 - 1e-9)
     assert est.beta_curve(max(0.0, start - 0.01)) < end
+
+
+@pytest.mark.parametrize("p1", [0.6, 0.9])
+def test_quantnet_is_deployed_where_its_sharpness_ends(p1):
+    """QuantNet's forward is its soft network throughout; it is nearest the deployed one once
+    gamma reaches the end of its schedule, so a tuner must not judge it before."""
+    config = compose_config("estimator=quantnet", f"schedule.gamma.p1={p1}")
+    est = build_estimator(run_spec(config).estimator)
+    start = est.final_form_progress()
+    end = est.gamma_curve(1.0)
+    assert start == pytest.approx(p1, abs=1e-3)
+    assert est.gamma_curve(start) >= end * (1 - 1e-9) > est.gamma_curve(start - 0.01)
+    fixed = build_estimator(run_spec(compose_config("estimator=quantnet")).estimator)
+    fixed.gamma_curve = None  # a constant gamma: deployed (as near as it gets) from the start
+    assert fixed.final_form_progress() == 0.0

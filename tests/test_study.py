@@ -58,6 +58,12 @@ def write_spec(path: Path, **changes) -> Path:
     return path
 
 
+def every_file(folder: Path, skip: str | None = None) -> dict[str, tuple[int, int]]:
+    """(mtime, size) of every file under ``folder`` (but those under its ``skip`` folder)."""
+    return {str(p): (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.rglob("*"))
+            if p.is_file() and (skip is None or skip not in p.relative_to(folder).parts[:1])}
+
+
 def mtimes(folder: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in sorted(folder.rglob("metrics.json"))}
 
@@ -153,6 +159,17 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     references = mtimes(tmp_path / "cache")
     assert len(references) == 2
 
+    # a preview beside the (cut-off) study: trains nothing, writes nothing but its report,
+    # and leaves the cut-off trial for the next real call to close
+    before = every_file(study_dir), every_file(tmp_path / "cache")
+    capsys.readouterr()
+    assert study_main([str(spec), "--dir", str(study_dir), "--preview"]) == 0
+    assert "none trained: a preview" in capsys.readouterr().out
+    assert (every_file(study_dir, skip="preview"), every_file(tmp_path / "cache")) == before
+    preview = (study_dir / "preview" / "report.md").read_text()
+    assert "Preview of an unfinished study" in preview and "0 of 6 tuning trials told" in preview
+    assert not (study_dir / "results.json").exists()
+
     second = run_in_process(spec, study_dir, capsys)
     assert "(0 trained now" in second
     assert "3 cells x 2 trials (6 run now" in second
@@ -202,6 +219,16 @@ def test_killed_study_resumes_and_references_are_trained_once(tmp_path, monkeypa
     again = json.loads((study_dir / "results.json").read_text())["references"]
     assert [r["recorded_test_acc"] for r in again if "recorded_test_acc" in r] == [0.5]
     assert "Retrained on another machine" in (study_dir / "report.md").read_text()
+
+    # a preview reads a final run recorded under another config as stale, not as done
+    record_path = sorted((study_dir / "final").rglob("metrics.json"))[0]
+    record = json.loads(record_path.read_text())
+    record_path.write_text(json.dumps({**record, "config_hash": "another"}))
+    assert study_main([str(spec), "--dir", str(study_dir), "--preview"]) == 0
+    preview = json.loads((study_dir / "preview" / "results.json").read_text())
+    assert sorted(r["status"] for r in preview["runs"]) == ["completed"] * 3 + ["stale"]
+    assert "3 of 4 planned final runs done" in (study_dir / "preview" / "report.md").read_text()
+    record_path.write_text(json.dumps(record))
 
     # a second study on the same references trains no full-precision network
     other = Study(load_spec(str(spec)), tmp_path / "other")

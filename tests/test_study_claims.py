@@ -4,6 +4,7 @@ report's words for a rejected claim."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -18,7 +19,10 @@ from qexp.study.results import (
     CLAIM_INCONCLUSIVE,
     CLAIM_NOT_OBSERVED,
     CLAIM_SMALLER,
+    CarryRow,
+    ClaimRow,
     StudyResults,
+    TrialRow,
     analyze,
     claim_verdict,
 )
@@ -363,3 +367,60 @@ def test_cells_with_borrowed_knobs_name_their_source_and_are_drawn_once(tmp_path
     finally:
         matplotlib.axes.Axes.set_title = real
     assert drawn == ["w1, budget 2"]  # one panel: the tuned condition only
+
+
+def test_report_counts_trials_pruned_at_their_last_epoch():
+    results = _results()
+    trials = [{"number": 0, "state": "pruned", "epochs": 3, "planned_epochs": 3},
+              {"number": 1, "state": "pruned", "epochs": 1, "planned_epochs": 3},
+              {"number": 2, "state": "complete", "epochs": 3, "planned_epochs": 3},
+              {"number": 3, "state": "pruned", "epochs": 2}]  # an old record: length unknown
+    cells = list(results.cells)
+    cells[0] = dataclasses.replace(cells[0], trials=tuple(TrialRow.from_json(t) for t in trials))
+    results = dataclasses.replace(results, cells=tuple(cells))
+    assert [t.pruned_at_end for t in results.cells[0].trials] == [True, False, False, False]
+    text = report.markdown(parse_spec(SPEC), results)
+    assert "1 of the 3 pruned trials were pruned at their last epoch" in text
+    assert "never at a trial's last epoch" not in text
+    spec = parse_spec({**SPEC, "tuning": {"trials": 1, "prune_last_epoch": False}})
+    assert "never at a trial's last epoch" in report.markdown(spec, results)
+
+
+def test_cells_whose_borrowed_knobs_did_not_carry_are_marked():
+    """A gap above carry_check.tolerance between the borrowed LR and the best scale marks the
+    cell's results row and names the gap under the table; one within it does not."""
+    vals = {"claimed": {1.0: 0.80, 3.0: 0.83}, "other": {1.0: 0.80, 3.0: 0.805}}
+    carry = [CarryRow(setting="w1a1", method=m, lr_scale=x, seed=seed, tuned_at="w1a1",
+                      lr=0.01 * x, best_val_acc=v + 0.001 * seed)
+             for m, by_scale in vals.items() for x, v in by_scale.items()
+             for seed in (100, 101)]  # fmt: skip
+    results = dataclasses.replace(_results(), carry=tuple(carry))
+    borrowing = [SPEC["settings"][0], {**SPEC["settings"][1], "knobs_from": "w1a1"}]
+    base = {**SPEC, "settings": borrowing}
+    spec = parse_spec({**base, "carry_check": {"methods": ["claimed", "other"],
+                                               "tolerance": 0.01}})  # fmt: skip
+    assert set(report.not_carried(spec, results)) == {(("w1a1", None, None), "claimed")}
+    text = report.markdown(spec, results)
+    assert "| claimed † |" in text and "| other † |" not in text
+    assert "claimed at w1a1 (3.0 points behind LR x3)" in text
+    loose = parse_spec({**base, "carry_check": {"methods": ["claimed"], "tolerance": 0.05}})
+    assert report.not_carried(loose, results) == {}
+    assert "| claimed † |" not in report.markdown(loose, results)
+
+
+def test_claims_at_one_condition_are_matched_at_that_condition():
+    """Two claims differing only in optimizer: the one whose condition ran is tested, the other
+    is listed untested under its own condition (not taken as tested by its twin)."""
+    claims = [{"method": "claimed", "setting": "w1a1", "text": "+2 points", "diff": 0.02,
+               "budget": 2, "optimizer": opt} for opt in ("adam", "sgd")]  # fmt: skip
+    spec = parse_spec({**SPEC, "claims": claims})
+    results = _results(budgets=(1, 2), optimizers=("adam",), aa=False)
+    results = analyze(spec, dataclasses.replace(
+        results, claims=tuple(ClaimRow.from_json(c) for c in claims), claim_tests=()))
+    assert [(t.budget, t.optimizer) for t in results.claim_tests] == [(2, "adam")]
+    assert [report.claim_covers(c, results.claim_tests[0]) for c in results.claims] == [
+        True, False]  # fmt: skip
+    text = report.markdown(spec, results)
+    untested = text[text.index("Claims without a tested number"):]
+    assert "| claimed | w1a1, budget 2, sgd |" in untested
+    assert "w1a1, budget 2, adam" not in untested

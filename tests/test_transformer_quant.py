@@ -18,8 +18,9 @@ from qexp.export.graph import refuse_unsupported
 from qexp.models.char_gpt import CharGPT
 from qexp.models.small_cnn import SmallCNN
 from qexp.quant.layers import QEmbedding, QMatMul, quant_mode
+from qexp.quant.overrides import format_plan, resolve_plan
 from qexp.quant.per_token import PerTokenQuantizer
-from qexp.quant.wrap import quantize_embeddings, quantize_matmuls
+from qexp.quant.wrap import LayerBits, quantize_embeddings, quantize_matmuls, quantize_model
 from qexp.train.inspect_levels import layer_table
 
 
@@ -97,6 +98,84 @@ def test_char_gpt_levels_of_products_and_embeddings() -> None:
     assert all(r["ok"] and 2 < r["levels"]["activation"] <= 7 for r in products)
 
 
+def _gpt() -> CharGPT:
+    torch.manual_seed(5)
+    return CharGPT(num_classes=20, in_channels=1, image_size=12, dim=16, depth=2, heads=2)
+
+
+def test_plan_rows_of_embeddings_and_products_and_rules_on_tables() -> None:
+    bits = LayerBits(2, 8)
+    rules = [{"match": "type:Embedding", "w_bits": 4}, {"match": "tok_embed", "bits": 6},
+             {"match": "pos_embed", "float": True}]  # fmt: skip
+    plan = resolve_plan(_gpt(), rules, bits, 8, 8, embed_bits=3, matmul_bits=5)
+    tok, pos = plan.row("tok_embed"), plan.row("pos_embed")
+    # later rules win; `bits` sets the table only (its input is token ids); float stays float
+    assert (tok.role, tok.kind, tok.w_bits, tok.a_bits, tok.rules) == ("embed", "Embedding",
+                                                                       6, 32, (0, 1))  # fmt: skip
+    assert (pos.w_bits, pos.a_bits, pos.rules, pos.keep_float) == (32, 32, (0, 2), True)
+    assert [r.name for r in plan.embeddings] == ["tok_embed", "pos_embed"]
+    assert len(plan.products) == 4 and {(r.kind, r.a_bits) for r in plan.products} == {
+        ("MatMul", 5)}
+    # a rule that also selects conv/linear layers leaves the tables alone (as before they
+    # were rows): `*` sets every Linear to 3 bits, the tables keep embed_bits
+    broad = resolve_plan(_gpt(), [{"match": "*", "bits": 3}], bits, 8, 8, embed_bits=5)
+    assert {r.w_bits for r in broad.embeddings} == {5}
+    assert {r.w_bits for r in broad.wrapped} == {3}
+    # the conv/linear rows are those of a plan without embeddings and products
+    plain = resolve_plan(_gpt(), [], bits, 8, 8)
+    assert [r.name for r in plan.wrapped] == [r.name for r in plain.wrapped]
+    text = format_plan(plan)
+    assert "Embedding" in text and "MatMul" in text and "overrides[0], overrides[2]" in text
+
+    # built from the plan: each table at its row's bits (per row at most 2^(b-1)-1 levels
+    # each side of zero), the products at matmul_bits
+    net = _gpt()
+    factory = lambda role, b, *_: PerTokenQuantizer(int(b), role)  # noqa: E731
+    plan = resolve_plan(net, rules, bits, 8, 8, embed_bits=3, matmul_bits=5)
+    quantize_model(net, factory, factory, bits, 8, 8, plan=plan)
+    assert isinstance(net.tok_embed, QEmbedding) and net.tok_embed.w_bits == 6
+    # the plan read back off the quantized net (what the run's reports use) is the same
+    again = resolve_plan(net, rules, bits, 8, 8, embed_bits=3, matmul_bits=5)
+    assert [(r.name, r.role, r.w_bits, r.a_bits) for r in again] == [
+        (r.name, r.role, r.w_bits, r.a_bits) for r in plan]  # fmt: skip
+    assert type(net.pos_embed) is nn.Embedding
+    assert sum(isinstance(m, QMatMul) and m.a_bits == 5 for m in net.modules()) == 4
+
+
+def test_embed_bits_through_the_plan_builds_what_the_helpers_build() -> None:
+    bits = LayerBits(4, 8)
+    a, b = _gpt(), _gpt()
+    quantize_embeddings(a, 4)
+    quantize_matmuls(a, 6)
+    plan = resolve_plan(b, [], bits, None, None, embed_bits=4, matmul_bits=6)
+    from qexp.quant.wrap import _swap_side_rows
+
+    _swap_side_rows(b, plan)
+    assert [type(m).__name__ for m in a.modules()] == [type(m).__name__ for m in b.modules()]
+    ids = torch.randint(0, 20, (3, 12))
+    a.eval(), b.eval()
+    assert torch.equal(a(ids), b(ids))
+
+
+@pytest.mark.parametrize(
+    ("rules", "embed", "matmul", "words"),
+    [
+        ([{"match": "tok_embed", "quantizer": {"per_channel": False}}], 8, None,
+         "takes no quantizer options"),
+        ([{"match": "tok_embed", "w_bits": 1.58}], 8, None, "2-16, or 32"),
+        ([{"match": "type:Embedding", "a_bits": 4}], 8, None, "its input is token ids"),
+        ([{"match": "type:MatMul", "bits": 4}], 8, 8, "selects no layer"),
+        ([{"match": "tok_embed", "bits": 4}], None, None, "selects no layer"),
+        ([], 1, None, "layers.embed_bits=1 is not allowed"),
+        ([], None, 40, "layers.matmul_bits=40 is not allowed"),
+    ],
+)
+def test_plan_refuses_what_embeddings_and_products_cannot_take(rules, embed, matmul, words):
+    with pytest.raises(QexpError) as err:
+        resolve_plan(_gpt(), rules, LayerBits(2, 8), 8, 8, embed_bits=embed, matmul_bits=matmul)
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
 def test_cost_counts_products_and_not_embedding_inputs() -> None:
     from qexp.quant.cost import cost_report
 
@@ -139,11 +218,16 @@ def test_char_gpt_trains_with_quantized_products_and_embeddings(tmp_path: Path) 
     run_qexp("train", *args, "model=char_gpt", "dataset=text", f"dataset.path={corpus}",
              "model.dim=16", "model.depth=1", "model.heads=2", "dataset.block_size=16",
              "w_bits=2", "a_bits=8", "layers.matmul_bits=8", "layers.embed_bits=8",
+             "layers.overrides=[{match: pos_embed, w_bits: 4}]",
              "trainer.epochs=1", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)  # fmt: skip
     m = read_metrics(tmp_path / "run")
     assert m["status"] == "completed" and math.isfinite(m["test_bpc"])
     rows = {r["name"]: r for r in m["layers"]}
     assert rows["tok_embed"]["w_bits"] == 8 and rows["blocks.0.attn.scores"]["a_bits"] == 8
+    # the rule reached the position table: 4 bits, at most 15 levels per row, and says so
+    pos = rows["pos_embed"]
+    assert pos["w_bits"] == 4 and pos["levels"]["weight"] <= 2**4 - 1
+    assert pos["set_by"] == "overrides[0]"
     assert all(r["ok"] for r in m["layers"])
     proc = run_qexp("export", str(tmp_path / "run"), cwd=tmp_path, check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr

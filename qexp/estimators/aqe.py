@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qexp.curves import Exponential
+from qexp.curves import Exponential, reaches
 from qexp.estimators.base import Estimator
 from qexp.estimators.compat import grid_input, refuse_without_grid
 from qexp.quant.base import Grid, Quantizer
@@ -232,10 +232,7 @@ class AQE(Estimator):
         end = self.beta_curve(1.0)
         if self.beta_max is not None:
             end = min(end, self.beta_max)
-        for k in range(resolution + 1):
-            if self.beta_curve(k / resolution) >= end * (1 - 1e-9):
-                return k / resolution
-        return 1.0
+        return reaches(self.beta_curve, end, resolution)
 
     def state_summary(self) -> dict[str, float]:
         return {"beta": self._beta, "hard_forward": float(self._hard)}

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from qexp.curves import Curve
+from qexp.curves import Curve, reaches
 from qexp.errors import QexpError
 from qexp.estimators.base import Criterion, Estimator, EstimatorContext, LogValues
 from qexp.estimators.compat import grid_input, refuse_without_grid
@@ -261,6 +261,14 @@ class QuantNet(Estimator):
             return []
         meta_lr = float(self.meta_lr) if self.meta_lr is not None else lr
         return [{"params": params, "lr": meta_lr, "weight_decay": 0.0}]
+
+    def final_form_progress(self, resolution: int = 1000) -> float:
+        """Where gamma reaches the end of its schedule: the soft network never switches to
+        the hard one, so from there it is as close to the deployed network as training takes
+        it (as AQE's stand-in at the end of its beta); a constant gamma: from the start."""
+        if self.gamma_curve is None:
+            return 0.0
+        return reaches(self.gamma_curve, float(self.gamma_curve(1.0)), resolution)
 
     def state_summary(self) -> dict[str, float]:
         return {"gamma": float(self.gamma)}

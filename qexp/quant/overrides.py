@@ -23,6 +23,16 @@ or in a YAML file (``layers: {overrides: [...]}``). Keys of one rule:
   roles or ``{weight: {scale_method: max_abs}}`` for one; an entry with a ``_target_``
   replaces that role's quantizer instead of changing its options.
 
+Embeddings and products (transformers): with ``layers.embed_bits`` set every nn.Embedding is a
+row (role ``embed``, its table at those bits, its token-id input never quantized), and a rule
+that selects embeddings alone reaches them (``{match: pos_embed, float: true}``, ``{match:
+type:Embedding, w_bits: 4}``; table bits or float only, 2-16 or 32: the per-row absmax grid
+has no options); a rule that also selects conv/linear layers (``*``, a block above an
+embedding) leaves the embeddings alone. With
+``layers.matmul_bits`` set every activation-activation product (qexp.models.layers.MatMul) is
+a row (role ``product``) shown in the table; its bits are ``layers.matmul_bits`` alone, and no
+rule selects it.
+
 A rule changes bits and options, not the role: an edge layer (first/last) keeps the edge
 quantizer and plain STE. Bits set by a rule are fixed: a learned-precision quantizer (DQ) of
 such a layer keeps exactly those bits, and memory budgets count them as they are.
@@ -50,6 +60,10 @@ KEY = "layers.overrides"
 RULE_KEYS = ("match", "bits", "w_bits", "a_bits", "float", "quantizer")
 ROLES = ("weight", "activation")
 FLOAT_BITS = 32
+#: plan roles of the layers beside the conv/linear ones: embedding tables and products
+SIDE_ROLES = ("embed", "product")
+#: bits a per-row / per-token absmax grid takes (it needs a zero level and one each side)
+SIDE_BITS = "2-16, or 32 for full precision"
 #: how many layer names an error message lists before shortening
 _MAX_NAMES = 12
 
@@ -207,9 +221,12 @@ _WEIGHT_LAYERS = (nn.modules.conv._ConvNd, nn.Linear, nn.Bilinear)
 
 
 def is_wrappable(module: nn.Module) -> bool:
-    """Whether qexp can quantize ``module`` (an nn.Conv2d or nn.Linear, or already wrapped)."""
-    from qexp.quant.layers import QuantLayer
+    """Whether qexp can quantize ``module`` (an nn.Conv2d or nn.Linear, or already wrapped;
+    a quantized embedding is a table, not one of these)."""
+    from qexp.quant.layers import QEmbedding, QuantLayer
 
+    if isinstance(module, QEmbedding):
+        return False
     return type(module) in WRAPPABLE or isinstance(module, QuantLayer)
 
 
@@ -218,10 +235,28 @@ def is_weight_layer(module: nn.Module) -> bool:
     return is_wrappable(module) or isinstance(module, _WEIGHT_LAYERS)
 
 
+def is_embedding(module: nn.Module) -> bool:
+    """Whether ``module`` is an nn.Embedding (that exact class) or a quantized one."""
+    from qexp.quant.layers import QEmbedding
+
+    return type(module) is nn.Embedding or isinstance(module, QEmbedding)
+
+
+def is_product(module: nn.Module) -> bool:
+    """Whether ``module`` is an activation-activation product qexp quantizes (a module that
+    declares ``quantizable_product``, e.g. qexp.models.layers.MatMul) or a quantized one."""
+    from qexp.quant.layers import QMatMul
+
+    return bool(getattr(module, "quantizable_product", False)) or isinstance(module, QMatMul)
+
+
 def kind_of(module: nn.Module) -> str:
-    """The float class name of a layer (``Conv2d`` for a quantized QConv2d)."""
+    """The float class name of a layer (``Conv2d`` for a quantized QConv2d, ``Embedding`` for
+    a QEmbedding, ``MatMul`` for a product)."""
+    if is_product(module):
+        return "MatMul"
     for cls in type(module).__mro__:
-        if cls in WRAPPABLE:
+        if cls in (*WRAPPABLE, nn.Embedding):
             return cls.__name__
     return type(module).__name__
 
@@ -232,10 +267,14 @@ class PlanRow:
 
     Attributes:
         name: dotted module name.
-        kind: float class name (``Conv2d``, ``Linear``, ``Conv1d``...).
+        kind: float class name (``Conv2d``, ``Linear``, ``Embedding``, ``MatMul``,
+            ``Conv1d``...).
         role: ``first`` / ``last`` (edge quantizer, STE) or ``body`` (the run's quantizer and
-            estimator), from the first/last policy.
-        w_bits / a_bits: weight / input bits (32 = not quantized).
+            estimator), from the first/last policy; ``embed`` (an embedding table, per-row
+            absmax, STE) or ``product`` (both inputs of an activation product, per-token
+            absmax, STE).
+        w_bits / a_bits: weight / input bits (32 = not quantized); an embedding's input
+            (token ids) is never quantized; a product's two inputs are both at ``a_bits``.
         params: number of weights.
         quantizer: per-role quantizer options set by rules (``{"weight": {...}}``).
         rules: indices of the rules that touched the layer, in order.
@@ -304,8 +343,19 @@ class LayerPlan:
 
     @property
     def wrapped(self) -> list[PlanRow]:
-        """Rows of the layers that become qexp quantized layers (wrappable ones)."""
-        return [r for r in self.rows if r.wrappable]
+        """Rows of the conv/linear layers that become qexp quantized layers (wrappable
+        ones)."""
+        return [r for r in self.rows if r.wrappable and r.role not in SIDE_ROLES]
+
+    @property
+    def embeddings(self) -> list[PlanRow]:
+        """Rows of the embedding tables (``layers.embed_bits``), float ones included."""
+        return [r for r in self.rows if r.role == "embed"]
+
+    @property
+    def products(self) -> list[PlanRow]:
+        """Rows of the activation-activation products (``layers.matmul_bits``)."""
+        return [r for r in self.rows if r.role == "product"]
 
     def to_json(self) -> list[dict[str, Any]]:
         """Every row as a plain dict (for metrics.json and ``--cfg job``)."""
@@ -372,12 +422,61 @@ def _apply(row: PlanRow, rule: LayerRule) -> PlanRow:
     return replace(row, **changes)
 
 
+def _side_bits_ok(value: Any) -> bool:
+    """Whether an absmax grid (embedding table, product input) can take ``value`` bits."""
+    is_int = isinstance(value, int) and not isinstance(value, bool)
+    return is_int and (2 <= value <= 16 or value == FLOAT_BITS)
+
+
+def _side_bits(key: str, value: Any) -> int:
+    """``layers.embed_bits`` / ``layers.matmul_bits``: an int the absmax grid can take."""
+    if not _side_bits_ok(value):
+        raise QexpError(f"{key}={value!r} is not allowed: use {SIDE_BITS}")
+    return int(value)
+
+
+def side_rows(net: nn.Module, embed_bits: Any, matmul_bits: Any) -> dict[str, PlanRow]:
+    """Rows of the embeddings (``embed_bits`` set) and products (``matmul_bits`` set)."""
+    rows = {}
+    embed = None if embed_bits is None else _side_bits("layers.embed_bits", embed_bits)
+    product = None if matmul_bits is None else _side_bits("layers.matmul_bits", matmul_bits)
+    for name, module in net.named_modules():
+        if embed is not None and is_embedding(module):
+            rows[name] = PlanRow(
+                name, "Embedding", "embed", embed, FLOAT_BITS, module.weight.numel()
+            )
+        elif product is not None and product < FLOAT_BITS and is_product(module):
+            rows[name] = PlanRow(name, "MatMul", "product", FLOAT_BITS, product, 0)
+    return rows
+
+
+def _apply_to_embedding(row: PlanRow, rule: LayerRule) -> PlanRow:
+    """A rule on an embedding: its table's bits or float (its token-id input stays float)."""
+    if rule.quantizer:
+        _fail(
+            f"[{rule.index}]",
+            f"match {rule.match!r} selects the embedding {row.name}, whose per-row absmax "
+            "grid takes no quantizer options: give it bits or float only",
+        )
+    if rule.w_bits is None and not rule.keep_float:
+        _fail(f"[{rule.index}]", f"match {rule.match!r} selects the embedding {row.name} and "
+              "sets only input bits, but its input is token ids: give its table bits (w_bits "
+              "or bits) or float: true")  # fmt: skip
+    if rule.w_bits is not None and not _side_bits_ok(rule.w_bits):
+        _fail(f"[{rule.index}]", f"the embedding {row.name} cannot take {rule.w_bits} bits: "
+              f"an embedding table (per-row absmax) takes {SIDE_BITS}")  # fmt: skip
+    changed = _apply(row, replace(rule, a_bits=None))
+    return replace(changed, a_bits=FLOAT_BITS, a_fixed=False)
+
+
 def resolve_plan(
     net: nn.Module,
     rules: Iterable[LayerRule] | Any,
     body_bits: Any,
     first_bits: int | None,
     last_bits: int | None,
+    embed_bits: int | None = None,
+    matmul_bits: int | None = None,
 ) -> LayerPlan:
     """The per-layer settings of ``net``: the first/last policy, then ``rules`` in order.
 
@@ -388,6 +487,10 @@ def resolve_plan(
             (qexp.quant.wrap.LayerBits).
         first_bits / last_bits: bits of the first / last wrappable layer (None: the run's bits,
             as a body layer).
+        embed_bits: bits of every embedding table (None: embeddings stay float, outside the
+            plan); rules may change single tables.
+        matmul_bits: bits of both inputs of every activation product (None or 32: float
+            products, outside the plan); rules never select products.
 
     Raises QexpError (one line) when a rule selects no layer (naming the layers there are),
     when the network has no layer qexp can quantize, or when it has a conv/linear layer qexp
@@ -403,8 +506,13 @@ def resolve_plan(
     wrappable = [(n, m) for n, m in weight_layers if is_wrappable(m)]
     index = {n: i for i, (n, _) in enumerate(wrappable)}
     rows: dict[str, PlanRow] = {}
-    for name, module in weight_layers:
-        if name in index:
+    side = side_rows(net, embed_bits, matmul_bits)
+    for name, module in net.named_modules():
+        if name in side:
+            rows[name] = side[name]
+        elif not name or not is_weight_layer(module):
+            continue
+        elif name in index:
             rows[name] = _base_row(
                 name, module, index[name], len(wrappable), body_bits, first_bits, last_bits
             )
@@ -415,13 +523,20 @@ def resolve_plan(
             rows[name] = PlanRow(
                 name, kind_of(module), "-", FLOAT_BITS, FLOAT_BITS, params, wrappable=False
             )
-    modules = dict(weight_layers)
+    modules = dict(net.named_modules())
+    selectable = [(n, modules[n]) for n, r in rows.items() if r.role != "product"]
     for rule in rule_list:
-        hit = [n for n in rows if rule.matches(n, modules[n])]
+        hit = [n for n, m in selectable if rule.matches(n, m)]
         if not hit:
-            raise _unmatched(rule, weight_layers)
+            raise _unmatched(rule, selectable)
+        if not all(rows[n].role == "embed" for n in hit):
+            # a rule that also selects conv/linear layers (``*``, a scope above an embedding)
+            # leaves embeddings alone, as before they were rows: a table changes only by a
+            # rule that selects embeddings alone (``type:Embedding``, their names)
+            hit = [n for n in hit if rows[n].role != "embed"]
         for n in hit:
-            rows[n] = _apply(rows[n], rule)
+            row = rows[n]
+            rows[n] = _apply_to_embedding(row, rule) if row.role == "embed" else _apply(row, rule)
     for n, row in rows.items():
         if not row.wrappable and not (row.rules and row.keep_float):
             raise _unwrappable(n, modules[n], row.rules[-1] if row.rules else None)

@@ -17,7 +17,7 @@ from torch import nn
 
 from qexp.quant.base import Quantizer
 from qexp.quant.layers import QConv2d, QEmbedding, QLinear, QMatMul, QuantLayer
-from qexp.quant.overrides import LayerPlan, PlanRow, resolve_plan
+from qexp.quant.overrides import FLOAT_BITS, LayerPlan, PlanRow, resolve_plan, side_rows
 from qexp.quant.per_token import PerTokenQuantizer
 from qexp.quant.refs import keep_reference
 
@@ -78,10 +78,11 @@ def layer_quantizers(
 def apply_plan(
     net: nn.Module, plan: LayerPlan, body: QuantizerFactory, edge: QuantizerFactory
 ) -> list[str]:
-    """Swap every wrappable layer of ``plan`` in ``net`` for its quantized counterpart.
+    """Swap every wrappable layer of ``plan`` in ``net`` for its quantized counterpart, then
+    its embeddings and products (rows of ``layers.embed_bits`` / ``layers.matmul_bits``).
 
-    Layers qexp cannot wrap (kept in float by a rule) stay as they are. Returns the names of
-    the swapped layers, in order.
+    Layers qexp cannot wrap (kept in float by a rule) stay as they are, as do embeddings kept
+    in float. Returns the names of the swapped conv/linear layers, in order.
     """
     names = []
     for row in plan.wrapped:
@@ -92,6 +93,29 @@ def apply_plan(
         parent_name, _, attr = row.name.rpartition(".")
         _swap(net.get_submodule(parent_name) if parent_name else net, attr, new)
         names.append(row.name)
+    _swap_side_rows(net, plan)
+    return names
+
+
+def _swap_side_rows(net: nn.Module, plan: LayerPlan) -> list[str]:
+    """Quantize the embedding tables and products of ``plan`` (float rows stay as they are);
+    returns the swapped names."""
+    names = []
+    for row in plan.embeddings:
+        module = net.get_submodule(row.name)
+        if row.w_bits < FLOAT_BITS and not isinstance(module, QEmbedding):
+            # one symmetric absmax scale per row: rows are looked up one by one, so a row's
+            # scale is all a lookup needs; an edge layer, trained straight through
+            quantizer = PerTokenQuantizer(int(row.w_bits), "weight")
+            _swap_named(net, row.name, QEmbedding.from_float(module, quantizer, None, "embed"))
+            names.append(row.name)
+    for row in plan.products:
+        if not isinstance(net.get_submodule(row.name), QMatMul):
+            bits = int(row.a_bits)
+            new = QMatMul(PerTokenQuantizer(bits, "activation"),
+                          PerTokenQuantizer(bits, "activation"))  # fmt: skip
+            _swap_named(net, row.name, new)
+            names.append(row.name)
     return names
 
 
@@ -125,33 +149,22 @@ def _swap_named(net: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def quantize_embeddings(net: nn.Module, bits: int | None) -> list[str]:
-    """Give every nn.Embedding of ``net`` a table quantized at ``bits`` (None: keep float).
-
-    The table gets one symmetric absmax scale per row (per token vector: rows are looked up
-    one by one, so a row's scale is all a lookup needs); an edge layer ("embed" role) trained
-    straight-through. Returns the swapped names.
-    """
+    """Give every nn.Embedding of ``net`` a table quantized at ``bits`` (None: keep float),
+    one symmetric absmax scale per row, an edge layer ("embed" role) trained straight
+    through: what ``layers.embed_bits`` does without override rules. Returns the swapped
+    names."""
     if bits is None:
         return []
-    names = [n for n, m in net.named_modules() if type(m) is nn.Embedding]
-    for name in names:
-        new = QEmbedding.from_float(net.get_submodule(name),
-                                    PerTokenQuantizer(bits, "weight"), None, "embed")
-        _swap_named(net, name, new)
-    return names
+    return _swap_side_rows(net, LayerPlan(tuple(side_rows(net, bits, None).values())))
 
 
 def quantize_matmuls(net: nn.Module, bits: int | None) -> list[str]:
     """Quantize both inputs of every activation-activation product of ``net`` (modules that
     declare ``quantizable_product``, e.g. qexp.models.layers.MatMul) at ``bits`` with the
-    per-token absmax grid (None: keep them float)."""
+    per-token absmax grid (None: keep them float): what ``layers.matmul_bits`` does."""
     if bits is None:
         return []
-    names = [n for n, m in net.named_modules() if getattr(m, "quantizable_product", False)]
-    for name in names:
-        new = QMatMul(PerTokenQuantizer(bits, "activation"), PerTokenQuantizer(bits, "activation"))
-        _swap_named(net, name, new)
-    return names
+    return _swap_side_rows(net, LayerPlan(tuple(side_rows(net, None, bits).values())))
 
 
 def attach_estimator(net: nn.Module, estimator: nn.Module) -> None:

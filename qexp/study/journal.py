@@ -17,8 +17,9 @@ def storage_at(journal: Path) -> JournalStorage:
 
 
 def make_pruner(startup_trials: int, warmup_epochs: int) -> optuna.pruners.BasePruner:
-    """Median pruning after ``startup_trials`` finished trials, never in the first
-    ``warmup_epochs`` epochs of a trial."""
+    """Median pruning after ``startup_trials`` finished trials, from epoch ``warmup_epochs``
+    of a trial on (Optuna's ``n_warmup_steps``: steps below it are never pruned; the steps
+    are epochs counted from 1, so 0 and 1 both let the first epoch be pruned)."""
     return optuna.pruners.MedianPruner(
         n_startup_trials=startup_trials, n_warmup_steps=warmup_epochs
     )

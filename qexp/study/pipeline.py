@@ -17,9 +17,9 @@ killed study continues.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
-import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
@@ -44,6 +44,7 @@ from qexp.study.tune import CellTuner, TuneResult
 from qexp.study.workers import (
     InProcess,
     LocalPool,
+    NoTraining,
     SubmititPool,
     Task,
     default_workers,
@@ -66,6 +67,8 @@ REFERENCES_FILE = "references.json"
 #: the spec changes a study dir accepted after it began (qexp.study.spec.UNBOUND_KEYS,
 #: appended settings), each with the number of runs finished by then
 SPEC_CHANGES_FILE = "spec_changes.json"
+#: where ``qexp study --preview`` writes its report (outside the study's records)
+PREVIEW_DIR = "preview"
 
 
 def progress(stage: int, text: str) -> None:
@@ -129,6 +132,11 @@ class Study:
     execution: Execution = field(default_factory=Execution)
     #: the user's config dirs (``--config-dir``): their estimators, quantizers, models...
     config_dirs: tuple[Path, ...] = ()
+    #: train nothing and write nothing in the study's records: report what earlier (or
+    #: running) calls stored, into ``<dir>/preview/`` (``qexp study --preview``)
+    preview: bool = False
+    #: a preview's spec changes against study.json, not logged yet (the next call logs them)
+    pending_changes: list[str] = field(default_factory=list)
 
     # -- configs ------------------------------------------------------------------------------
     def cell_overrides(self, setting: Setting, method: Method) -> list[str]:
@@ -202,6 +210,8 @@ class Study:
         """Bind the dir to this spec: a rerun with another spec would mix two studies."""
         path = self.dir / SPEC_FILE
         old, new = read_json(path), json.loads(json.dumps(self.spec.raw))
+        if self.preview and old is None:
+            raise QexpError(f"{self.dir} holds no study yet: run it first, then preview it")
 
         def runs_part(raw: dict[str, Any]) -> dict[str, Any]:
             return {k: v for k, v in raw.items() if k not in (*UNBOUND_KEYS, "settings")}
@@ -217,6 +227,9 @@ class Study:
             raise QexpError(
                 f"{self.dir} holds a study with another spec ({path}); give another --dir"
             )
+        if self.preview:  # the next real call logs and binds any accepted change
+            self.pending_changes = changed_keys(old, new) if old != new else []
+            return
         if old is not None and old != new:
             self.log_spec_change(old, new)
         if old != new:  # new, or only keys that change no run (qexp.study.spec.UNBOUND_KEYS)
@@ -225,10 +238,7 @@ class Study:
     def log_spec_change(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         """Append to spec_changes.json which keys changed and how many runs had finished:
         claims, controls or alpha edited after results were seen are visible in the report."""
-        keys = sorted(k for k in {*old, *new} if k != "settings" and old.get(k) != new.get(k))
-        added = len(new.get("settings") or []) - len(old.get("settings") or [])
-        if added:
-            keys.append(f"settings ({added} appended)")
+        keys = changed_keys(old, new)
 
         def completed(folder: str) -> int:
             return sum(1 for p in (self.dir / folder).rglob("metrics.json")
@@ -259,6 +269,7 @@ class Study:
                 continue
             knobs = self.knobs(setting, method)
             stage = (*spec.tuning.overrides, *setting.tuning)
+            epochs = compose_run([*self.cell_overrides(setting, method), *stage]).trainer.epochs
 
             def make_specs(values, s=setting, m=method, k=knobs, stage=stage):
                 return [
@@ -279,20 +290,21 @@ class Study:
                     n_startup_trials=spec.tuning.startup_trials or 10,
                 ),
                 spec.tuning.prune_startup_trials,
-                self.warmup_epochs(setting, method, stage),
+                spec.tuning.prune_warmup_epochs,
+                read_only=self.preview,
+                prune_last_epoch=spec.tuning.prune_last_epoch,
+                epochs=epochs,
+                deployed_from=self.deployed_from if spec.tuning.prune_before_deployed else None,
             ))  # fmt: skip
         return tuners
 
-    def warmup_epochs(self, setting: Setting, method: Method, stage: tuple[str, ...]) -> int:
-        """Epochs of a trial never pruned: the spec's warm-up, and with
-        ``prune_before_deployed`` at least every epoch before the method trains its deployed
-        form (its estimator's final_form_progress)."""
-        warmup = self.spec.tuning.prune_warmup_epochs
-        if not self.spec.tuning.prune_before_deployed:
-            return warmup
-        spec = compose_run([*self.cell_overrides(setting, method), *stage])
-        start = build_estimator(spec.estimator).final_form_progress()
-        return max(warmup, math.ceil(start * spec.trainer.epochs - 1e-9))
+    @staticmethod
+    def deployed_from(spec: RunSpec) -> float:
+        """The training progress from which a tuning trial (``spec``: its run, with its knobs)
+        trains its method's deployed form: its estimator's final_form_progress (e.g. where
+        its alpha ramp ends). With ``prune_before_deployed`` no epoch whose last step came
+        before it is pruned (the worker's pruning hook reads each epoch's progress)."""
+        return build_estimator(spec.estimator).final_form_progress()
 
     def final_specs(self, cells: list, tuners: dict, ref_configs: dict) -> dict:
         """(setting, method, seed) -> the final run's spec, for cells whose tuning is done
@@ -381,13 +393,15 @@ class Study:
             else:
                 continue  # not trained, not needed: nothing to report of it
             out[(setting_key, seed)] = row
-        write_json(stored, self.dir / REFERENCES_FILE)
+        if not self.preview:
+            write_json(stored, self.dir / REFERENCES_FILE)
         ready = len({str(cached_dir(c)) for c in ref_configs.values()})
         moved = [k for k, r in out.items() if r.get("recorded_test_acc") is not None]
         note = (f"; {len(moved)} retrained to other numbers than recorded (see the report)"
                 if moved else "")  # fmt: skip
-        progress(1, f"{ready} full-precision networks ({len(tasks)} trained now, the rest "
-                    f"cached or not needed){note}")  # fmt: skip
+        trained = "none trained: a preview" if self.preview else f"{len(tasks)} trained now"
+        progress(1, f"{ready} full-precision networks ({trained}, the rest cached or not "
+                    f"needed){note}")  # fmt: skip
         return out
 
     def tuning(self, pool: Any, tuners: dict) -> dict:
@@ -395,7 +409,7 @@ class Study:
         told in rounds (qexp.study.tune), the trials of a round trained side by side."""
         per_cell = self.execution.parallel or max(1, -(-pool.workers // max(1, len(tuners))))
         round_ = self._rounds_done()
-        while True:
+        while not self.preview:
             batch = []
             for _, tuner in tuners.values():
                 for _ in range(min(per_cell, tuner.remaining())):
@@ -439,7 +453,7 @@ class Study:
         todo = self.carry_cells(cells)
         if check is None or not todo:
             return []
-        tasks, rows = [], []
+        tasks, rows, configs = [], [], {}
         for setting, method in todo:
             knobs, tuner = tuners[(self.tuned_from(setting).key, method.name)]
             if tuner.remaining():
@@ -458,6 +472,7 @@ class Study:
                     run_dir = self.carry_dir(setting.key, method.name, scale, seed)
                     key = f"carry/{setting.key}/{method.name}/x{scale:.3g}/seed{seed}"
                     tasks.append(Task(key, spec.config, str(run_dir), seal_test=True))
+                    configs[key] = spec.fingerprint
                     rows.append({"setting": setting.row, "setting_key": setting.key,
                                  "budget": setting.budget, "optimizer": setting.optimizer,
                                  "method": method.name, "tuned_at": self.tuned_from(setting).key,
@@ -467,8 +482,11 @@ class Study:
         ran = sum(r.outcome not in (None, "skipped") for r in results.values())
         for task, row in zip(tasks, rows, strict=True):
             record = read_record(Path(row["run_dir"]))
-            row["best_val_acc"] = record.get("best_val_acc") if record is not None else None
-            row["train_time_s"] = record.get("train_time_s") if record is not None else None
+            # a preview may see runs going on, or records of another config
+            done = (record is not None and record.completed
+                    and record.config_hash == configs[task.key])  # fmt: skip
+            row["best_val_acc"] = record.get("best_val_acc") if done else None
+            row["train_time_s"] = record.get("train_time_s") if done else None
             row["error"] = results[task.key].error
         progress(2, f"knob carry check: {len(rows)} runs at the borrowing budgets ({ran} run "
                     "now, rest stored)")  # fmt: skip
@@ -495,15 +513,20 @@ class Study:
             if results[key].error:
                 row["error"] = results[key].error
             setting = self.spec.setting(row["setting"])
+            found = _run_row(Path(row["run_dir"]), finals[(row["setting"], row["method"],
+                                                           row["seed"])].fingerprint)
             out.append({**row, "budget": setting.budget, "optimizer": setting.optimizer,
-                        **_run_row(Path(row["run_dir"]))})  # fmt: skip
+                        **found})  # fmt: skip
         done = sum(r["status"] == "completed" for r in out)
         progress(3, f"{done}/{len(out)} final runs completed ({ran} run now, rest stored)")
         return out
 
     def run(self) -> dict[str, Any] | None:
         """All stages of this call's cells; the results written to results.json (None for a
-        shard, whose runs the last unsharded call merges and reports)."""
+        shard, whose runs the last unsharded call merges and reports). A preview takes no
+        lock: it may read a study while another call runs it."""
+        if self.preview:
+            return self._run()
         self.dir.mkdir(parents=True, exist_ok=True)
         with hold_study(self.dir, self.execution.shard):
             return self._run()
@@ -512,11 +535,11 @@ class Study:
         self.check_dir()
         t0 = time.perf_counter()
         cells = self.my_cells()
-        pool = self.execution.pool(self.dir)
+        pool = NoTraining() if self.preview else self.execution.pool(self.dir)
+        ledger = (contextlib.nullcontext() if self.preview
+                  else PieceLog(self.dir, self.execution.words()))  # fmt: skip
         try:
-            with PieceLog(self.dir, self.execution.words()) as piece, hydra_configs(
-                self.config_dirs
-            ):
+            with ledger as piece, hydra_configs(self.config_dirs):
                 ref_configs = self.reference_configs(cells)
                 tuners = self.tuners(cells, ref_configs)
                 finals = self.final_specs(cells, tuners, ref_configs)
@@ -544,9 +567,46 @@ class Study:
         summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs, carry=carry,
                        tuning_train_s=round(tuning_s, 1), spec_changes=changes)  # fmt: skip
         results = portable_paths(summary, self.dir)
-        paths = study_report.write_all(self.spec, self.dir, from_summary(self.spec, results))
+        folder, banner = self.dir, None
+        if self.preview:
+            folder = self.dir / PREVIEW_DIR
+            banner = preview_banner(tuners, carry, rows, self.pending_changes)
+            folder.mkdir(exist_ok=True)
+        paths = study_report.write_all(
+            self.spec, folder, from_summary(self.spec, results), banner=banner
+        )
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results
+
+
+def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """The top-level spec keys that differ between two study.json objects (appended settings
+    as one entry)."""
+    keys = sorted(k for k in {*old, *new} if k != "settings" and old.get(k) != new.get(k))
+    added = len(new.get("settings") or []) - len(old.get("settings") or [])
+    if added:
+        keys.append(f"settings ({added} appended)")
+    return keys
+
+
+def preview_banner(
+    tuners: dict, carry: list[dict[str, Any]], rows: list[dict[str, Any]], pending: list[str]
+) -> str:
+    """The warning a preview report opens with: how much of the study its numbers rest on,
+    and the spec changes the next real call will log (``pending``)."""
+    told = sum(t.trials - t.remaining() for _, t in tuners.values())
+    asked = sum(t.trials for _, t in tuners.values())
+    carried = sum(r["best_val_acc"] is not None for r in carry)
+    finals = sum(r["status"] == "completed" for r in rows)
+    planned = "" if told == asked else " (cells still tuning plan theirs later)"
+    return (
+        "**Preview of an unfinished study: not its result.** Written by `qexp study --preview` "
+        f"from the runs stored so far: {told} of {asked} tuning trials told, {carried} of "
+        f"{len(carry)} carry-check runs and {finals} of {len(rows)} planned final runs "
+        f"done{planned}. Every number below can still change."
+        + (f" The spec differs from the study's study.json in {', '.join(pending)}: the next "
+           "`qexp study` call logs that change." if pending else "")
+    )
 
 
 def _completed(run_dir: Path) -> bool:
@@ -614,10 +674,14 @@ def _reference_row(
     }
 
 
-def _run_row(run_dir: Path) -> dict[str, Any]:
+def _run_row(run_dir: Path, fingerprint: str | None = None) -> dict[str, Any]:
+    """A final run's row from its record; ``stale`` where the record is of another config
+    than ``fingerprint`` (a preview's view of a run the next real call retrains)."""
     record = read_record(run_dir)
     if record is None:
         return {"status": "missing"}
+    if fingerprint is not None and record.config_hash != fingerprint:
+        return {"status": "stale"}
     return {
         "status": record.status.value,
         "reason": record.reason,
@@ -768,6 +832,12 @@ def main(argv: list[str]) -> int:
                         help="a config dir of your own (estimators, models...), as for `qexp "
                         "train --config-dir`; may be given more than once")  # fmt: skip
     parser.add_argument(
+        "--preview",
+        action="store_true",
+        help="train nothing: write the report of the runs stored so far into DIR/preview/ "
+        "(safe beside a call that is running the study)",
+    )
+    parser.add_argument(
         "--shard",
         default=None,
         help="i/k: run the i-th of k fixed shares of the cells (then a last call without "
@@ -781,7 +851,9 @@ def main(argv: list[str]) -> int:
         study_dir = args.dir or Path("studies") / spec.name
         if study_dir.exists() and not study_dir.is_dir():
             raise QexpError(f"--dir {study_dir} is a file: give a folder (new or a study's)")
-        Study(spec, study_dir, execution, tuple(args.config_dir)).run()
+        if args.preview and execution.shard is not None:
+            raise QexpError("--preview reads the whole study: drop --shard")
+        Study(spec, study_dir, execution, tuple(args.config_dir), args.preview).run()
     except QexpError as exc:
         print(f"qexp: error: {exc}", file=sys.stderr)
         return 2

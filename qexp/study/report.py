@@ -19,6 +19,7 @@ from qexp.study.results import (
     CLAIM_NOT_OBSERVED,
     CLAIM_SMALLER,
     CellRow,
+    ClaimRow,
     ClaimTestRow,
     ComparisonRow,
     StudyResults,
@@ -163,12 +164,14 @@ def _interpolate(points: list[tuple[float, float]], x: float) -> float | None:
     return None
 
 
-def markdown(spec: StudySpec, results: StudyResults) -> str:
-    """The report: protocol, choices and reasons, references, tuning, results, A/A, claims."""
+def markdown(spec: StudySpec, results: StudyResults, banner: str | None = None) -> str:
+    """The report: protocol, choices and reasons, references, tuning, results, A/A, claims;
+    ``banner``: a paragraph under the title (a preview's warning)."""
     t = spec.tuning
     lines = [
         f"# Study `{spec.name}`",
         "",
+        *([f"> {banner}", ""] if banner else []),
         "Accuracies are test accuracies of the hard-quantized networks, in percent; intervals "
         "are 95% Student-t intervals over seeds; differences are paired by seed against the "
         "setting's baseline. Two families of tests: the papers' numeric claims are "
@@ -197,8 +200,9 @@ def markdown(spec: StudySpec, results: StudyResults) -> str:
            else "Optuna's 10 random start trials")
         + f"; median pruning after {t.prune_startup_trials} finished trials and "
         f"{t.prune_warmup_epochs} epoch(s)"
-        + (", never before the method trains its deployed form" if t.prune_before_deployed
-           else "")
+        + (", never before the method trains its deployed form (at the trial's own knobs)"
+           if t.prune_before_deployed else "")
+        + ("" if t.prune_last_epoch else ", never at a trial's last epoch")
         + f"), each trial on seed(s) {', '.join(map(str, t.all_seeds))}"
         + (" (its objective their mean best validation accuracy)" if len(t.all_seeds) > 1
            else " (its objective the best validation accuracy)")
@@ -305,6 +309,13 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"| {condition_words(c.setting, c.budget, c.optimizer)} | {c.method} | {space} | "
             f"{_params(c.best_params)} | {_pct(c.best_val)} | {counts} | {seeds} |"
         )
+    at_end = [t for c in results.cells if not c.knobs_from for t in c.trials if t.pruned_at_end]
+    if at_end:
+        pruned = sum(t.state == "pruned" for c in results.cells if not c.knobs_from
+                     for t in c.trials)  # fmt: skip
+        lines += ["", f"{len(at_end)} of the {pruned} pruned trials were pruned at their last "
+                  "epoch, where pruning saves no compute and turns a finished trial into a "
+                  "pruned one (`tuning.prune_last_epoch: false` stops that)."]  # fmt: skip
     if only_common:
         names = ", ".join(sorted(set(only_common)))
         lines += ["", f"{names}: tuned on the common knobs only (no search space of its "
@@ -335,6 +346,16 @@ def carry_table(results: StudyResults) -> list[dict[str, Any]]:
     return out
 
 
+def not_carried(spec: StudySpec, results: StudyResults) -> dict[tuple, dict[str, Any]]:
+    """(condition, method) -> its carry-check row, for the cells whose borrowed LR fell more
+    than ``carry_check.tolerance`` behind the best scale."""
+    check = spec.carry_check
+    if check is None:
+        return {}
+    return {(row["condition"], row["method"]): row for row in carry_table(results)
+            if row["gap"] is not None and row["gap"] > check.tolerance}  # fmt: skip
+
+
 def _carry_section(spec: StudySpec, results: StudyResults) -> list[str]:
     check = spec.carry_check
     if check is None or not results.carry:
@@ -349,7 +370,9 @@ def _carry_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "the borrowed knobs with the learning rate times each scale, trained at the borrowing "
         "budget on the tuning seeds (validation accuracy, mean over seeds; test sealed). The "
         "borrowed LR carries when no other scale beats it; a gap of a few tenths of a point "
-        "on two seeds is within seed noise (compare the A/A row).",
+        "on two seeds is within seed noise (compare the A/A row). A gap above "
+        f"{100 * check.tolerance:g} point(s) (`carry_check.tolerance`) marks the cell's "
+        "final runs † in the results: they ran on knobs that did not carry.",
         "",
         f"| condition | method | knobs tuned at | borrowed LR | {heads} | best | gap of x1 |",
         "|---|---|---|---|" + "---|" * len(scales) + "---|---|",
@@ -381,8 +404,10 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "|---|" + "---|" * (12 + 2 * varied),
     ]
     baselines = {s.row: s.baseline for s in spec.settings}
+    uncarried = not_carried(spec, results)
     for c in table_order(spec, results.cells):
         comp = results.comparison(c.setting, c.method, c.budget, c.optimizer)
+        mark = " †" if (c.condition, c.method) in uncarried else ""
         if c.status == "failed":
             verdict = f"failed: {c.error}"
         elif baselines[c.setting] == c.method:
@@ -396,7 +421,8 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         secs = f"{c.train_time_s:.1f}" if c.train_time_s is not None else "–"
         cond = f"{_budget(c.budget)} | {c.optimizer or '–'} | " if varied else ""
         lines.append(
-            f"| {c.title} | {cond}{c.method} | {c.n} | {_interval(c.mean, c.low, c.high)} | "
+            f"| {c.title} | {cond}{c.method}{mark} | {c.n} | "
+            f"{_interval(c.mean, c.low, c.high)} | "
             f"{_diff_text(comp)} | {_num(comp.d_z) if comp else '–'} | "
             f"{_pct(comp.mde) if comp else '–'} | {_p(comp.p) if comp else '–'} | "
             f"{_p(comp.p_holm) if comp else '–'} | {verdict} | {secs} | "
@@ -413,6 +439,17 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "else the baseline's accuracy at the method's time when the baseline's budgets "
         "bracket it; else the time ratio alone.",
     ]
+    if uncarried:
+        words = "; ".join(
+            f"{m} at {condition_words(*cond)} ({100 * row['gap']:.1f} points behind LR "
+            f"x{row['best']:.3g})" for (cond, m), row in uncarried.items()
+        )
+        lines.append(
+            f"† Knobs that did not carry (the carry check): {words}. These cells ran on "
+            "borrowed knobs the check found off by more than the tolerance, so their "
+            "comparisons (a baseline's: every comparison of its condition) read a handicapped "
+            "method, not the method at its best."
+        )
     machines = {machine_words(p.machine) for p in results.pieces if p.machine}
     if len(machines) > 1:
         lines.append(
@@ -533,6 +570,16 @@ def _compute_section(results: StudyResults) -> list[str]:
     return lines
 
 
+def claim_covers(claim: ClaimRow, test: ClaimTestRow) -> bool:
+    """Whether ``test`` tests ``claim``: same method and setting, and the claim's budget and
+    optimizer where it names them (a claim naming neither is tested at every condition)."""
+    return (
+        (claim.method, claim.setting) == (test.method, test.setting)
+        and claim.budget in (None, test.budget)
+        and claim.optimizer in (None, test.optimizer)
+    )
+
+
 def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
     if not results.claims:
         return []
@@ -557,9 +604,8 @@ def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
             "| claim vs interval | p below claim (Holm) | p gain > 0 (Holm) | verdict |",
             "|---|---|---|---|---|---|---|---|---|",
         ]
-        texts = {(c.method, c.setting): c for c in results.claims}
         for test in results.claim_tests:
-            claim = texts.get((test.method, test.setting))
+            claim = next((c for c in results.claims if claim_covers(c, test)), None)
             text = f"{claim.text} ({claim.source})" if claim else "–"
             lines.append(
                 f"| {test.method} | {condition_words(test.setting, test.budget, test.optimizer)} "
@@ -569,21 +615,22 @@ def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
                 f"| {_p(test.p_below_holm)} | {_p(test.p_gain_holm)} | {claim_sentence(test)} |"
             )
     untested = [c for c in results.claims if c.diff is None or not any(
-        (t.method, t.setting) == (c.method, c.setting) for t in results.claim_tests)]  # fmt: skip
+        claim_covers(c, t) for t in results.claim_tests)]  # fmt: skip
     if untested:
         lines += [
             "",
             "Claims without a tested number (no numeric gain claimed, or too few paired "
             "seeds): beside the exploratory comparison only, outside the confirmatory family.",
             "",
-            "| method | setting | claim | claimed gain | measured vs baseline [95% CI] "
+            "| method | condition | claim | claimed gain | measured vs baseline [95% CI] "
             "| exploratory verdict |",
             "|---|---|---|---|---|---|",
         ]
         for claim in untested:
             comp = results.comparison(claim.setting, claim.method, claim.budget, claim.optimizer)
+            where = condition_words(claim.setting, claim.budget, claim.optimizer)
             lines.append(
-                f"| {claim.method} | {claim.setting} | {claim.text} ({claim.source}) "
+                f"| {claim.method} | {where} | {claim.text} ({claim.source}) "
                 f"| {_pct(claim.diff, True) if claim.diff is not None else 'not numeric'} "
                 f"| {_diff_text(comp)} | {comp.verdict if comp else '–'} |"
             )
@@ -659,10 +706,12 @@ def _gain(value: float | None) -> str:
 
 
 def write_all(
-    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any]
+    spec: StudySpec, folder: Path, results: StudyResults | dict[str, Any],
+    banner: str | None = None,
 ) -> dict[str, Path]:
     """Write every output of the study into ``folder``; returns their paths. ``results``:
-    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`)."""
+    typed, or the dict of ``pipeline.summarize`` (read through :func:`from_summary`);
+    ``banner``: a paragraph the report opens with (a preview's warning)."""
     # (re)computed here, so results.json always holds the statistics its report shows
     results = (
         from_summary(spec, results) if isinstance(results, dict) else analyze(spec, results)
@@ -675,7 +724,7 @@ def write_all(
         "figure": folder / "accuracy_vs_bits.png",
         "tensorboard": folder / "tensorboard",
     }
-    text = markdown(spec, results).encode()
+    text = markdown(spec, results, banner).encode()
     atomic_write(paths["report"], lambda f: f.write(text))
     cells = _csv(cell_rows(results), CELL_KEYS)
     atomic_write(paths["cells"], lambda f: f.write(cells))

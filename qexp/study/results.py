@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
 from qexp.study import stats
 
@@ -88,8 +88,30 @@ def _row_from(cls: type[Row], data: dict[str, Any], **nested: Any) -> Row:
     return cls(**kwargs)
 
 
+class JsonRow:
+    """The JSON side of every row (a frozen dataclass): ``to_json`` writes each field (the
+    ``OMIT_NONE`` ones only when set: keys older files never had); ``from_json`` reads the
+    keys the row knows, :meth:`nested` converting fields that hold rows or tuples."""
+
+    OMIT_NONE: ClassVar[tuple[str, ...]] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        """The row as a plain JSON object."""
+        return _row_json(self, self.OMIT_NONE)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Self:
+        """The row from a JSON object (old files included)."""
+        return _row_from(cls, data, **cls.nested(data))
+
+    @classmethod
+    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """The fields of ``data`` that need converting (none unless a row says so)."""
+        return {}
+
+
 @dataclass(frozen=True)
-class ReferenceRow:
+class ReferenceRow(JsonRow):
     """One full-precision reference network (a network form, data set and seed)."""
 
     setting: str
@@ -108,36 +130,33 @@ class ReferenceRow:
     #: the test accuracy first recorded, where a retrained copy (a fresh cache) differs
     recorded_test_acc: float | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self, omit_none=("recorded_test_acc",))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ReferenceRow:
-        return _row_from(cls, data)
+    OMIT_NONE = ("recorded_test_acc",)
 
 
 @dataclass(frozen=True)
-class TrialRow:
+class TrialRow(JsonRow):
     """One tuning trial of a cell."""
 
     number: int
     state: str  # complete / pruned / fail
     val_acc: float | None = None
     params: dict[str, Any] = field(default_factory=dict)
-    epochs: int | None = None
+    epochs: int | None = None  # epochs it reported (where it stopped, if pruned)
     error: str | None = None
     run_dir: str | None = None
+    planned_epochs: int | None = None  # its training length
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
+    @property
+    def pruned_at_end(self) -> bool:
+        """Pruned at its last epoch (nothing saved: a finished trial turned into a pruned one)."""
+        return (self.state == "pruned" and self.planned_epochs is not None
+                and self.epochs is not None and self.epochs >= self.planned_epochs)  # fmt: skip
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> TrialRow:
-        return _row_from(cls, data)
+    OMIT_NONE = ("planned_epochs",)  # unknown in files from before it was recorded
 
 
 @dataclass(frozen=True)
-class RunRow:
+class RunRow(JsonRow):
     """One final run (a setting, method and seed)."""
 
     setting: str
@@ -161,16 +180,11 @@ class RunRow:
     def condition(self) -> Condition:
         return (self.setting, self.budget, self.optimizer)
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self, omit_none=("error",))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> RunRow:
-        return _row_from(cls, data)
+    OMIT_NONE = ("error",)
 
 
 @dataclass(frozen=True)
-class CellRow:
+class CellRow(JsonRow):
     """One (setting, method): its tuning outcome, its test accuracy over seeds and cost."""
 
     setting: str
@@ -208,19 +222,17 @@ class CellRow:
         states = [t.state for t in self.trials]
         return states.count("complete"), states.count("pruned"), states.count("fail")
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
-
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CellRow:
-        trials = tuple(TrialRow.from_json(t) for t in data.get("trials") or [])
-        seeds = tuple(int(s) for s in data.get("tuning_seeds") or ())
-        return _row_from(cls, data, trials=trials, space=dict(data.get("space") or {}),
-                         tuning_seeds=seeds)  # fmt: skip
+    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "trials": tuple(TrialRow.from_json(t) for t in data.get("trials") or []),
+            "space": dict(data.get("space") or {}),
+            "tuning_seeds": tuple(int(s) for s in data.get("tuning_seeds") or ()),
+        }
 
 
 @dataclass(frozen=True)
-class ComparisonRow:
+class ComparisonRow(JsonRow):
     """A method minus its setting's baseline (or, for a control, minus the method the spec's
     ``controls`` name in ``baseline``), paired by seed, with its test."""
 
@@ -248,16 +260,9 @@ class ComparisonRow:
     def condition(self) -> Condition:
         return (self.setting, self.budget, self.optimizer)
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ComparisonRow:
-        return _row_from(cls, data)
-
 
 @dataclass(frozen=True)
-class ClaimRow:
+class ClaimRow(JsonRow):
     """A paper's claim, as the spec states it."""
 
     method: str
@@ -268,16 +273,9 @@ class ClaimRow:
     budget: float | None = None  # tested at this budget / optimizer only (None: at all)
     optimizer: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ClaimRow:
-        return _row_from(cls, data)
-
 
 @dataclass(frozen=True)
-class ClaimTestRow:
+class ClaimTestRow(JsonRow):
     """A numeric claim tested at one condition: a member of the confirmatory family."""
 
     method: str
@@ -300,16 +298,9 @@ class ClaimTestRow:
     p_gain_holm: float | None
     verdict: str  # one of the CLAIM_* words
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ClaimTestRow:
-        return _row_from(cls, data)
-
 
 @dataclass(frozen=True)
-class AARow:
+class AARow(JsonRow):
     """The baseline against itself on two disjoint seed sets, paired by index: how far apart
     two runs of the same method land by chance (the noise floor of every comparison)."""
 
@@ -326,17 +317,14 @@ class AARow:
     p: float | None
     sd: float | None
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self)
-
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> AARow:
-        return _row_from(cls, data, seeds=tuple(data.get("seeds") or ()),
-                         other_seeds=tuple(data.get("other_seeds") or ()))  # fmt: skip
+    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"seeds": tuple(data.get("seeds") or ()),
+                "other_seeds": tuple(data.get("other_seeds") or ())}  # fmt: skip
 
 
 @dataclass(frozen=True)
-class CarryRow:
+class CarryRow(JsonRow):
     """One run of the knob carry check: a method's borrowed knobs, its LR scaled, at the
     borrowing setting's budget on one tuning seed (validation accuracy only)."""
 
@@ -358,16 +346,11 @@ class CarryRow:
     def condition(self) -> Condition:
         return (self.setting, self.budget, self.optimizer)
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self, omit_none=("error",))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> CarryRow:
-        return _row_from(cls, data)
+    OMIT_NONE = ("error",)
 
 
 @dataclass(frozen=True)
-class SpecChangeRow:
+class SpecChangeRow(JsonRow):
     """A change of the spec a study dir accepted after it began (keys that change no run,
     or appended settings), with how many runs had finished by then."""
 
@@ -377,16 +360,15 @@ class SpecChangeRow:
     final_runs_completed: int = 0
     note: str | None = None  # how the entry was made when not by the call (reconstructed)
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self, omit_none=("note",))
+    OMIT_NONE = ("note",)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> SpecChangeRow:
-        return _row_from(cls, data, keys=tuple(data.get("keys") or ()))
+    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
+        return {"keys": tuple(data.get("keys") or ())}
 
 
 @dataclass(frozen=True)
-class PieceRow:
+class PieceRow(JsonRow):
     """One call of ``qexp study`` (a piece of the study): when, how long, on what."""
 
     started: str
@@ -397,16 +379,11 @@ class PieceRow:
     #: how the record was made when not by the call itself (e.g. reconstructed afterwards)
     note: str | None = None
 
-    def to_json(self) -> dict[str, Any]:
-        return _row_json(self, omit_none=("note",))
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PieceRow:
-        return _row_from(cls, data)
+    OMIT_NONE = ("note",)
 
 
 @dataclass(frozen=True)
-class StudyResults:
+class StudyResults(JsonRow):
     """Everything a study measured: results.json, typed."""
 
     name: str
@@ -456,29 +433,16 @@ class StudyResults:
         """The optimizers the cells vary over (empty: not varied)."""
         return sorted({c.optimizer for c in self.cells if c.optimizer is not None})
 
-    def to_json(self) -> dict[str, Any]:
-        """The plain JSON object of results.json."""
-        return _row_json(self)
-
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> StudyResults:
-        """From a results.json object (old files included)."""
-        return _row_from(
-            cls,
-            data,
-            seeds=tuple(int(s) for s in data.get("seeds") or ()),
-            references=tuple(ReferenceRow.from_json(r) for r in data.get("references") or []),
-            cells=tuple(CellRow.from_json(c) for c in data.get("cells") or []),
-            comparisons=tuple(ComparisonRow.from_json(c) for c in data.get("comparisons") or []),
-            runs=tuple(RunRow.from_json(r) for r in data.get("runs") or []),
-            claims=tuple(ClaimRow.from_json(c) for c in data.get("claims") or []),
-            aa_seeds=tuple(int(s) for s in data.get("aa_seeds") or ()),
-            claim_tests=tuple(ClaimTestRow.from_json(c) for c in data.get("claim_tests") or []),
-            aa=tuple(AARow.from_json(r) for r in data.get("aa") or []),
-            pieces=tuple(PieceRow.from_json(r) for r in data.get("pieces") or []),
-            carry=tuple(CarryRow.from_json(r) for r in data.get("carry") or []),
-            spec_changes=tuple(SpecChangeRow.from_json(r) for r in data.get("spec_changes") or []),
-        )
+    def nested(cls, data: dict[str, Any]) -> dict[str, Any]:
+        rows = {"references": ReferenceRow, "cells": CellRow, "comparisons": ComparisonRow,
+                "runs": RunRow, "claims": ClaimRow, "claim_tests": ClaimTestRow, "aa": AARow,
+                "pieces": PieceRow, "carry": CarryRow, "spec_changes": SpecChangeRow}  # fmt: skip
+        out: dict[str, Any] = {k: tuple(row.from_json(r) for r in data.get(k) or [])
+                               for k, row in rows.items()}  # fmt: skip
+        for key in ("seeds", "aa_seeds"):
+            out[key] = tuple(int(x) for x in data.get(key) or ())
+        return out
 
 
 def from_summary(spec: StudySpec, summary: dict[str, Any]) -> StudyResults:

@@ -33,7 +33,7 @@ SETTING_KEYS = {
 #: keys of the tuning node
 TUNING_KEYS = {
     "trials", "seed", "seeds", "overrides", "sampler_seed", "startup_trials",
-    "prune_startup_trials", "prune_warmup_epochs", "prune_before_deployed",
+    "prune_startup_trials", "prune_warmup_epochs", "prune_before_deployed", "prune_last_epoch",
 }
 
 
@@ -127,6 +127,10 @@ class CarryCheck:
 
     methods: tuple[str, ...]
     lr_scales: tuple[float, ...] = (1 / 3, 1.0, 3.0)
+    #: a gap (validation accuracy, a fraction) of the borrowed LR behind the best scale above
+    #: which the report marks the cell's final runs as run on knobs that did not carry
+    #: (qexp's choice: 1 point, about twice the A/A spread of two seeds' mean)
+    tolerance: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -138,14 +142,18 @@ class Tuning:
     overrides: tuple[str, ...]
     sampler_seed: int = 0
     prune_startup_trials: int = 2  # trials finished before pruning starts
-    prune_warmup_epochs: int = 1  # epochs of a trial never pruned
+    prune_warmup_epochs: int = 1  # the first epoch a trial may be pruned at (n_warmup_steps)
     #: every seed a trial trains on (its objective is their mean validation accuracy)
     seeds: tuple[int, ...] = ()
     #: TPE's random start (trials drawn at random before it models); None: Optuna's default 10
     startup_trials: int | None = None
-    #: never prune a trial before its method trains its deployed form (the estimator's
-    #: final_form_progress): a soft phase is not judged on the hard network
+    #: never prune a trial at an epoch whose last step came before its method trains its
+    #: deployed form (the estimator's final_form_progress at the trial's knobs): a soft phase
+    #: is not judged on the hard network
     prune_before_deployed: bool = False
+    #: let the pruner stop a trial at its last epoch (Optuna's pruners do; it saves no
+    #: compute and turns a finished trial into a pruned one): qexp's choice, False skips it
+    prune_last_epoch: bool = True
 
     @property
     def all_seeds(self) -> tuple[int, ...]:
@@ -307,6 +315,7 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
             startup_trials=None if tuning.get("startup_trials") is None
             else int(tuning["startup_trials"]),
             prune_before_deployed=bool(tuning.get("prune_before_deployed", False)),
+            prune_last_epoch=bool(tuning.get("prune_last_epoch", True)),
         ),
         final=_strs(plain.get("final"), "final"),
         settings=tuple(settings),
@@ -347,10 +356,11 @@ def _control(node: Any) -> Control:
 def _carry_check(node: Any) -> CarryCheck | None:
     if node is None:
         return None
-    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales"} or not node.get(
-        "methods"
+    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales", "tolerance"} or (
+        not node.get("methods")
     ):
-        raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3]}")
+        raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3], "
+                        "tolerance: 0.01}")  # fmt: skip
     scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
     if len({f"{x:.3g}" for x in scales}) != len(scales):
         raise QexpError("study spec: carry_check.lr_scales must differ in their first 3 digits "
@@ -358,7 +368,11 @@ def _carry_check(node: Any) -> CarryCheck | None:
     if 1.0 not in scales or min(scales) <= 0:
         raise QexpError("study spec: carry_check.lr_scales must be positive and include 1 "
                         "(the borrowed LR itself)")  # fmt: skip
-    return CarryCheck(tuple(str(m) for m in node["methods"]), scales)
+    tolerance = float(node.get("tolerance", 0.01))
+    if not 0 <= tolerance < 1:
+        raise QexpError(f"study spec: carry_check.tolerance={tolerance} is a fraction of "
+                        "accuracy in [0, 1) (0.01: one point)")  # fmt: skip
+    return CarryCheck(tuple(str(m) for m in node["methods"]), scales, tolerance)
 
 
 def _plateau(node: dict[str, Any]) -> Plateau:

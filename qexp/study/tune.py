@@ -77,6 +77,12 @@ class CellTuner:
     ``cell_dir/trial<n>`` (``trial<n>/seed<s>`` with several seeds). ``study_dir``: trial run
     dirs are stored relative to it. Only the first seed's run reports its validation curve
     for pruning (a pruned trial is pruned whatever its other seeds do).
+    ``prune_warmup_epochs``: the first epoch a trial may be pruned at (Optuna's
+    ``n_warmup_steps``); ``deployed_from(spec)``: where the trial's method trains its deployed
+    form, from the trial's own run spec (its knobs decide it; None: prune from the warm-up
+    on), no epoch whose last step came before it being pruned; ``prune_last_epoch``: whether
+    the pruner may stop a trial at its last epoch; ``epochs``: a trial's length, for trials
+    that did not record it.
     """
 
     def __init__(
@@ -90,12 +96,31 @@ class CellTuner:
         sampler: optuna.samplers.BaseSampler,
         prune_startup_trials: int,
         prune_warmup_epochs: int,
+        read_only: bool = False,
+        prune_last_epoch: bool = True,
+        epochs: int | None = None,
+        deployed_from: Callable[[RunSpec], float] | None = None,
     ) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.cell_dir, self.study_dir, self.name = cell_dir, study_dir, name
         self.trials, self.knobs, self.make_specs = trials, knobs, make_specs
         self.journal = cell_dir / JOURNAL
         self.prune = (prune_startup_trials, prune_warmup_epochs)
+        self.deployed_from = deployed_from
+        self.read_only = read_only
+        self.prune_last_epoch = prune_last_epoch
+        self.epochs = epochs  # a trial's training length (for trials that did not record it)
+        if read_only:
+            # a preview beside a running study: read its journal, write nothing (its
+            # running trials are another process's, not cut off)
+            try:
+                if not self.journal.exists():  # (opening a journal would create the file)
+                    raise KeyError(name)
+                self.study = optuna.load_study(study_name=name, storage=storage_at(self.journal))
+            except KeyError:  # no journal yet, or one whose study is being created right now
+                self.study = optuna.create_study(study_name=name, direction="maximize")
+            self.in_flight = self.ran = 0
+            return
         self.study = optuna.create_study(
             study_name=name,
             storage=storage_at(self.journal),
@@ -118,13 +143,22 @@ class CellTuner:
 
     def ask(self, round_: int) -> tuple[optuna.Trial, list[Task]]:
         """A new trial and the tasks that train it (one per tuning seed)."""
+        if self.read_only:
+            raise RuntimeError(f"{self.name}: a read-only tuner asks no trials")
         trial = self.study.ask()
         values = suggest(trial, self.knobs)
         specs = self.make_specs(values)
         run_dir = self.cell_dir / f"trial{trial.number:03d}"
         trial.set_user_attr("run_dir", _relative(run_dir, self.study_dir))
         trial.set_user_attr("round", round_)
-        ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune)
+        epochs = specs[0][1].trainer.epochs
+        trial.set_user_attr("planned_epochs", epochs)
+        deployed = None if self.deployed_from is None else self.deployed_from(specs[0][1])
+        if deployed is not None:
+            trial.set_user_attr("deployed_from", deployed)
+        last = None if self.prune_last_epoch else epochs
+        ref = TrialRef(str(self.journal), self.name, trial._trial_id, *self.prune, last,
+                       deployed)  # fmt: skip
         tasks = [
             Task(
                 key=f"{self.name}/trial{trial.number}/seed{seed}",
@@ -174,6 +208,7 @@ class CellTuner:
                     "run_dir": t.user_attrs.get("run_dir"),
                     "round": t.user_attrs.get("round"),
                     "per_seed": t.user_attrs.get("per_seed"),
+                    "planned_epochs": t.user_attrs.get("planned_epochs", self.epochs),
                 }
             )
         done = [t for t in self.study.get_trials(deepcopy=False) if t.state is TrialState.COMPLETE]

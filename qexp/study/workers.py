@@ -43,6 +43,11 @@ class TrialRef:
     trial_id: int
     startup_trials: int
     warmup_epochs: int
+    #: the trial's last epoch when the pruner may not stop it there (None: it may)
+    last_epoch: int | None = None
+    #: the progress from which the trial's method trains its deployed form (its estimator's
+    #: final_form_progress at the trial's knobs): no epoch before it is pruned (None: any)
+    deployed_from: float | None = None
 
 
 @dataclass(frozen=True)
@@ -140,6 +145,12 @@ def _pruning_hook(ref: TrialRef):
     def on_epoch(history: list[dict[str, float]]) -> bool:
         epoch = len(history)
         trial.report(float(history[-1]["val_acc"]), step=epoch)
+        if ref.last_epoch is not None and epoch >= ref.last_epoch:
+            return False  # pruning the last epoch would save nothing
+        if ref.deployed_from is not None:
+            progress = history[-1].get("progress")  # (unknown: as good as not yet there)
+            if progress is None or progress < ref.deployed_from - 1e-12:
+                return False  # the epoch's last step still trained a soft stand-in
         if trial.should_prune():
             raise optuna.TrialPruned(
                 f"pruned by the tuner at epoch {epoch} (validation curve below the median of "
@@ -202,6 +213,20 @@ class InProcess:
 
         enable_data_cache()
         return [execute(t, self.runtime) for t in tasks]
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+
+class NoTraining:
+    """Trains nothing: every task comes back "not run" (``qexp study --preview`` reads what
+    the study's calls stored, beside a call that may still be running)."""
+
+    workers = 1
+
+    def run_all(self, tasks: list[Task]) -> list[Result]:
+        """``tasks``' results, none of them run (no outcome: nothing was done)."""
+        return [Result(t.key) for t in tasks]
 
     def close(self) -> None:
         """Nothing to release."""

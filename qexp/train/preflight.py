@@ -155,7 +155,7 @@ def check_command_line(argv: list[str]) -> None:
                     raise QexpError(_one_line(exc, job, base)) from None
                 validate_config(cfg)
                 dry_build(cfg)
-                if cfg.layers.get("overrides"):
+                if has_layer_plan(cfg):
                     check_layer_plan(cfg, show=not shown)
                     shown = True
     finally:
@@ -176,7 +176,7 @@ def _show_plan_of(args: Any) -> None:
     try:
         with initialize_config_module(config_module="qexp.conf", version_base=None):
             cfg = compose(config_name="config", overrides=overrides + extra)
-            if cfg.layers.get("overrides"):
+            if has_layer_plan(cfg):
                 check_layer_plan(cfg, show=True)
     except Exception as exc:  # noqa: BLE001 - Hydra prints the config (or its error) next
         print(f"qexp: per-layer table not shown: {str(exc).splitlines()[0]}")
@@ -225,6 +225,15 @@ def dry_build(cfg: DictConfig) -> None:
     check_budget_reachable(cfg)
 
 
+def has_layer_plan(cfg: DictConfig) -> bool:
+    """Whether the run sets anything per layer worth a table before it starts: override
+    rules, quantized embeddings or quantized products."""
+    layers = cfg.layers
+    return bool(layers.get("overrides")) or any(
+        layers.get(key) is not None for key in ("embed_bits", "matmul_bits")
+    )
+
+
 def check_layer_plan(cfg: DictConfig, show: bool) -> None:
     """Resolve the per-layer override rules on the real network (a rule that matches nothing
     is an error naming the layers there are) and, with ``show``, print the resolved table
@@ -236,7 +245,7 @@ def check_layer_plan(cfg: DictConfig, show: bool) -> None:
     spec = run_spec(cfg)
     plan = layer_plan(spec, build_net(spec.model, build_data(spec.dataset).info))
     if show:
-        print(f"qexp: per-layer settings (layers.overrides):\n{format_plan(plan)}", flush=True)
+        print(f"qexp: per-layer settings:\n{format_plan(plan)}", flush=True)
 
 
 def check_budget_reachable(cfg: DictConfig) -> None:

@@ -32,7 +32,7 @@ from qexp.errors import QexpError
 from qexp.estimators.model import QuantModel
 from qexp.quant.budget import budget_from_spec
 from qexp.quant.overrides import LayerPlan, resolve_plan
-from qexp.quant.wrap import LayerBits, quantize_embeddings, quantize_matmuls, quantize_model
+from qexp.quant.wrap import LayerBits, quantize_model
 from qexp.record import config_fingerprint
 from qexp.spec import BudgetSpec, LayersSpec, PartnerSpec, RunSpec, TrainerSettings
 from qexp.train import distributed
@@ -163,12 +163,16 @@ def layer_plan(spec: RunSpec, net: nn.Module) -> LayerPlan:
     """Every quantizable layer's settings: the first/last policy, then the override rules."""
     layers = spec.layers
     bits = LayerBits(spec.w_bits, spec.a_bits)
-    return resolve_plan(net, list(layers.overrides), bits, layers.first_bits, layers.last_bits)
+    return resolve_plan(
+        net, list(layers.overrides), bits, layers.first_bits, layers.last_bits,
+        layers.embed_bits, layers.matmul_bits,
+    )  # fmt: skip
 
 
 def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
-    """The float network of ``spec`` with its Conv2d/Linear layers swapped for quantized ones
-    (each at the bits its :func:`layer_plan` row says)."""
+    """The float network of ``spec`` with its Conv2d/Linear layers, and its embeddings and
+    products where ``layers.embed_bits`` / ``layers.matmul_bits`` ask, swapped for quantized
+    ones (each at the bits its :func:`layer_plan` row says)."""
     net = build_net(spec.model, info)
     quantize_model(
         net,
@@ -179,8 +183,6 @@ def build_quantized_net(spec: RunSpec, info: DataInfo) -> nn.Module:
         last_bits=spec.layers.last_bits,
         plan=layer_plan(spec, net),
     )
-    quantize_embeddings(net, spec.layers.embed_bits)
-    quantize_matmuls(net, spec.layers.matmul_bits)
     return net
 
 

@@ -135,6 +135,9 @@ class Trainer:
                 "train_loss": train_loss,
                 "train_acc": train_acc,
                 "val_acc": val_acc,
+                # training progress at the epoch's last step: what the estimator's schedules
+                # saw last (a tuner's pruning rule asks whether the deployed form was trained)
+                "progress": (prog.step - 1) / self.total_steps,
                 **p.precision.epoch_summary(),
             }
         )

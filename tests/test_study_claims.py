@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from qexp.errors import QexpError
 from qexp.study import figures, report
 from qexp.study.results import (
     CLAIM_CONSISTENT,
@@ -25,6 +26,7 @@ from qexp.study.results import (
     TrialRow,
     analyze,
     claim_verdict,
+    condition_words,
 )
 from qexp.study.spec import parse_spec
 from qexp.study.stats import (
@@ -424,3 +426,43 @@ def test_claims_at_one_condition_are_matched_at_that_condition():
     untested = text[text.index("Claims without a tested number"):]
     assert "| claimed | w1a1, budget 2, sgd |" in untested
     assert "w1a1, budget 2, adam" not in untested
+
+
+def test_untested_claims_are_listed_per_condition_with_their_measurement():
+    """A claim naming a budget but no optimizer, in a study that varies optimizers, speaks of
+    both optimizers: each is listed with its own comparison (none of them tested: no number);
+    a second claim at the same condition keeps its own text in the confirmatory table."""
+    claims = [{"method": "other", "setting": "w1a1", "text": "wins at budget 2",
+               "budget": 2},
+              {"method": "claimed", "setting": "w1a1", "text": "+2 points", "diff": 0.02},
+              {"method": "claimed", "setting": "w1a1", "text": "+5 points, elsewhere",
+               "diff": 0.05}]  # fmt: skip
+    spec = parse_spec({**SPEC, "claims": claims})
+    results = _results(budgets=(1, 2), optimizers=("adam", "sgd"), aa=False)
+    results = analyze(spec, dataclasses.replace(
+        results, claims=tuple(ClaimRow.from_json(c) for c in claims), claim_tests=()))
+    untested = report.untested_claims(results)
+    assert [(c.method, comp.budget, comp.optimizer) for c, comp in untested] == [
+        ("other", 2, "adam"), ("other", 2, "sgd")]  # fmt: skip
+    assert all(comp.diff is not None for _, comp in untested)
+    text = report.markdown(spec, results)
+    assert "| other | w1a1, budget 2, adam | wins at budget 2" in text
+    assert "| other | w1a1, budget 2, sgd | wins at budget 2" in text
+    for test in results.claim_tests:  # each test row names the claim it tests
+        words = "+2 points (" if test.claimed == 0.02 else "+5 points, elsewhere ("
+        row = f"| claimed | {condition_words(test.setting, test.budget, test.optimizer)} | {words}"
+        assert row in text
+
+
+@pytest.mark.parametrize(
+    ("change", "words"),
+    [
+        ({"tuning": {"trials": 1, "prune_warmup_epochs": -1}}, "prune_warmup_epochs=-1"),
+        ({"tuning": {"trials": 1, "prune_startup_trials": 1.5}}, "prune_startup_trials=1.5"),
+        ({"carry_check": {"methods": ["claimed"], "tolerance": "1pt"}}, "carry_check.tolerance"),
+    ],
+)
+def test_bad_counts_and_tolerances_are_one_line_errors(change, words):
+    with pytest.raises(QexpError) as err:
+        parse_spec({**SPEC, **change})
+    assert words in str(err.value) and "\n" not in str(err.value)

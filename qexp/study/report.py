@@ -444,18 +444,20 @@ def _results_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"{m} at {condition_words(*cond)} ({100 * row['gap']:.1f} points behind LR "
             f"x{row['best']:.3g})" for (cond, m), row in uncarried.items()
         )
-        lines.append(
+        lines += [
+            "",
             f"† Knobs that did not carry (the carry check): {words}. These cells ran on "
             "borrowed knobs the check found off by more than the tolerance, so their "
             "comparisons (a baseline's: every comparison of its condition) read a handicapped "
-            "method, not the method at its best."
-        )
+            "method, not the method at its best.",
+        ]
     machines = {machine_words(p.machine) for p in results.pieces if p.machine}
     if len(machines) > 1:
-        lines.append(
+        lines += [
+            "",
             f"The runs were timed on {len(machines)} kinds of machine (see how long it took): "
-            "the time columns and the equal-time readings mix their clocks."
-        )
+            "the time columns and the equal-time readings mix their clocks.",
+        ]
     return lines
 
 
@@ -575,9 +577,32 @@ def claim_covers(claim: ClaimRow, test: ClaimTestRow) -> bool:
     optimizer where it names them (a claim naming neither is tested at every condition)."""
     return (
         (claim.method, claim.setting) == (test.method, test.setting)
-        and claim.budget in (None, test.budget)
-        and claim.optimizer in (None, test.optimizer)
+        and claim.diff == test.claimed
+        and _at_condition(claim, test.budget, test.optimizer)
     )
+
+
+def _at_condition(claim: ClaimRow, budget: float | None, optimizer: str | None) -> bool:
+    """Whether ``claim`` speaks of that budget and optimizer (it names them, or not)."""
+    return claim.budget in (None, budget) and claim.optimizer in (None, optimizer)
+
+
+def untested_claims(results: StudyResults) -> list[tuple[ClaimRow, ComparisonRow | None]]:
+    """Each claim at each condition it speaks of that no claim test covers (not numeric, or
+    too few paired seeds there), with that condition's comparison; a claim whose conditions
+    have no comparison at all once, without one."""
+    out: list[tuple[ClaimRow, ComparisonRow | None]] = []
+    for claim in results.claims:
+        comps = [c for c in results.comparisons
+                 if c.kind == "baseline" and (c.setting, c.method) == (claim.setting, claim.method)
+                 and _at_condition(claim, c.budget, c.optimizer)]  # fmt: skip
+        tested = [t for t in results.claim_tests if claim_covers(claim, t)]
+        left = [c for c in comps if claim.diff is None or not any(
+            (t.budget, t.optimizer) == (c.budget, c.optimizer) for t in tested)]  # fmt: skip
+        out += [(claim, c) for c in left]
+        if not comps and not tested:
+            out.append((claim, None))
+    return out
 
 
 def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
@@ -614,8 +639,7 @@ def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
                 f"| {claim_position(test.claimed, test.low, test.high)} "
                 f"| {_p(test.p_below_holm)} | {_p(test.p_gain_holm)} | {claim_sentence(test)} |"
             )
-    untested = [c for c in results.claims if c.diff is None or not any(
-        claim_covers(c, t) for t in results.claim_tests)]  # fmt: skip
+    untested = untested_claims(results)
     if untested:
         lines += [
             "",
@@ -626,9 +650,9 @@ def _claims_section(spec: StudySpec, results: StudyResults) -> list[str]:
             "| exploratory verdict |",
             "|---|---|---|---|---|---|",
         ]
-        for claim in untested:
-            comp = results.comparison(claim.setting, claim.method, claim.budget, claim.optimizer)
-            where = condition_words(claim.setting, claim.budget, claim.optimizer)
+        for claim, comp in untested:
+            own = (claim.setting, claim.budget, claim.optimizer)
+            where = condition_words(*(comp.condition if comp is not None else own))
             lines.append(
                 f"| {claim.method} | {where} | {claim.text} ({claim.source}) "
                 f"| {_pct(claim.diff, True) if claim.diff is not None else 'not numeric'} "

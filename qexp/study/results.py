@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from qexp.study import stats
 
 if TYPE_CHECKING:
+    from typing import Self  # Python 3.11 (annotations only: this module runs on 3.10)
+
     from qexp.study.spec import StudySpec
 
 Row = TypeVar("Row")

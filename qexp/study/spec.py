@@ -242,6 +242,13 @@ def _strs(value: Any, key: str) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _count(value: Any, key: str) -> int:
+    """A whole number >= 0 of the spec (a count of trials or epochs)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise QexpError(f"study spec: {key}={value!r} must be a whole number >= 0")
+    return value
+
+
 def _need(node: dict[str, Any], key: str, where: str) -> Any:
     if key not in node:
         raise QexpError(f"study spec: {where} needs a '{key}' entry")
@@ -309,8 +316,10 @@ def parse_spec(plain: dict[str, Any]) -> StudySpec:
                                  seeds[0] if seeds else 0)),  # fmt: skip
             overrides=_strs(tuning.get("overrides"), "tuning.overrides"),
             sampler_seed=int(tuning.get("sampler_seed", 0)),
-            prune_startup_trials=int(tuning.get("prune_startup_trials", 2)),
-            prune_warmup_epochs=int(tuning.get("prune_warmup_epochs", 1)),
+            prune_startup_trials=_count(tuning.get("prune_startup_trials", 2),
+                                        "tuning.prune_startup_trials"),
+            prune_warmup_epochs=_count(tuning.get("prune_warmup_epochs", 1),
+                                       "tuning.prune_warmup_epochs"),
             seeds=tuning_seeds,
             startup_trials=None if tuning.get("startup_trials") is None
             else int(tuning["startup_trials"]),
@@ -361,14 +370,18 @@ def _carry_check(node: Any) -> CarryCheck | None:
     ):
         raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3], "
                         "tolerance: 0.01}")  # fmt: skip
-    scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
+    try:
+        scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
+        tolerance = float(node.get("tolerance", 0.01))
+    except (TypeError, ValueError):
+        raise QexpError("study spec: carry_check.lr_scales are numbers (e.g. [0.33, 1, 3]) and "
+                        "carry_check.tolerance a fraction (0.01: one point)") from None
     if len({f"{x:.3g}" for x in scales}) != len(scales):
         raise QexpError("study spec: carry_check.lr_scales must differ in their first 3 digits "
                         "(they name the runs' folders)")  # fmt: skip
     if 1.0 not in scales or min(scales) <= 0:
         raise QexpError("study spec: carry_check.lr_scales must be positive and include 1 "
                         "(the borrowed LR itself)")  # fmt: skip
-    tolerance = float(node.get("tolerance", 0.01))
     if not 0 <= tolerance < 1:
         raise QexpError(f"study spec: carry_check.tolerance={tolerance} is a fraction of "
                         "accuracy in [0, 1) (0.01: one point)")  # fmt: skip

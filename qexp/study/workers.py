@@ -219,8 +219,8 @@ class InProcess:
 
 
 class NoTraining:
-    """Trains nothing: every task comes back "not run" (``qexp study --preview`` reads what
-    the study's calls stored, beside a call that may still be running)."""
+    """Trains nothing: every task comes back without an outcome (``qexp study --preview``
+    reads what the study's calls stored, beside a call that may still be running)."""
 
     workers = 1
 

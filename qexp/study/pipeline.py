@@ -318,7 +318,10 @@ class Study:
             result = tuner.result()
             if result.failed:
                 continue
-            extra = knob_overrides(knobs, result.best_params or {})
+            params = self.final_params(setting, method, result.best_params or {})
+            if params is None:
+                continue  # its LR comes from a carry check still to run
+            extra = knob_overrides(knobs, params)
             stage = (*self.spec.final, *setting.final)
             seeds = list(self.spec.seeds)
             if method.name == setting.baseline and setting.aa:
@@ -329,6 +332,40 @@ class Study:
                     setting, method, seed, stage, extra, reference
                 )
         return out
+
+    def final_params(
+        self, setting: Setting, method: Method, tuned: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """The knob values of a cell's final runs: the tuned ones, with the LR times the
+        carry check's best scale where ``carry_check.adopt`` covers the cell (None while
+        that check's runs are not all done)."""
+        scale = self.adopted_lr_scale(setting, method)
+        if scale is None:
+            return None
+        if scale == 1.0 or "trainer.lr" not in tuned:
+            return dict(tuned)
+        return {**tuned, "trainer.lr": tuned["trainer.lr"] * scale}  # as the check ran it
+
+    def adopted_lr_scale(self, setting: Setting, method: Method) -> float | None:
+        """The LR scale a cell's final runs train at: 1, or with ``carry_check.adopt`` for a
+        checked cell that borrows its knobs, the scale whose carry-check runs reached the best
+        mean validation accuracy over the tuning seeds (the borrowed LR on a tie); None until
+        those runs are all done."""
+        check = self.spec.carry_check
+        if check is None or not check.adopt or (setting, method) not in self.carry_cells(
+            [(setting, method)]
+        ):
+            return 1.0
+        means = {}
+        for scale in check.lr_scales:
+            vals = []
+            for seed in self.spec.tuning.all_seeds:
+                record = read_record(self.carry_dir(setting.key, method.name, scale, seed))
+                if record is None or not record.completed or record.get("best_val_acc") is None:
+                    return None
+                vals.append(float(record.get("best_val_acc")))
+            means[scale] = sum(vals) / len(vals)
+        return max(means, key=lambda x: (means[x], x == 1.0))
 
     def final_dir(self, setting: str, method: str, seed: int) -> Path:
         """The run dir of a final run."""
@@ -352,6 +389,10 @@ class Study:
                 dirs = [self.carry_dir(setting.key, method.name, x, seed) for x in check.lr_scales]
                 if not all(_completed(d) for d in dirs):
                     need.add((setting.key, seed))
+        for setting, method in cells:
+            if self.adopted_lr_scale(setting, method) is None:  # its finals come later
+                need |= {(setting.key, seed)
+                         for seed in {*spec.seeds, *(spec.aa_seeds if setting.aa else ())}}
         for (setting, method, seed), spec in finals.items():
             record = read_record(self.final_dir(setting, method, seed))
             if record is None or not record.completed or record.config_hash != spec.fingerprint:
@@ -561,7 +602,8 @@ class Study:
             )
             return None
         tuned = {(s.key, m.name): tuned[(self.tuned_from(s).key, m.name)] for s, m in cells}
-        summary = summarize(self.spec, refs, tuned, rows)
+        scales = {(s.key, m.name): self.adopted_lr_scale(s, m) for s, m in cells}
+        summary = summarize(self.spec, refs, tuned, rows, scales)
         tuning_runs, tuning_s = run_train_seconds(self.dir / "tuning")
         changes = (read_json(self.dir / SPEC_CHANGES_FILE) or {}).get("changes", [])
         summary.update(pieces=read_pieces(self.dir, piece), tuning_runs=tuning_runs, carry=carry,
@@ -699,8 +741,10 @@ def summarize(
     refs: dict[tuple[str, int], dict[str, Any]],
     tuned: dict[tuple[str, str], tuple[list[Knob], TuneResult]],
     rows: list[dict[str, Any]],
+    scales: dict[tuple[str, str], float | None] | None = None,
 ) -> dict[str, Any]:
-    """Stage 4's numbers: per-cell intervals, paired comparisons, cost, tuning outcomes."""
+    """Stage 4's numbers: per-cell intervals, paired comparisons, cost, tuning outcomes;
+    ``scales``: the LR scale each cell's final runs took from the carry check (1: none)."""
     rows = [{**r, "setting": spec.setting(r["setting"]).row, "setting_key": r["setting"]}
             for r in rows]  # fmt: skip
     ok = [r for r in rows if r["status"] == "completed" and r.get("test_acc") is not None
@@ -713,6 +757,10 @@ def summarize(
         for method in spec.methods_of(setting):
             key = (setting.key, method.name)
             knobs, result = tuned[key]
+            scale = (scales or {}).get(key) or 1.0
+            best = result.best_params
+            if best is not None and scale != 1.0 and "trainer.lr" in best:
+                best = {**best, "trainer.lr": best["trainer.lr"] * scale}
             accs = by_cell.get(key, {})
             ci = mean_interval(list(accs.values()))
             runs = [r for r in ok if (r["setting_key"], r["method"]) == key]
@@ -736,7 +784,8 @@ def summarize(
                     "train_time_s": _mean([r["train_time_s"] for r in runs]),
                     "forward_per_step": runs[0]["forward_per_step"] if runs else None,
                     "backward_per_step": runs[0]["backward_per_step"] if runs else None,
-                    "best_params": result.best_params,
+                    "best_params": best,
+                    "lr_scale": scale if scale != 1.0 else None,
                     "best_val": result.best_val,
                     "space": {k.key: study_report.range_text(k) for k in knobs},
                     "trials": result.trials,

@@ -305,9 +305,11 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
             space += " (common knobs only)"
             only_common.append(c.method)
         seeds = ", ".join(str(s) for s in (c.tuning_seeds or (spec.tuning.seed,)))
+        adopted = (f" (LR x{c.lr_scale:.3g} of the tuned one: the carry check's best)"
+                   if c.lr_scale else "")  # fmt: skip
         lines.append(
             f"| {condition_words(c.setting, c.budget, c.optimizer)} | {c.method} | {space} | "
-            f"{_params(c.best_params)} | {_pct(c.best_val)} | {counts} | {seeds} |"
+            f"{_params(c.best_params)}{adopted} | {_pct(c.best_val)} | {counts} | {seeds} |"
         )
     at_end = [t for c in results.cells if not c.knobs_from for t in c.trials if t.pruned_at_end]
     if at_end:
@@ -350,7 +352,7 @@ def not_carried(spec: StudySpec, results: StudyResults) -> dict[tuple, dict[str,
     """(condition, method) -> its carry-check row, for the cells whose borrowed LR fell more
     than ``carry_check.tolerance`` behind the best scale."""
     check = spec.carry_check
-    if check is None:
+    if check is None or check.adopt:  # adopted: the cells ran at the check's best scale
         return {}
     return {(row["condition"], row["method"]): row for row in carry_table(results)
             if row["gap"] is not None and row["gap"] > check.tolerance}  # fmt: skip
@@ -370,9 +372,12 @@ def _carry_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "the borrowed knobs with the learning rate times each scale, trained at the borrowing "
         "budget on the tuning seeds (validation accuracy, mean over seeds; test sealed). The "
         "borrowed LR carries when no other scale beats it; a gap of a few tenths of a point "
-        "on two seeds is within seed noise (compare the A/A row). A gap above "
-        f"{100 * check.tolerance:g} point(s) (`carry_check.tolerance`) marks the cell's "
-        "final runs † in the results: they ran on knobs that did not carry.",
+        "on two seeds is within seed noise (compare the A/A row). "
+        + ("With `carry_check.adopt` each checked cell's final runs train at its best scale "
+           "(the borrowed LR on a tie): a three-point LR re-tune at the borrowing budget, on "
+           "the tuning seeds, the same for every checked method." if check.adopt else
+           f"A gap above {100 * check.tolerance:g} point(s) (`carry_check.tolerance`) marks "
+           "the cell's final runs † in the results: they ran on knobs that did not carry."),
         "",
         f"| condition | method | knobs tuned at | borrowed LR | {heads} | best | gap of x1 |",
         "|---|---|---|---|" + "---|" * len(scales) + "---|---|",
@@ -691,7 +696,7 @@ CELL_KEYS = [
     "setting", "bits", "budget", "optimizer", "method", "status", "n", "mean", "low", "high",
     "baseline", "diff", "diff_low", "diff_high", "p", "p_holm", "verdict", "sd_diff", "d_z",
     "mde", "mde_normal", "train_time_s", "forward_per_step", "backward_per_step",
-    "best_params", "best_val", "error",
+    "best_params", "lr_scale", "best_val", "error",
 ]
 RUN_KEYS = [
     "setting", "budget", "optimizer", "method", "seed", "status", "test_acc", "best_val_acc",

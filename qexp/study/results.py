@@ -213,6 +213,11 @@ class CellRow(JsonRow):
     tuning_seeds: tuple[int, ...] = ()
     #: the setting whose tuned knobs (and trials) this cell uses (None: tuned itself)
     knobs_from: str | None = None
+    #: the LR scale its final runs took from the carry check (``carry_check.adopt``; its
+    #: ``best_params`` hold the LR they trained at); None: the tuned LR
+    lr_scale: float | None = None
+
+    OMIT_NONE = ("lr_scale",)
 
     @property
     def condition(self) -> Condition:

@@ -131,6 +131,9 @@ class CarryCheck:
     #: which the report marks the cell's final runs as run on knobs that did not carry
     #: (qexp's choice: 1 point, about twice the A/A spread of two seeds' mean)
     tolerance: float = 0.01
+    #: the checked cells' final runs train at the check's best LR scale (a 3-point LR
+    #: re-tune at the borrowing budget, on the tuning seeds) instead of the borrowed LR
+    adopt: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,11 +368,10 @@ def _control(node: Any) -> Control:
 def _carry_check(node: Any) -> CarryCheck | None:
     if node is None:
         return None
-    if not isinstance(node, dict) or set(node) - {"methods", "lr_scales", "tolerance"} or (
-        not node.get("methods")
-    ):
+    keys = {"methods", "lr_scales", "tolerance", "adopt"}
+    if not isinstance(node, dict) or set(node) - keys or not node.get("methods"):
         raise QexpError("study spec: carry_check is {methods: [...], lr_scales: [0.33, 1, 3], "
-                        "tolerance: 0.01}")  # fmt: skip
+                        "tolerance: 0.01, adopt: false}")  # fmt: skip
     try:
         scales = tuple(float(x) for x in node.get("lr_scales") or (1 / 3, 1.0, 3.0))
         tolerance = float(node.get("tolerance", 0.01))
@@ -385,7 +387,10 @@ def _carry_check(node: Any) -> CarryCheck | None:
     if not 0 <= tolerance < 1:
         raise QexpError(f"study spec: carry_check.tolerance={tolerance} is a fraction of "
                         "accuracy in [0, 1) (0.01: one point)")  # fmt: skip
-    return CarryCheck(tuple(str(m) for m in node["methods"]), scales, tolerance)
+    adopt = node.get("adopt", False)
+    if not isinstance(adopt, bool):
+        raise QexpError(f"study spec: carry_check.adopt={adopt!r} is true or false")
+    return CarryCheck(tuple(str(m) for m in node["methods"]), scales, tolerance, adopt)
 
 
 def _plateau(node: dict[str, Any]) -> Plateau:

@@ -405,6 +405,7 @@ def test_cells_whose_borrowed_knobs_did_not_carry_are_marked():
     text = report.markdown(spec, results)
     assert "| claimed † |" in text and "| other † |" not in text
     assert "claimed at w1a1 (3.0 points behind LR x3)" in text
+    assert "In 2 of the 2 cells the best scale is at the edge" in text  # x3: the largest
     loose = parse_spec({**base, "carry_check": {"methods": ["claimed"], "tolerance": 0.05}})
     assert report.not_carried(loose, results) == {}
     assert "| claimed † |" not in report.markdown(loose, results)

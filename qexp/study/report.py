@@ -393,6 +393,13 @@ def _carry_section(spec: StudySpec, results: StudyResults) -> list[str]:
             f"| {condition_words(*row['condition'])} | {row['method']} | {tuned} | {lr} | "
             f"{vals} | {best} | {_pct(row['gap'])} |"
         )
+    table = carry_table(results)
+    edge = [r for r in table if r["best"] is not None and r["gap"]
+            and r["best"] in (min(scales), max(scales))]  # fmt: skip
+    if edge:
+        lines += ["", f"In {len(edge)} of the {len(table)} cells the best scale is at the edge "
+                  "of the checked ones: a better LR may lie beyond it, so those cells may fall "
+                  "a little short of what a finer search would give them."]  # fmt: skip
     return lines
 
 

@@ -340,11 +340,7 @@ class Study:
         carry check's best scale where ``carry_check.adopt`` covers the cell (None while
         that check's runs are not all done)."""
         scale = self.adopted_lr_scale(setting, method)
-        if scale is None:
-            return None
-        if scale == 1.0 or "trainer.lr" not in tuned:
-            return dict(tuned)
-        return {**tuned, "trainer.lr": tuned["trainer.lr"] * scale}  # as the check ran it
+        return None if scale is None else scaled_lr(tuned, scale)
 
     def adopted_lr_scale(self, setting: Setting, method: Method) -> float | None:
         """The LR scale a cell's final runs train at: 1, or with ``carry_check.adopt`` for a
@@ -505,7 +501,7 @@ class Study:
                 continue  # nothing borrowed, or the LR is not among the knobs
             stage = (*self.spec.tuning.overrides, *setting.final)
             for scale in check.lr_scales:
-                values = {**(result.best_params or {}), "trainer.lr": lr * scale}
+                values = scaled_lr(result.best_params or {}, scale)
                 for seed in self.spec.tuning.all_seeds:
                     reference = cache_uri(cached_dir(ref_configs[(setting.key, seed)]))
                     spec = self.run_config(setting, method, seed, stage,
@@ -619,6 +615,14 @@ class Study:
         )
         progress(4, f"report in {paths['report']} ({time.perf_counter() - t0:.0f}s this call)")
         return results
+
+
+def scaled_lr(params: dict[str, Any], scale: float) -> dict[str, Any]:
+    """``params`` with ``trainer.lr`` times ``scale`` (computed as the carry check ran it, so
+    an adopted final run trains at exactly the checked LR)."""
+    if scale == 1.0 or "trainer.lr" not in params:
+        return dict(params)
+    return {**params, "trainer.lr": params["trainer.lr"] * scale}
 
 
 def changed_keys(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
@@ -758,9 +762,7 @@ def summarize(
             key = (setting.key, method.name)
             knobs, result = tuned[key]
             scale = (scales or {}).get(key) or 1.0
-            best = result.best_params
-            if best is not None and scale != 1.0 and "trainer.lr" in best:
-                best = {**best, "trainer.lr": best["trainer.lr"] * scale}
+            best = None if result.best_params is None else scaled_lr(result.best_params, scale)
             accs = by_cell.get(key, {})
             ci = mean_interval(list(accs.values()))
             runs = [r for r in ok if (r["setting_key"], r["method"]) == key]

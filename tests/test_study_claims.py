@@ -247,6 +247,25 @@ def test_full_precision_references_per_network_form():
     ]
 
 
+def test_a_reference_shared_by_several_rows_is_listed_once():
+    spec = parse_spec({**SPEC, "settings": [
+        {"key": "w1a1", "bits": 1, "baseline": "base"},
+        {"key": "w1a1-long", "group": "w1a1", "bits": 1, "baseline": "base", "budget": 9},
+        {"key": "w1a1-scratch", "bits": 1, "baseline": "base", "init": "scratch"},
+        {"key": "w2a2", "bits": 2, "baseline": "base"}]})  # fmt: skip
+    results = _results()
+    one = results.references[0]
+    shared = [dataclasses.replace(one, setting=s) for s in ("w1a1", "w1a1", "w1a1-scratch")]
+    other = [dataclasses.replace(r, run_dir="y") for r in results.references[1:]]
+    results = dataclasses.replace(results, references=(*shared, *other))
+    text = report.markdown(spec, results)
+    table = [line for line in text.splitlines() if line.startswith("| w")]
+    assert [line.split(" | ")[0] for line in table[:2]] == [
+        "| w1a1, w1a1-scratch (float line only)", "| w2a2"]
+    assert "w1a1-scratch: trained from scratch" in text
+    assert "2 of the 2 networks were still gaining" in text
+
+
 def test_old_results_json_regenerates_the_report():
     docs = Path(__file__).resolve().parents[1] / "docs" / "study_2epoch"
     from qexp.study.runs import load_spec

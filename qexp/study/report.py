@@ -256,19 +256,41 @@ def markdown(spec: StudySpec, results: StudyResults, banner: str | None = None) 
 
 
 def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
+    # settings of one network form share one cached network per seed: one line each, naming
+    # every row that uses it (several budgets and optimizers share a row)
+    shared: dict[tuple[str, int], list[str]] = {}
+    first: dict[tuple[str, int], Any] = {}
+    for r in results.references:
+        key = (r.run_dir, r.seed)
+        first.setdefault(key, r)
+        if r.setting not in shared.setdefault(key, []):
+            shared[key].append(r.setting)
+    scratch = {s.row for s in spec.settings} - {s.row for s in spec.settings
+                                                 if s.init == "reference"}  # fmt: skip
     lines = [
         "## Full-precision references",
         "",
-        f"| setting | seed | epochs run / cap | best epoch | val gain, last {spec.plateau.window} "
+        f"| rows | seed | epochs run / cap | best epoch | val gain, last {spec.plateau.window} "
         "epochs | converged | val | test |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in results.references:
+    for key, r in first.items():
+        rows = ", ".join(f"{x} (float line only)" if x in scratch else x for x in shared[key])
         lines.append(
-            f"| {r.setting} | {r.seed} | {r.epochs_done} / {r.max_epochs} | "
+            f"| {rows} | {r.seed} | {r.epochs_done} / {r.max_epochs} | "
             f"{r.best_epoch} | {_gain(r.plateau_gain)} | {'yes' if r.converged else 'no'} | "
             f"{_pct(r.best_val_acc)} | {_pct(r.test_acc)} |"
         )
+    if scratch:
+        lines += ["", f"{', '.join(sorted(scratch))}: trained from scratch; its runs do not "
+                  "start from these networks, which give its figure its full-precision line."]
+    unconverged = [r for r in first.values() if not r.converged]
+    if unconverged:
+        lines += ["", f"{len(unconverged)} of the {len(first)} networks were still gaining at "
+                  "their epoch cap by the plateau rule above. Every method of a seed starts "
+                  "from the same network, so the paired comparisons are not tilted by it; the "
+                  "full-precision line and the quantized accuracies are those of this "
+                  "reference length."]  # fmt: skip
     moved = [r for r in results.references if r.recorded_test_acc is not None]
     if moved:
         lines += [

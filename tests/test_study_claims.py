@@ -156,7 +156,7 @@ def _results(budgets=(None,), optimizers=(None,), aa=True) -> StudyResults:
                         runs.append({"setting": setting, "method": "base", "seed": 10 + i,
                                      "status": "completed", "test_acc": scale * acc,
                                      "budget": budget, "optimizer": opt})  # fmt: skip
-    refs = [{"setting": s, "seed": 0, "run_dir": "x", "test_acc": acc,
+    refs = [{"setting": s, "seed": 0, "run_dir": f"ref-{s}", "test_acc": acc,
              "model": {"name": "cnn", "activation": act}}
             for s, acc, act in (("w1a1", 0.9, "hardtanh"), ("w2a2", 0.92, "relu"))]  # fmt: skip
     data = {"name": "t", "seeds": [0, 1, 2, 3], "alpha": 0.05, "references": refs,
@@ -245,6 +245,14 @@ def test_full_precision_references_per_network_form():
         ("full precision, hardtanh (w1a1)", ["w1a1"], [0.9]),
         ("full precision, relu (w2a2)", ["w2a2"], [0.92]),
     ]
+    # rows that share one network (several budgets of a row) count it once in the line
+    results = _results()
+    twice = dataclasses.replace(results.references[0], setting="w1a1-long", test_acc=0.9)
+    other_seed = dataclasses.replace(results.references[0], seed=1, test_acc=0.8)
+    results = dataclasses.replace(
+        results, references=(*results.references, twice, other_seed))
+    (label, settings, accs), _ = figures.reference_forms(results)
+    assert settings == ["w1a1", "w1a1-long"] and sorted(accs) == [0.8, 0.9]
 
 
 def test_a_reference_shared_by_several_rows_is_listed_once():

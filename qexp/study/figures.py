@@ -18,11 +18,13 @@ def reference_forms(results: StudyResults) -> list[tuple[str, list[str], list[fl
     """The full-precision references per network form (equal model configs): its label, its
     settings and its test accuracies. Two different float networks are never pooled."""
     forms: dict[str, tuple[list[str], list[float]]] = {}
+    seen: set[tuple[str, int]] = set()  # rows sharing one network list it once each
     for r in results.references:
         settings, accs = forms.setdefault(json.dumps(r.model, sort_keys=True), ([], []))
         if r.setting not in settings:
             settings.append(r.setting)
-        if r.test_acc is not None:
+        if r.test_acc is not None and (r.run_dir, r.seed) not in seen:
+            seen.add((r.run_dir, r.seed))
             accs.append(r.test_acc)
     out = []
     for key, (settings, accs) in forms.items():
@@ -151,7 +153,8 @@ def budget_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
                 if len(cells) > 1:  # a method run at one budget only is in the tables
                     label = method.name if len(rows) == 1 else f"{method.name}, {row}"
                     _errorbar(ax, [c.budget for c in cells], cells, label)
-        _draw_references(ax, results, None, only=set(rows))
+        ran = {c.setting for c in results.cells if c.optimizer == optimizer and c.n > 0}
+        _draw_references(ax, results, None, only=set(rows) & ran if ran else set(rows))
         if ticks and min(ticks) > 0:
             ax.set_xscale("log")
             ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
@@ -171,6 +174,7 @@ def lr_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     # a cell with knobs from another setting repeats that setting's trials: drawn once
     tuned = [c for c in results.cells if c.knobs_from is None
@@ -196,6 +200,11 @@ def lr_figure(spec: StudySpec, results: StudyResults, path: Path) -> None:
             if best is not None and cell.best_val is not None:
                 ax.plot([best], [100 * cell.best_val], "o", mfc="none", mec="k", ms=9)
         ax.set_xscale("log")
+        # 1-3-10 ticks in plain numbers: a panel spanning about a decade otherwise labels
+        # every minor tick in scientific notation, on top of each other
+        ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 3.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("learning rate (trainer.lr)")
         ax.set_ylabel("validation accuracy (%)")
         ax.set_title(condition_words(*cond), fontsize=9)

@@ -494,3 +494,15 @@ def test_bad_counts_and_tolerances_are_one_line_errors(change, words):
     with pytest.raises(QexpError) as err:
         parse_spec({**SPEC, **change})
     assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_best_learning_rates_at_the_edge_of_their_range_are_named():
+    results = _results()
+    space = {"trainer.lr": "[0.0001, 0.01] (log)"}
+    at = {"base": 0.009, "claimed": 0.001, "other": 0.00011}  # 0.98, 0.5, 0.02 of the log range
+    cells = tuple(dataclasses.replace(c, space=space, best_params={"trainer.lr": at[c.method]})
+                  if c.setting == "w1a1" else c for c in results.cells)  # fmt: skip
+    edge = report._lr_at_edge(dataclasses.replace(results, cells=cells))
+    assert edge == ["base at w1a1 (0.009, upper end)", "other at w1a1 (0.00011, lower end)"]
+    text = report.markdown(parse_spec(SPEC), dataclasses.replace(results, cells=cells))
+    assert "search range's edge, where a wider range might have found more: base at w1a1" in text

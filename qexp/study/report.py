@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -340,11 +341,33 @@ def _tuning_section(spec: StudySpec, results: StudyResults) -> list[str]:
         lines += ["", f"{len(at_end)} of the {pruned} pruned trials were pruned at their last "
                   "epoch, where pruning saves no compute and turns a finished trial into a "
                   "pruned one (`tuning.prune_last_epoch: false` stops that)."]  # fmt: skip
+    edge = _lr_at_edge(results)
+    if edge:
+        lines += ["", "Best learning rate within a tenth (on the log scale) of its search "
+                  "range's edge, where a wider range might have found more: "
+                  + "; ".join(edge) + "."]  # fmt: skip
     if only_common:
         names = ", ".join(sorted(set(only_common)))
         lines += ["", f"{names}: tuned on the common knobs only (no search space of its "
                   "own), with the same trials as every other method."]  # fmt: skip
     return lines
+
+
+def _lr_at_edge(results: StudyResults, margin: float = 0.1) -> list[str]:
+    """The tuned cells whose best LR lies within ``margin`` of its log range's ends."""
+    out = []
+    for c in results.cells:
+        lr = (c.best_params or {}).get("trainer.lr")
+        bounds = re.match(r"\[([^,\]]+), ([^\]]+)\] \(log\)", c.space.get("trainer.lr", ""))
+        if c.knobs_from or lr is None or bounds is None:
+            continue
+        low, high = (math.log(float(x)) for x in bounds.groups())
+        where = (math.log(lr) - low) / (high - low)
+        if where < margin or where > 1 - margin:
+            side = "lower" if where < margin else "upper"
+            out.append(f"{c.method} at {condition_words(c.setting, c.budget, c.optimizer)} "
+                       f"({lr:.3g}, {side} end)")  # fmt: skip
+    return out
 
 
 def carry_table(results: StudyResults) -> list[dict[str, Any]]:

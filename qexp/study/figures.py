@@ -18,13 +18,11 @@ def reference_forms(results: StudyResults) -> list[tuple[str, list[str], list[fl
     """The full-precision references per network form (equal model configs): its label, its
     settings and its test accuracies. Two different float networks are never pooled."""
     forms: dict[str, tuple[list[str], list[float]]] = {}
-    seen: set[tuple[str, int]] = set()  # rows sharing one network list it once each
-    for r in results.references:
+    for same in results.networks.values():  # a network shared by several rows counts once
+        r = same[0]
         settings, accs = forms.setdefault(json.dumps(r.model, sort_keys=True), ([], []))
-        if r.setting not in settings:
-            settings.append(r.setting)
-        if r.test_acc is not None and (r.run_dir, r.seed) not in seen:
-            seen.add((r.run_dir, r.seed))
+        settings += [x for x in dict.fromkeys(y.setting for y in same) if x not in settings]
+        if r.test_acc is not None:
             accs.append(r.test_acc)
     out = []
     for key, (settings, accs) in forms.items():

@@ -257,15 +257,8 @@ def markdown(spec: StudySpec, results: StudyResults, banner: str | None = None) 
 
 
 def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
-    # settings of one network form share one cached network per seed: one line each, naming
-    # every row that uses it (several budgets and optimizers share a row)
-    shared: dict[tuple[str, int], list[str]] = {}
-    first: dict[tuple[str, int], Any] = {}
-    for r in results.references:
-        key = (r.run_dir, r.seed)
-        first.setdefault(key, r)
-        if r.setting not in shared.setdefault(key, []):
-            shared[key].append(r.setting)
+    # one line per network, naming every row that starts from it
+    networks = results.networks
     scratch = {s.row for s in spec.settings} - {s.row for s in spec.settings
                                                  if s.init == "reference"}  # fmt: skip
     lines = [
@@ -275,8 +268,10 @@ def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
         "epochs | converged | val | test |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for key, r in first.items():
-        rows = ", ".join(f"{x} (float line only)" if x in scratch else x for x in shared[key])
+    for same in networks.values():
+        r = same[0]
+        labels = dict.fromkeys(x.setting for x in same)
+        rows = ", ".join(f"{x} (float line only)" if x in scratch else x for x in labels)
         lines.append(
             f"| {rows} | {r.seed} | {r.epochs_done} / {r.max_epochs} | "
             f"{r.best_epoch} | {_gain(r.plateau_gain)} | {'yes' if r.converged else 'no'} | "
@@ -285,9 +280,9 @@ def _references_section(spec: StudySpec, results: StudyResults) -> list[str]:
     if scratch:
         lines += ["", f"{', '.join(sorted(scratch))}: trained from scratch; its runs do not "
                   "start from these networks, which give its figure its full-precision line."]
-    unconverged = [r for r in first.values() if not r.converged]
+    unconverged = [same[0] for same in networks.values() if not same[0].converged]
     if unconverged:
-        lines += ["", f"{len(unconverged)} of the {len(first)} networks were still gaining at "
+        lines += ["", f"{len(unconverged)} of the {len(networks)} networks were still gaining at "
                   "their epoch cap by the plateau rule above. Every method of a seed starts "
                   "from the same network, so the paired comparisons are not tilted by it; the "
                   "full-precision line and the quantized accuracies are those of this "

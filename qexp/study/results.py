@@ -431,6 +431,15 @@ class StudyResults(JsonRow):
         return [c for c in self.comparisons if c.kind == "control"]
 
     @property
+    def networks(self) -> dict[tuple[str, int], list[ReferenceRow]]:
+        """The reference rows grouped by the network they name (run dir and seed): the rows of
+        one network form (several budgets and optimizers) share one network per seed."""
+        out: dict[tuple[str, int], list[ReferenceRow]] = {}
+        for r in self.references:
+            out.setdefault((r.run_dir, r.seed), []).append(r)
+        return out
+
+    @property
     def budgets(self) -> list[float]:
         """The training budgets the cells vary over (empty: not varied)."""
         return sorted({c.budget for c in self.cells if c.budget is not None})
